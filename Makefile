@@ -1,0 +1,38 @@
+# fedbench: `make run` installs and runs the main job, `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Data: $FEDBENCH_DATA if set, else the workplace copy in ../shared/data, else ./data
+# (where torchvision downloads Fashion-MNIST on a machine with internet).
+FEDBENCH_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST),$(abspath ../shared/data),$(CURDIR)/data)
+export FEDBENCH_DATA
+
+.PHONY: install run test bench bench-quick perf clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+# The main job: the quick attack x defense grid on Fashion-MNIST, then its report.
+run: bench-quick
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/fedbench grid benchmarks/paper.yaml
+	$(BIN)/fedbench report runs/paper --out results/paper
+
+bench-quick: install
+	$(BIN)/fedbench grid benchmarks/quick.yaml
+	$(BIN)/fedbench report runs/quick --out results/quick
+
+perf: install
+	$(BIN)/python benchmarks/perf/run_all.py
+
+clean:
+	rm -rf runs build *.egg-info

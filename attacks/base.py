@@ -1,0 +1,261 @@
+"""What every attack shares: who is malicious, when they attack, how updates are crafted,
+and, for backdoors, batched on-device poisoning and the attack success rate.
+
+Conventions (all attacks):
+- Malicious clients: ``int(malicious_fraction * num_clients)`` of all clients (as the
+  published SDFC/FDCR code rounds), chosen once per run: ``selection="last"`` takes the
+  highest ids (the published code), ``"random"`` a seeded random set. The choice is
+  recorded in the run summary.
+- Schedule: a malicious client attacks in round r (0-based) when
+  ``first_round <= r <= last_round`` and ``(r - first_round) % every == 0``; in other
+  rounds it trains honestly on clean data.
+- ``scale``: model replacement (Bagdasaryan et al., AISTATS 2020): an attacking client
+  sends ``scale * update``; 1 is off.
+
+Backdoor conventions:
+- A fixed subset of exactly ``round(poison_ratio * n_k)`` of a malicious client's n_k
+  samples (seeded per client) carries the trigger and the ``target_label``
+  (all-to-one). The trigger is stamped on the device after augmentation and
+  normalisation, so it sits at the same place in every batch and in evaluation.
+- A trigger is ``x' = (1 - alpha) * x + alpha * pattern`` with per-pixel ``alpha`` and
+  ``pattern`` given in model-input (normalised) space. Patches have alpha in {0, 1};
+  Blended has alpha = 0.2 everywhere. Because normalisation is affine per channel this
+  equals blending in raw pixel space.
+- ASR = share of triggered test images predicted as the target, over test images whose
+  true label is NOT the target. ``asr_counts_target=True`` counts every test image, as
+  several public suites do (a failed backdoor then still shows about 1/num_classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fedbench.data import ImagePipeline
+from fedbench.registry import Registry
+from fedbench.seeding import numpy_rng, torch_generator
+
+ATTACKS: Registry[type["Attack"]] = Registry("attack")
+
+
+@dataclass
+class AttackSetup:
+    """What an attack learns about the run before training starts."""
+
+    num_clients: int
+    num_classes: int
+    channels: int
+    image_size: int
+    pipeline: ImagePipeline
+    device: torch.device
+    seed: int
+
+
+@dataclass
+class ClientInfo:
+    """Who is training, passed to attack and defense hooks."""
+
+    client_id: int
+    round: int
+    malicious: bool = False
+    attacking: bool = False
+    attacker_rank: int = -1
+    adaptive: bool = False
+
+
+class Attack:
+    """Base of all attacks. Subclasses override the hooks they need.
+
+    Args:
+        malicious_fraction: share of all clients that are malicious (papers: 0.3 and 0.2).
+        selection: "last" (highest ids, as the published code) or "random" (seeded).
+        first_round: first round (0-based) in which malicious clients attack.
+        last_round: last round in which they attack; None = until the end.
+        every: attack every k-th round from first_round; 1 = every round.
+        scale: model-replacement factor applied to an attacking client's update; 1 = off.
+        adaptive: the attacker knows the defense and evades its client-side work (see SDFC).
+    """
+
+    has_trigger: bool = False
+
+    def __init__(
+        self,
+        malicious_fraction: float = 0.3,
+        selection: Literal["last", "random"] = "last",
+        first_round: int = 0,
+        last_round: int | None = None,
+        every: int = 1,
+        scale: float = 1.0,
+        adaptive: bool = False,
+    ) -> None:
+        self.malicious_fraction = malicious_fraction
+        self.selection = selection
+        self.first_round = first_round
+        self.last_round = last_round
+        self.every = every
+        self.scale = scale
+        self.adaptive = adaptive
+        self.env: AttackSetup | None = None
+
+    @property
+    def name(self) -> str:
+        return ATTACKS.name_of(type(self)) or type(self).__name__
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        """Invalid fields as (field, value, what is allowed); checked before any training."""
+        found = []
+        if not 0.0 <= self.malicious_fraction < 1.0:
+            found.append(("attack.malicious_fraction", self.malicious_fraction, "a fraction in [0, 1)"))
+        if self.selection not in ("last", "random"):
+            found.append(("attack.selection", self.selection, "one of: last, random"))
+        if self.first_round < 0:
+            found.append(("attack.first_round", self.first_round, "an integer >= 0"))
+        if self.last_round is not None and self.last_round < self.first_round:
+            found.append(("attack.last_round", self.last_round, f"None or an integer >= first_round ({self.first_round})"))
+        if self.every < 1:
+            found.append(("attack.every", self.every, "an integer >= 1"))
+        if not (self.scale > 0 and self.scale < float("inf")):
+            found.append(("attack.scale", self.scale, "a finite number > 0"))
+        return found
+
+    def setup(self, env: AttackSetup) -> None:
+        self.env = env
+
+    def num_malicious(self, num_clients: int) -> int:
+        return int(num_clients * self.malicious_fraction)
+
+    def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
+        count = self.num_malicious(num_clients)
+        if count == 0:
+            return []
+        if self.selection == "last":
+            return list(range(num_clients - count, num_clients))
+        chosen = numpy_rng(seed, "malicious").choice(num_clients, size=count, replace=False)
+        return sorted(int(c) for c in chosen)
+
+    def is_active(self, round_index: int) -> bool:
+        if round_index < self.first_round:
+            return False
+        if self.last_round is not None and round_index > self.last_round:
+            return False
+        return (round_index - self.first_round) % self.every == 0
+
+    def craft_update(self, update: Tensor, client: ClientInfo) -> Tensor:
+        """The update an attacking client sends, from the one its local training produced."""
+        return update * self.scale if self.scale != 1.0 else update
+
+    # Backdoor hooks; an attack without a trigger leaves training data alone.
+    def poison_plan(self, client: ClientInfo, num_samples: int) -> "PoisonPlan | None":
+        return None
+
+
+class PoisonPlan:
+    """Which of a client's samples carry the trigger, and which trigger part."""
+
+    def __init__(self, attack: "BackdoorAttack", mask: Tensor, part: int | None) -> None:
+        self.attack = attack
+        self.mask = mask
+        self.part = part
+
+    def apply(self, images: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Poison the batch made of the client's samples ``index`` (already normalised)."""
+        chosen = self.mask[index]
+        stamped = self.attack.apply_trigger(images, self.part)
+        images = torch.where(chosen.view(-1, 1, 1, 1), stamped, images)
+        labels = torch.where(chosen, torch.full_like(labels, self.attack.target_label), labels)
+        return images, labels
+
+
+class BackdoorAttack(Attack):
+    """A trigger attack. Subclasses implement :meth:`build_trigger`.
+
+    Args:
+        poison_ratio: share of a malicious client's samples that carry the trigger (papers: 0.5).
+        target_label: the class every triggered input should be classified as (papers: 2).
+        asr_counts_target: count target-class test images in the ASR too (off: the honest count).
+        **kwargs: the base Attack's arguments (malicious_fraction, selection, schedule, scale, adaptive).
+    """
+
+    has_trigger = True
+    num_parts: int = 1
+
+    def __init__(
+        self,
+        poison_ratio: float = 0.5,
+        target_label: int = 2,
+        asr_counts_target: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.poison_ratio = poison_ratio
+        self.target_label = target_label
+        self.asr_counts_target = asr_counts_target
+        self._triggers: dict[int | None, tuple[Tensor, Tensor]] = {}
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        found = super().problems()
+        if not 0.0 < self.poison_ratio <= 1.0:
+            found.append(("attack.poison_ratio", self.poison_ratio, "a fraction in (0, 1]"))
+        if self.target_label < 0:
+            found.append(("attack.target_label", self.target_label, "a class index >= 0"))
+        return found
+
+    def setup(self, env: AttackSetup) -> None:
+        super().setup(env)
+        if self.target_label >= env.num_classes:
+            from fedbench.errors import config_error
+
+            raise config_error("attack.target_label", self.target_label, f"a class index in [0, {env.num_classes - 1}]")
+        parts: list[int | None] = [None, *range(self.num_parts)] if self.num_parts > 1 else [None]
+        self._triggers = {}
+        for part in parts:
+            alpha, pattern = self.build_trigger(part)
+            self._triggers[part] = (alpha.to(env.device), pattern.to(env.device))
+
+    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+        """``(alpha, pattern)``, each ``[C, H, W]``; pattern in model-input space.
+        ``part`` is a DBA part index, or None for the full trigger used in evaluation."""
+        raise NotImplementedError
+
+    def trigger(self, part: int | None = None) -> tuple[Tensor, Tensor]:
+        return self._triggers[part if self.num_parts > 1 else None]
+
+    def apply_trigger(self, images: Tensor, part: int | None = None) -> Tensor:
+        alpha, pattern = self.trigger(part)
+        return images * (1 - alpha) + alpha * pattern
+
+    def part_of(self, client: ClientInfo) -> int | None:
+        return client.attacker_rank % self.num_parts if self.num_parts > 1 else None
+
+    def poison_plan(self, client: ClientInfo, num_samples: int) -> PoisonPlan | None:
+        if not client.attacking:
+            return None
+        assert self.env is not None, "setup() first"
+        count = int(round(self.poison_ratio * num_samples))
+        generator = torch_generator(self.env.seed, "poison", client.client_id)
+        chosen = torch.randperm(num_samples, generator=generator)[:count]
+        mask = torch.zeros(num_samples, dtype=torch.bool)
+        mask[chosen] = True
+        return PoisonPlan(self, mask.to(self.env.device), self.part_of(client))
+
+    def asr_selection(self, labels: Tensor) -> Tensor:
+        """Which test images count in the ASR."""
+        if self.asr_counts_target:
+            return torch.ones_like(labels, dtype=torch.bool)
+        return labels != self.target_label
+
+    # Helpers for subclasses building triggers.
+    def _blank(self) -> tuple[Tensor, Tensor]:
+        env = self.env
+        assert env is not None
+        shape = (env.channels, env.image_size, env.image_size)
+        return torch.zeros(shape), torch.zeros(shape)
+
+    def _raw_to_input(self, raw: Tensor) -> Tensor:
+        """Raw [0, 1] pixel values ``[C, H, W]`` -> model-input space."""
+        env = self.env
+        assert env is not None
+        return env.pipeline.normalize(raw.to(env.pipeline.mean.device).unsqueeze(0)).squeeze(0).cpu()

@@ -1,0 +1,178 @@
+"""The one narrow entry point every defense implements, and what it is given.
+
+A defense receives this round's client updates as one ``[n, d]`` tensor on the device
+(update = local parameters minus global parameters, see ``fedbench.params`` for which
+tensors count), the clients' sample counts and a :class:`RoundContext`; it returns an
+:class:`Aggregate`: the aggregated update and a per-client verdict (the weight each
+client got, whether it was excluded). The engine owns everything else: it screens
+faulty updates before the defense sees them, applies the server learning rate
+(``global += server_lr * aggregate.update``), aggregates BatchNorm buffers, and computes
+detection metrics from the verdicts.
+
+Defenses that need data on the server set ``needs_server_data = True`` and get the
+server-held validation split in :class:`DefenseSetup`. Defenses that need work on the
+clients return a :class:`ClientHook` from :meth:`Defense.client_hook`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fedbench.registry import Registry
+
+if TYPE_CHECKING:
+    from attacks.base import ClientInfo
+    from fedbench.data import ImageSet
+    from fedbench.params import ParameterLayout
+
+DEFENSES: Registry[type["Defense"]] = Registry("defense")
+
+Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
+ServerTrain = Callable[[Tensor, "ImageSet", int, int], Tensor]
+
+
+@dataclass
+class DefenseSetup:
+    """Given once before training.
+
+    Attributes:
+        num_clients: clients in the federation.
+        clients_per_round: clients selected each round (n of the [n, d] updates).
+        expected_malicious: expected malicious clients among those selected.
+        layout: which tensors the flat vectors hold, per tensor (names, shapes).
+        server_data: the server-held validation split, when ``needs_server_data``.
+        server_train: ``(global_params, data, steps, round) -> update``: trains a copy of
+            the global model on ``data`` with the clients' optimizer for ``steps`` steps.
+        seed: the run seed (derive streams with ``fedbench.seeding``).
+        device: where updates live.
+    """
+
+    num_clients: int
+    clients_per_round: int
+    expected_malicious: int
+    layout: "ParameterLayout"
+    server_data: "ImageSet | None" = None
+    server_train: ServerTrain | None = None
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class RoundContext:
+    """Given each round with the updates.
+
+    Attributes:
+        round: 0-based round index.
+        client_ids: ids of the clients whose updates are the rows, int64 ``[n]``.
+        global_params: the global parameters the clients started from, ``[d]``.
+        local_steps: optimizer steps each client ran, int64 ``[n]``.
+        uploads: what client hooks uploaded besides the update, each stacked to ``[n, ...]``.
+        generator: this round's random stream for the defense (e.g. noise), on the device.
+    """
+
+    round: int
+    client_ids: Tensor
+    global_params: Tensor
+    local_steps: Tensor
+    uploads: dict[str, Tensor] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Aggregate:
+    """A defense's answer.
+
+    Attributes:
+        update: the aggregated update, ``[d]``; the engine applies ``server_lr`` to it.
+        weights: the weight each client got in ``update``, ``[n]``, summing to 1
+            (or to 0 when the model does not move). For coordinate-wise rules: the share
+            of coordinates the client's value entered the aggregate, normalised.
+        excluded: clients the defense rejected as a whole, bool ``[n]``.
+        info: extra per-round numbers worth logging (e.g. scores), JSON-friendly.
+    """
+
+    update: Tensor
+    weights: Tensor
+    excluded: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientHook:
+    """Client-side work a defense asks for. Methods run on the client, around local training.
+
+    State a real client would keep between rounds (e.g. its previous model) lives in the
+    hook, keyed by client id; :meth:`state_dict` makes it part of checkpoints.
+    """
+
+    def regularizer(self, client: "ClientInfo", model: nn.Module) -> Callable[[], Tensor] | None:
+        """An extra loss term added to every local step's loss, or None."""
+        return None
+
+    def after_training(
+        self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
+    ) -> dict[str, Tensor]:
+        """What the client uploads besides its update. ``local_batches()`` iterates its own
+        training data as it trained on it (poisoned if it attacked); ``server_batches()``
+        the server-held validation split, when the defense declared ``needs_server_data``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Defense:
+    """Base of all defenses: a small class whose docstring states its formula."""
+
+    needs_server_data: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.env: DefenseSetup | None = None
+
+    @property
+    def name(self) -> str:
+        return DEFENSES.name_of(type(self)) or type(self).__name__
+
+    def problems(self, env: DefenseSetup) -> list[tuple[str, object, str]]:
+        """Invalid fields as (field, value, what is allowed), checked before any training."""
+        return []
+
+    def setup(self, env: DefenseSetup) -> None:
+        self.env = env
+
+    def client_hook(self) -> ClientHook | None:
+        return None
+
+    def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def sample_weights(num_samples: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """n_k / sum(n): FedAvg's weights."""
+    counts = num_samples.to(dtype)
+    return counts / counts.sum()
+
+
+def none_excluded(n: int, device: torch.device) -> Tensor:
+    return torch.zeros(n, dtype=torch.bool, device=device)
+
+
+def coordinate_share(index: Tensor, n: int, per_coordinate: float) -> Tensor:
+    """Weight of each client in a coordinate-wise rule: ``index`` ``[k, d]`` holds, per
+    coordinate, the rows whose values entered the aggregate, each with weight
+    ``per_coordinate``; returns each client's mean weight over coordinates, ``[n]``."""
+    counts = torch.bincount(index.reshape(-1), minlength=n).to(torch.float64)
+    return (counts * per_coordinate / index.shape[-1]).to(torch.float32)

@@ -1,0 +1,144 @@
+"""The run configuration parser (jsonargparse), LightningCLI style.
+
+Every option is a ``--section.field`` flag and a key of ``--config file.yaml``;
+``--print_config`` prints a complete, re-runnable YAML. Attacks and defenses are chosen
+by registry name (``--defense krum``), by class name or by class path
+(``--defense my_pkg.MyDefense``), with their own arguments (``--defense.f 3``) or as
+``class_path``/``init_args`` in YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_loader
+
+import attacks  # noqa: F401  (registers the attacks)
+import defenses  # noqa: F401  (registers the defenses)
+from attacks.base import ATTACKS, Attack
+from defenses.base import DEFENSES, Defense
+from fedbench.client import LocalTrainConfig
+from fedbench.data import DataConfig
+from fedbench.engine import Experiment, FabricConfig, FederationConfig, OutputConfig
+from fedbench.models import MODELS, ModelConfig
+from fedbench.partition import PartitionConfig
+from fedbench.registry import Registry
+from fedbench.tracking import WandbConfig
+
+PARSER_MODE = "fedbench_yaml"
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "partition": PartitionConfig,
+    "model": ModelConfig,
+    "train": LocalTrainConfig,
+    "federation": FederationConfig,
+    "fabric": FabricConfig,
+    "output": OutputConfig,
+    "wandb": WandbConfig,
+}
+CHOICES: dict[str, Registry] = {"attack": ATTACKS, "defense": DEFENSES}
+
+
+def _resolve(registry: Registry, value: Any) -> Any:
+    if isinstance(value, str) and value in registry:
+        return registry.class_path(value)
+    if isinstance(value, dict) and isinstance(value.get("class_path"), str) and value["class_path"] in registry:
+        return {**value, "class_path": registry.class_path(value["class_path"])}
+    return value
+
+
+def resolve_registry_names(config: Any) -> Any:
+    """Registry names under ``attack``/``defense`` -> class paths, in a config mapping."""
+    if isinstance(config, dict):
+        return {key: _resolve(CHOICES[key], value) if key in CHOICES else value for key, value in config.items()}
+    return config
+
+
+def resolve_argv(argv: Sequence[str]) -> list[str]:
+    """``--defense krum`` / ``--defense=krum`` -> the class path, on the command line."""
+    out: list[str] = []
+    pending: Registry | None = None
+    for arg in argv:
+        if pending is not None:
+            out.append(_resolve(pending, arg))
+            pending = None
+            continue
+        flag, eq, value = arg.partition("=")
+        section = flag[2:] if flag.startswith("--") else None
+        if section in CHOICES:
+            if eq:
+                out.append(f"{flag}={_resolve(CHOICES[section], value)}")
+                continue
+            pending = CHOICES[section]
+        out.append(arg)
+    return out
+
+
+def _load_yaml(text: str) -> Any:
+    return resolve_registry_names(yaml.safe_load(text))
+
+
+set_loader(PARSER_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
+
+
+def registered_help() -> str:
+    return (
+        f"attacks (--attack NAME): {', '.join(ATTACKS.names())}\n"
+        f"defenses (--defense NAME): {', '.join(DEFENSES.names())}\n"
+        f"models (--model.name NAME): {', '.join(MODELS.names())}\n"
+        "Your own attack or defense: --defense your_module.YourDefense (a subclass of "
+        "defenses.base.Defense), or class_path/init_args in YAML."
+    )
+
+
+def build_parser(prog: str = "fedbench run") -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog,
+        description="Run one attack/defense pair of federated training and write its results.",
+        epilog=registered_help(),
+        parser_mode=PARSER_MODE,
+        default_env=False,
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
+    parser.add_argument("--seed", type=int, default=0, help="the one seed every random stream derives from")
+    for name, cls in SECTIONS.items():
+        parser.add_class_arguments(cls, name, fail_untyped=True)
+    parser.add_subclass_arguments(Attack, "attack", required=False)
+    parser.add_subclass_arguments(Defense, "defense", required=False)
+    parser.set_defaults({
+        "attack": {"class_path": ATTACKS.class_path("none")},
+        "defense": {"class_path": DEFENSES.class_path("fedavg")},
+    })
+    return parser
+
+
+def parse_run_args(argv: Sequence[str], parser: ArgumentParser | None = None) -> Namespace:
+    parser = parser or build_parser()
+    return parser.parse_args(resolve_argv(argv))
+
+
+def parse_config_dict(config: dict, parser: ArgumentParser | None = None) -> Namespace:
+    parser = parser or build_parser()
+    return parser.parse_object(resolve_registry_names(config))
+
+
+def dump_config(namespace: Namespace, parser: ArgumentParser | None = None) -> dict:
+    parser = parser or build_parser()
+    clean = namespace.clone()
+    clean.pop("config", None)
+    return yaml.safe_load(parser.dump(clean, skip_none=False))
+
+
+def build_experiment(namespace: Namespace, parser: ArgumentParser | None = None) -> Experiment:
+    parser = parser or build_parser()
+    config = dump_config(namespace, parser)
+    init = parser.instantiate_classes(namespace)
+    return Experiment(
+        attack=init.attack,
+        defense=init.defense,
+        seed=init.seed,
+        config=config,
+        **{name: init[name] for name in SECTIONS},
+    )

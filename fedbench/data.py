@@ -1,0 +1,364 @@
+"""Data sets as uint8 tensors on the training device, and batched on-device transforms.
+
+Each data set is read once through torchvision into memory as uint8 ``[N, C, H, W]``
+and moved to the device. Training batches are turned into model inputs on the device:
+``uint8 -> [0, 1] -> random crop with zero padding -> horizontal flip -> normalise ->
+repeat grey to 3 channels``. There is no per-sample PIL path.
+
+The published protocol of SDFC (ECCV 2024) and FDCR (NeurIPS 2024) is the default:
+the last 10% of the training set (in file order) is held by the server as a
+validation split, the first 90% is partitioned over the clients; MNIST and
+Fashion-MNIST are resized to 32x32 and repeated to 3 channels with the MNIST mean
+0.1307 and std 0.3081 (for Fashion-MNIST too, as the published code does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.error import URLError
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedbench.errors import DataNotFoundError
+from fedbench.seeding import torch_generator
+
+DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    torchvision_class: str
+    num_classes: int
+    native_channels: int
+    native_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+    files: tuple[str, ...]
+    archive_md5: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def mnist_family(self) -> bool:
+        return self.native_channels == 1
+
+
+def _mnist_files(folder: str, md5s: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    return tuple(f"{folder}/raw/{name}" for name, _ in md5s)
+
+
+_FASHION_MD5 = (
+    ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+    ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+    ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+)
+_MNIST_MD5 = (
+    ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+    ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+)
+_MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist", "FashionMNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False,
+        _mnist_files("FashionMNIST", _FASHION_MD5), _FASHION_MD5,
+    ),
+    "mnist": DatasetSpec(
+        "mnist", "MNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False, _mnist_files("MNIST", _MNIST_MD5), _MNIST_MD5
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", "CIFAR10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615), True,
+        tuple(f"cifar-10-batches-py/{n}" for n in ["data_batch_1", "data_batch_2", "data_batch_3",
+                                                   "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]),
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100", "CIFAR100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+        ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+    ),
+}
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and how it is split and transformed.
+
+    Args:
+        name: fashion_mnist, mnist, cifar10 or cifar100.
+        root: folder in torchvision's layout; else $FEDBENCH_DATA; else ./data.
+        download: let torchvision download missing files (needs internet).
+        image_size: side of the model input; None = 32 (MNIST-family is resized to 32x32 as in the papers).
+        channels: model input channels; None = 3 (grey images are repeated to 3 channels as in the papers).
+        augment: random crop with zero padding (and flip where it makes sense) during local training.
+        hflip: horizontal flip; None = the data set's default (CIFAR yes, MNIST family no).
+        crop_padding: padding of the random crop, in pixels.
+        server_fraction: share of the training set (its tail, in file order) held by the server.
+        server_size: keep only this many (seeded choice) of the server's split; None = all of it.
+        train_subset: use only this many (seeded choice) of the clients' pool; None = all (for quick CPU runs).
+        test_subset: evaluate on this many (seeded choice) test images; None = the whole test set.
+    """
+
+    name: DatasetName = "fashion_mnist"
+    root: str | None = None
+    download: bool = True
+    image_size: int | None = None
+    channels: int | None = None
+    augment: bool = True
+    hflip: bool | None = None
+    crop_padding: int = 4
+    server_fraction: float = 0.1
+    server_size: int | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``[N, C, H, W]`` and labels as int64 ``[N]``, on one device."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class FederatedData:
+    """What the engine needs: the clients' pool, the server's split, the test set."""
+
+    spec: DatasetSpec
+    client_pool: ImageSet
+    server: ImageSet
+    test: ImageSet
+    pipeline: "ImagePipeline"
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+
+def resolve_root(root: str | None) -> Path:
+    """Config first, then $FEDBENCH_DATA, then ./data."""
+    return Path(root or os.environ.get("FEDBENCH_DATA") or "data").expanduser()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FEDBENCH_CACHE", "~/.cache/fedbench")).expanduser() / "data"
+
+
+def _missing_message(spec: DatasetSpec, root: Path, reason: str) -> str:
+    files = "\n".join(f"  {root / f}" for f in spec.files)
+    alternative = ""
+    if spec.name == "cifar10":
+        alternative = f"\n(or the archive {root / 'cifar-10-python.tar.gz'})"
+    elif spec.name == "cifar100":
+        alternative = f"\n(or the archive {root / 'cifar-100-python.tar.gz'})"
+    return (
+        f"data set {spec.name!r} not found under {root} and not downloadable ({reason}).\n"
+        f"Put these files there (torchvision's layout), or set data.root / $FEDBENCH_DATA to a folder "
+        f"that has them:\n{files}{alternative}"
+    )
+
+
+def _writable(path: Path) -> bool:
+    """Writable, and not marked read-only: the mode bits count even for root, who may
+    write anywhere, so that a shared read-only data folder is never modified."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & 0o222)
+
+
+def _extract_mnist_archives(spec: DatasetSpec, root: Path) -> Path | None:
+    """Unpack the .gz files torchvision's MNIST reader needs, without any network.
+
+    torchvision reads the unpacked idx files. When ``root`` holds only the .gz files
+    (with the md5 torchvision checks) they are unpacked next to them, or, for a
+    read-only root, into a cache folder that mirrors the layout; that folder is returned.
+    """
+    from torchvision.datasets.utils import check_integrity
+
+    raw = root / spec.torchvision_class / "raw"
+    if not all(check_integrity(str(raw / name), md5) for name, md5 in spec.archive_md5):
+        return None
+    target_root = root if _writable(raw) else _cache_root()
+    target_raw = target_root / spec.torchvision_class / "raw"
+    target_raw.mkdir(parents=True, exist_ok=True)
+    for name, _ in spec.archive_md5:
+        unpacked = target_raw / name[: -len(".gz")]
+        if unpacked.exists():
+            continue
+        # Unpack to a private name, then rename: a crash never leaves a truncated file.
+        partial = target_raw / f".{unpacked.name}.{os.getpid()}.partial"
+        with gzip.open(raw / name, "rb") as source, open(partial, "wb") as sink:
+            shutil.copyfileobj(source, sink)
+        os.replace(partial, unpacked)
+    return target_root
+
+
+def _torchvision_dataset(spec: DatasetSpec, root: Path, train: bool, download: bool):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, spec.torchvision_class)
+    with contextlib.suppress(RuntimeError):
+        return cls(str(root), train=train, download=False)
+    if spec.mnist_family:
+        prepared = _extract_mnist_archives(spec, root)
+        if prepared is not None:
+            return cls(str(prepared), train=train, download=False)
+    if not download:
+        raise DataNotFoundError(_missing_message(spec, root, "data.download is false"))
+    if not _writable(root):
+        raise DataNotFoundError(_missing_message(spec, root, "the folder is read-only"))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return cls(str(root), train=train, download=True)
+    except (URLError, OSError, RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataNotFoundError(_missing_message(spec, root, f"download failed: {reason}")) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _as_uint8_nchw(dataset) -> ImageSet:
+    data = dataset.data
+    images = torch.as_tensor(data)
+    if images.ndim == 3:  # MNIST family: [N, H, W]
+        images = images.unsqueeze(1)
+    else:  # CIFAR: numpy [N, H, W, C]
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return ImageSet(images.contiguous(), labels)
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return resized.round().clamp_(0, 255).to(torch.uint8)
+
+
+def load_split(spec: DatasetSpec, root: Path, train: bool, download: bool, image_size: int) -> ImageSet:
+    dataset = _torchvision_dataset(spec, root, train, download)
+    images = _as_uint8_nchw(dataset)
+    return ImageSet(_resize(images.images, image_size), images.labels)
+
+
+def _seeded_subset(n: int, size: int | None, seed: int, key: int) -> Tensor | None:
+    if size is None or size >= n:
+        return None
+    generator = torch_generator(seed, "server_split", key)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+def load_federated_data(config: DataConfig, seed: int, device: torch.device | str = "cpu") -> FederatedData:
+    """Read a data set once, split it as the papers do, and put it on ``device``."""
+    spec = DATASETS[config.name]
+    root = resolve_root(config.root)
+    size = config.image_size or 32
+    train = load_split(spec, root, True, config.download, size)
+    test = load_split(spec, root, False, config.download, size)
+
+    n_server = int(round(len(train) * config.server_fraction))
+    n_clients = len(train) - n_server
+    client_pool = train.subset(torch.arange(n_clients))
+    server = train.subset(torch.arange(n_clients, len(train)))
+    if (index := _seeded_subset(len(server), config.server_size, seed, 0)) is not None:
+        server = server.subset(index)
+    if (index := _seeded_subset(len(client_pool), config.train_subset, seed, 1)) is not None:
+        client_pool = client_pool.subset(index)
+    if (index := _seeded_subset(len(test), config.test_subset, seed, 2)) is not None:
+        test = test.subset(index)
+
+    pipeline = ImagePipeline(
+        mean=spec.mean,
+        std=spec.std,
+        channels=config.channels or 3,
+        augment=config.augment,
+        hflip=spec.hflip if config.hflip is None else config.hflip,
+        crop_padding=config.crop_padding,
+        device=device,
+    )
+    return FederatedData(spec, client_pool.to(device), server.to(device), test.to(device), pipeline)
+
+
+class ImagePipeline:
+    """uint8 batch -> normalised float model input, batched on the batch's device.
+
+    Training: scale to [0, 1], random crop of the original size from the image padded
+    with ``crop_padding`` zeros (torchvision's ``RandomCrop(size, padding)``), optional
+    horizontal flip with probability 1/2, per-channel normalisation, grey repeated to
+    ``channels``. Evaluation: the same without crop and flip.
+    """
+
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels: int,
+        augment: bool,
+        hflip: bool,
+        crop_padding: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if len(mean) == 1:
+            mean, std = mean * channels, std * channels
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.channels = channels
+        self.augment = augment
+        self.hflip = hflip
+        self.crop_padding = crop_padding
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None, train: bool = False) -> Tensor:
+        x = images.float().div_(255.0)
+        if train and self.augment:
+            if self.crop_padding > 0:
+                x = random_crop(x, self.crop_padding, generator)
+            if self.hflip:
+                flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        return (x - self.mean) / self.std
+
+    def normalize(self, raw: Tensor) -> Tensor:
+        """Raw [0, 1] pixel values -> model-input space, per channel."""
+        return (raw - self.mean) / self.std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.std + self.mean
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator | None) -> Tensor:
+    """Batched ``RandomCrop(size, padding)``: one offset per image, zero padding."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), device=x.device, generator=generator)
+    rows = offsets[0].unsqueeze(1) + torch.arange(h, device=x.device)
+    cols = offsets[1].unsqueeze(1) + torch.arange(w, device=x.device)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    # Advanced indices separated by a slice put their dims first: result is [B, H, W, C].
+    cropped = padded[batch, :, rows.unsqueeze(2), cols.unsqueeze(1)]
+    return cropped.permute(0, 3, 1, 2)

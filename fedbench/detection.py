@@ -1,0 +1,40 @@
+"""How well a defense's verdicts match the true attackers.
+
+Positives are the clients that attacked this round (malicious and scheduled). A client
+counts as excluded when the screening rejected it or the defense excluded it. Rates
+whose denominator is 0 are None (precision when nothing was excluded, FPR when every
+selected client attacked).
+"""
+
+from __future__ import annotations
+
+from statistics import fmean
+
+
+def detection_metrics(attacking: list[bool], excluded: list[bool], weights: list[float]) -> dict | None:
+    if not any(attacking):
+        return None
+    tp = sum(a and e for a, e in zip(attacking, excluded))
+    fp = sum((not a) and e for a, e in zip(attacking, excluded))
+    fn = sum(a and not e for a, e in zip(attacking, excluded))
+    tn = sum((not a) and not e for a, e in zip(attacking, excluded))
+    return {
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "tpr": tp / (tp + fn),
+        "fpr": fp / (fp + tn) if fp + tn else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn),
+        "malicious_weight": float(sum(w for a, w in zip(attacking, weights) if a)),
+    }
+
+
+def summarise_detection(per_round: list[dict | None]) -> dict | None:
+    """Mean of each rate over the rounds that had attackers (None values skipped)."""
+    rounds = [d for d in per_round if d is not None]
+    if not rounds:
+        return None
+    summary: dict = {"rounds": len(rounds)}
+    for key in ("tpr", "fpr", "precision", "recall", "malicious_weight"):
+        values = [d[key] for d in rounds if d[key] is not None]
+        summary[key] = fmean(values) if values else None
+    return summary

@@ -1,0 +1,59 @@
+"""Clean accuracy, test loss and attack success rate of the global model, in large batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from attacks.base import Attack, BackdoorAttack
+from fedbench.data import ImagePipeline, ImageSet
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    test: ImageSet,
+    pipeline: ImagePipeline,
+    attack: Attack,
+    num_classes: int,
+    batch_size: int = 1024,
+    autocast=None,
+    channels_last: bool = False,
+) -> dict[str, float | None]:
+    """``clean_acc`` and ``asr`` in percent, ``clean_loss`` the mean cross-entropy.
+
+    ASR follows the attack's convention (by default only test images whose true label
+    is not the target; see ``attacks.base``); None for attacks without a trigger.
+    """
+    device = test.labels.device
+    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    loss = MeanMetric().to(device)
+    asr = MeanMetric().to(device)
+    backdoor = attack if isinstance(attack, BackdoorAttack) else None
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for start in range(0, len(test), batch_size):
+        images = test.images[start : start + batch_size]
+        labels = test.labels[start : start + batch_size]
+        inputs = pipeline(images, train=False)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(inputs.contiguous(memory_format=memory_format)).float()
+        accuracy.update(logits, labels)
+        loss.update(F.cross_entropy(logits, labels, reduction="none"))
+        if backdoor is not None:
+            counted = backdoor.asr_selection(labels)
+            if counted.any():
+                triggered = backdoor.apply_trigger(inputs[counted])
+                with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                    predicted = model(triggered.contiguous(memory_format=memory_format)).argmax(dim=1)
+                asr.update((predicted == backdoor.target_label).float())
+    model.train(was_training)
+    return {
+        "clean_acc": 100.0 * float(accuracy.compute()),
+        "clean_loss": float(loss.compute()),
+        "asr": 100.0 * float(asr.compute()) if backdoor is not None else None,
+    }

@@ -1,0 +1,82 @@
+"""Weights & Biases logging through Lightning's ``WandbLogger`` (a Fabric logger)."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases.
+
+    Args:
+        mode: auto (online when logged in, else offline), online, offline or disabled.
+        project: W&B project.
+        entity: W&B entity (user or team); None = your default.
+        group: run group; a grid sets it to the grid's name so its cells sit side by side.
+        tags: run tags.
+    """
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "fedbench"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+def logged_in() -> bool:
+    """An API key in the environment or in ~/.netrc for api.wandb.ai."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    return "online" if logged_in() else "offline"
+
+
+def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams: dict | None = None):
+    """A ``WandbLogger`` whose files, cache and settings live under ``run_dir/wandb``; None when disabled."""
+    mode = resolve_mode(config.mode)
+    if mode == "disabled":
+        return None
+    root = (Path(run_dir) / "wandb").resolve()
+    for sub in ("cache", "data", "config", "artifacts"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_CACHE_DIR"] = str(root / "cache")
+    os.environ["WANDB_DATA_DIR"] = str(root / "data")
+    os.environ["WANDB_CONFIG_DIR"] = str(root / "config")
+    os.environ["WANDB_ARTIFACT_DIR"] = str(root / "artifacts")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(
+        name=run_name,
+        project=config.project,
+        entity=config.entity,
+        group=config.group,
+        tags=list(config.tags),
+        save_dir=str(root.parent),
+        mode=mode,
+        config=hyperparams or {},
+        settings=_settings(),
+    )
+    return logger
+
+
+def _settings():
+    import wandb
+
+    return wandb.Settings(console="off", x_disable_stats=True, silent=True)

@@ -1,0 +1,123 @@
+"""Shared helpers: tiny data sets written in torchvision's on-disk formats, and tiny runs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def real_data_root() -> Path | None:
+    """The real MNIST/Fashion-MNIST copy, when this machine has one."""
+    candidates = [os.environ.get("FEDBENCH_DATA"), str(SHARED_DATA)]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz").exists():
+            return Path(candidate)
+    return None
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    """The MNIST idx format: magic 0x0000 08 <ndim>, big-endian dims, uint8 data."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wb") as handle:
+            handle.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def synthetic_images(n: int, num_classes: int, size: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable images: class k has a bright horizontal bar at row 4 + 2k (of size 28/32), plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=n)
+    images = rng.integers(0, 60, size=(n, channels, size, size))
+    for k in range(num_classes):
+        row = 4 + (2 * k) % (size - 8)
+        images[labels == k, :, row : row + 2, 6 : size - 6] = 230
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_mnist_like(root: Path, folder: str, n_train: int, n_test: int, gz: bool = False, seed: int = 0) -> None:
+    raw = root / folder / "raw"
+    suffix = ".gz" if gz else ""
+    for split, n, offset in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_images(n, 10, 28, 1, seed + offset)
+        write_idx(raw / f"{split}-images-idx3-ubyte{suffix}", images[:, 0], gz)
+        write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root: Path, kind: str, n_per_file: int, seed: int = 0) -> dict[str, str]:
+    """CIFAR-10 ('cifar10') or CIFAR-100 ('cifar100') python pickles; returns {file: md5}."""
+    num_classes = 10 if kind == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if kind == "cifar10" else "fine_labels"
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"] \
+        if kind == "cifar10" else ["train", "test"]
+    for i, name in enumerate(names):
+        images, labels = synthetic_images(n_per_file, num_classes, 32, 3, seed + i)
+        entry = {"data": images.reshape(n_per_file, -1), label_key: labels.astype(int).tolist()}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    meta_name, meta_key = ("batches.meta", "label_names") if kind == "cifar10" else ("meta", "fine_label_names")
+    (folder / meta_name).write_bytes(pickle.dumps({meta_key: [f"class{k}" for k in range(num_classes)]}))
+    return {name: md5(folder / name) for name in [*names, meta_name]}
+
+
+def patch_cifar_md5(monkeypatch, kind: str, md5s: dict[str, str]) -> None:
+    """torchvision checks CIFAR files against the real md5s; point it at the tiny files'."""
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [[n, md5s[n]] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5s[n]] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A Fashion-MNIST-shaped data set of 1200 train / 300 test synthetic images."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_mnist_like(root, "FashionMNIST", 1200, 300)
+    write_mnist_like(root, "MNIST", 1200, 300, seed=5)
+    return root
+
+
+def tiny_experiment(root: Path, out: Path, **sections):
+    """A few-second experiment on tiny data; ``sections`` override config sections."""
+    from attacks.none import NoAttack
+    from defenses.fedavg import FedAvg
+    from fedbench.client import LocalTrainConfig
+    from fedbench.data import DataConfig
+    from fedbench.engine import Experiment, FederationConfig, OutputConfig
+    from fedbench.partition import PartitionConfig
+    from fedbench.tracking import WandbConfig
+
+    defaults = dict(
+        attack=NoAttack(),
+        defense=FedAvg(),
+        data=DataConfig(root=str(root), download=False),
+        partition=PartitionConfig(scheme="dirichlet", beta=0.5, min_size=10),
+        train=LocalTrainConfig(local_steps=4, batch_size=32),
+        federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2),
+        output=OutputConfig(dir=str(out), progress=False),
+        wandb=WandbConfig(mode="disabled"),
+    )
+    defaults.update(sections)
+    return Experiment(**defaults)

@@ -1,0 +1,147 @@
+import dataclasses
+import os
+import stat
+import urllib.request
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+
+from conftest import md5, patch_cifar_md5, real_data_root, write_cifar, write_mnist_like
+from fedbench import data as data_module
+from fedbench.data import DATASETS, DataConfig, ImagePipeline, load_federated_data, random_crop, resolve_root
+from fedbench.errors import DataNotFoundError
+
+
+def test_fashion_mnist_is_split_9_to_1_resized_and_on_device(tiny_root):
+    loaded = load_federated_data(DataConfig(root=str(tiny_root), download=False), seed=0)
+    assert loaded.client_pool.images.shape == (1080, 1, 32, 32)
+    assert loaded.server.images.shape == (120, 1, 32, 32)
+    assert loaded.test.images.shape == (300, 1, 32, 32)
+    assert loaded.client_pool.images.dtype == torch.uint8
+    # The server holds the tail of the training set in file order, as the published code.
+    import torchvision
+
+    raw = torchvision.datasets.FashionMNIST(str(tiny_root), train=True)
+    assert torch.equal(loaded.server.labels, raw.targets[1080:])
+    assert torch.equal(loaded.client_pool.labels, raw.targets[:1080])
+    inputs = loaded.pipeline(loaded.test.images[:4])
+    assert inputs.shape == (4, 3, 32, 32)
+    expected = (loaded.test.images[:4].float() / 255 - 0.1307) / 0.3081
+    assert torch.allclose(inputs, expected.expand(-1, 3, -1, -1))
+
+
+def test_server_size_and_subsets_are_seeded_choices(tiny_root):
+    config = DataConfig(root=str(tiny_root), download=False, server_size=16, train_subset=500, test_subset=100)
+    a = load_federated_data(config, seed=1)
+    b = load_federated_data(config, seed=1)
+    assert (len(a.server), len(a.client_pool), len(a.test)) == (16, 500, 100)
+    assert torch.equal(a.server.images, b.server.images) and torch.equal(a.client_pool.labels, b.client_pool.labels)
+
+
+def test_native_size_and_channels_are_options(tiny_root):
+    loaded = load_federated_data(DataConfig(name="mnist", root=str(tiny_root), image_size=28, channels=1), seed=0)
+    assert loaded.client_pool.images.shape[1:] == (1, 28, 28)
+    assert loaded.pipeline(loaded.test.images[:2]).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("kind,num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loads_through_torchvision_from_files_in_its_format(tmp_path, monkeypatch, kind, num_classes):
+    md5s = write_cifar(tmp_path, kind, n_per_file=40)
+    patch_cifar_md5(monkeypatch, kind, md5s)
+    loaded = load_federated_data(DataConfig(name=kind, root=str(tmp_path), download=False), seed=0)
+    n_train = 40 * (5 if kind == "cifar10" else 1)
+    assert len(loaded.client_pool) + len(loaded.server) == n_train
+    assert loaded.test.images.shape == (40, 3, 32, 32)
+    assert loaded.num_classes == num_classes
+    assert loaded.pipeline.hflip  # flips make sense for CIFAR, not for digits
+    import pickle
+
+    first = pickle.loads((tmp_path / ("cifar-10-batches-py/data_batch_1" if kind == "cifar10"
+                                      else "cifar-100-python/train")).read_bytes())
+    assert torch.equal(loaded.client_pool.images[0], torch.as_tensor(first["data"][0]).view(3, 32, 32))
+
+
+def test_gz_only_read_only_root_is_unpacked_into_the_cache(tmp_path, monkeypatch):
+    root = tmp_path / "readonly"
+    write_mnist_like(root, "FashionMNIST", 200, 50, gz=True)
+    raw = root / "FashionMNIST" / "raw"
+    spec = dataclasses.replace(DATASETS["fashion_mnist"], archive_md5=tuple(
+        (name, md5(raw / name)) for name, _ in DATASETS["fashion_mnist"].archive_md5))
+    monkeypatch.setitem(DATASETS, "fashion_mnist", spec)
+    monkeypatch.setenv("FEDBENCH_CACHE", str(tmp_path / "cache"))
+    for path in [raw, *raw.iterdir()]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        loaded = load_federated_data(DataConfig(root=str(root), download=False), seed=0)
+        assert len(loaded.client_pool) + len(loaded.server) == 200
+        assert sorted(p.name for p in raw.iterdir()) == sorted(n for n, _ in spec.archive_md5), "root untouched"
+        assert (tmp_path / "cache" / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    finally:
+        for path in [raw, *raw.iterdir()]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def test_missing_data_without_download_names_every_file(tmp_path):
+    with pytest.raises(DataNotFoundError) as caught:
+        load_federated_data(DataConfig(root=str(tmp_path), download=False), seed=0)
+    message = str(caught.value)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        assert str(tmp_path / "FashionMNIST" / "raw" / name) in message
+    assert "FEDBENCH_DATA" in message
+
+
+def test_missing_data_with_no_network_is_one_message_not_a_urllib_traceback(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(DataNotFoundError) as caught:
+        load_federated_data(DataConfig(name="cifar10", root=str(tmp_path), download=True), seed=0)
+    message = str(caught.value)
+    assert "download failed" in message and "cifar-10-batches-py/data_batch_1" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_root_comes_from_config_then_environment_then_default(monkeypatch):
+    monkeypatch.setenv("FEDBENCH_DATA", "/from/env")
+    assert resolve_root("/from/config") == Path("/from/config")
+    assert resolve_root(None) == Path("/from/env")
+    monkeypatch.delenv("FEDBENCH_DATA")
+    assert resolve_root(None) == Path("data")
+
+
+def test_random_crop_takes_a_window_of_the_zero_padded_image():
+    x = torch.rand(16, 3, 8, 8)
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets_seen = set()
+    for i in range(16):
+        matches = [(r, c) for r in range(5) for c in range(5) if torch.equal(out[i], padded[i, :, r:r + 8, c:c + 8])]
+        assert matches, f"image {i} is not a window of its padded original"
+        offsets_seen.update(matches)
+    assert len(offsets_seen) > 3, "offsets vary across the batch"
+
+
+def test_pipeline_flips_only_when_asked_and_only_in_training():
+    pipeline = ImagePipeline((0.0,), (1.0,), channels=1, augment=True, hflip=True, crop_padding=0)
+    images = torch.arange(2 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4).repeat(32, 1, 1, 1)
+    train = pipeline(images, torch.Generator().manual_seed(0), train=True)
+    plain = images.float() / 255
+    flipped = [torch.equal(t, p.flip(-1)) for t, p in zip(train, plain)]
+    kept = [torch.equal(t, p) for t, p in zip(train, plain)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+    assert torch.equal(pipeline(images, train=False), plain)
+
+
+@pytest.mark.skipif(real_data_root() is None, reason="no real Fashion-MNIST copy on this machine")
+def test_real_fashion_mnist_and_mnist_load_from_the_shared_copy(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDBENCH_CACHE", str(tmp_path / "cache"))
+    for name in ("fashion_mnist", "mnist"):
+        loaded = load_federated_data(DataConfig(name=name, root=str(real_data_root()), download=False), seed=0)
+        assert (len(loaded.client_pool), len(loaded.server), len(loaded.test)) == (54000, 6000, 10000)
+        counts = torch.bincount(torch.cat([loaded.client_pool.labels, loaded.server.labels]), minlength=10)
+        if name == "fashion_mnist":
+            assert counts.tolist() == [6000] * 10
+        assert loaded.client_pool.images.shape[1:] == (1, 32, 32)
