@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 DEFENSES: Registry[type["Defense"]] = Registry("defense")
 
-Batches = Callable[[], Iterator[tuple[Tensor, Tensor]]]
+Batches = Callable[..., Iterator[tuple[Tensor, Tensor]]]
 ServerTrain = Callable[[Tensor, "ImageSet", int, int], Tensor]
 
 
@@ -105,20 +105,25 @@ class Aggregate:
 class ClientHook:
     """Client-side work a defense asks for. Methods run on the client, around local training.
 
-    State a real client would keep between rounds (e.g. its previous model) lives in the
-    hook, keyed by client id; :meth:`state_dict` makes it part of checkpoints.
+    ``local_batches(clean=False)`` iterates the client's own training data as it trains on
+    it (poisoned when it attacks; ``clean=True`` leaves the trigger out);
+    ``server_batches()`` iterates the server-held validation split when the defense
+    declared ``needs_server_data`` (else it is None). State a real client would keep
+    between rounds (e.g. its previous model) lives in the hook, keyed by client id;
+    :meth:`state_dict` makes it part of checkpoints.
     """
 
-    def regularizer(self, client: "ClientInfo", model: nn.Module) -> Callable[[], Tensor] | None:
-        """An extra loss term added to every local step's loss, or None."""
+    def before_training(
+        self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
+    ) -> Callable[[], Tensor] | None:
+        """Called with the global model loaded; may return an extra loss term that is
+        added to every local step's loss."""
         return None
 
     def after_training(
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
-        """What the client uploads besides its update. ``local_batches()`` iterates its own
-        training data as it trained on it (poisoned if it attacked); ``server_batches()``
-        the server-held validation split, when the defense declared ``needs_server_data``."""
+        """Called with the trained model; returns what the client uploads besides its update."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

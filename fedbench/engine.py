@@ -322,30 +322,18 @@ class FederatedRun:
         self.layout.load(self.model, self.global_params)
         self.layout.load_buffers(self.model, self.global_buffers)
         generator = torch_generator(self.seed, "train", client.round, client.client_id, device=self.device)
-        regularizer = self.hook.regularizer(client, self.model) if self.hook else None
+        local_batches, server_batches = self._hook_batches(client, data, plan)
 
         started = time.perf_counter()
+        regularizer = None
+        if self.hook is not None:
+            regularizer = self.hook.before_training(client, self.model, local_batches, server_batches)
+        prepared = time.perf_counter()
         result = self.trainer.train(data, generator, plan, regularizer)
         trained = time.perf_counter()
-
         uploads: dict[str, Tensor] = {}
         if self.hook is not None:
-            batch_size = self.exp.train.batch_size
-
-            def local_batches(clean: bool = False):
-                fisher_generator = torch_generator(self.seed, "train", client.round, client.client_id, 1,
-                                                   device=self.device)
-                return iterate_batches(data, self.data.pipeline, batch_size, fisher_generator,
-                                       poison=None if clean else plan)
-
-            def server_batches():
-                server_generator = torch_generator(self.seed, "train", client.round, client.client_id, 2,
-                                                   device=self.device)
-                return iterate_batches(self.data.server, self.data.pipeline, batch_size, server_generator)
-
-            needs_server = self.exp.defense.needs_server_data
-            uploads = self.hook.after_training(client, self.model, local_batches,
-                                               server_batches if needs_server else None)
+            uploads = self.hook.after_training(client, self.model, local_batches, server_batches)
         hooked = time.perf_counter()
 
         update = self.layout.flatten(self.model) - self.global_params
@@ -357,9 +345,27 @@ class FederatedRun:
             "steps": result.steps,
             "loss": result.mean_loss,
             "uploads": uploads,
-            "time_train": trained - started,
-            "time_hook": hooked - trained,
+            "time_train": trained - prepared,
+            "time_hook": (prepared - started) + (hooked - trained),
         }
+
+    def _hook_batches(self, client: ClientInfo, data: ImageSet, plan):
+        """Batch iterators a client hook may use, each call drawing the same seeded batches."""
+        batch_size, pipeline = self.exp.train.batch_size, self.data.pipeline
+        key = (self.seed, "train", client.round, client.client_id)
+
+        prepare = self.trainer.prepare
+
+        def local_batches(clean: bool = False):
+            generator = torch_generator(*key, 1, device=self.device)
+            batches = iterate_batches(data, pipeline, batch_size, generator, poison=None if clean else plan)
+            return ((prepare(x), y) for x, y in batches)
+
+        def server_batches():
+            generator = torch_generator(*key, 2, device=self.device)
+            return ((prepare(x), y) for x, y in iterate_batches(self.data.server, pipeline, batch_size, generator))
+
+        return local_batches, server_batches if self.exp.defense.needs_server_data else None
 
     def server_train(self, params: Tensor, data: ImageSet, steps: int, round_index: int) -> Tensor:
         """Train a copy of the global model on server-held data (FLTrust's root set)."""

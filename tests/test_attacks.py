@@ -1,0 +1,158 @@
+import pytest
+import torch
+
+from attacks import ATTACKS
+from attacks.badnets import BadNets
+from attacks.base import AttackSetup, ClientInfo
+from attacks.blended import Blended
+from attacks.dba import DBA
+from attacks.none import NoAttack
+from attacks.pixel_pattern import PIXEL_PATTERN, PixelPattern
+from fedbench.data import ImagePipeline, ImageSet
+from fedbench.evaluation import evaluate
+
+MEAN, STD = 0.1307, 0.3081
+
+
+def ready(attack, size: int = 32, channels: int = 3, num_classes: int = 10):
+    pipeline = ImagePipeline((MEAN,), (STD,), channels=channels, augment=False, hflip=False, crop_padding=0)
+    attack.setup(AttackSetup(10, num_classes, channels, size, pipeline, torch.device("cpu"), seed=0))
+    return attack
+
+
+def changed_pixels(attack, part=None, size=32, channels=3):
+    x = torch.full((1, channels, size, size), -7.0)  # a value no trigger writes
+    out = attack.apply_trigger(x, part)[0]
+    return {tuple(i) for i in (out != -7.0).nonzero().tolist()}, out
+
+
+def test_pixel_pattern_default_is_the_published_trigger():
+    changed, out = changed_pixels(ready(PixelPattern()))
+    expected = {(0, r, c) for r, c in [(0, 0), (0, 1), (0, 2), (0, 4), (0, 5), (0, 6),
+                                       (2, 0), (2, 1), (2, 2), (2, 4), (2, 5), (2, 6)]}
+    assert changed == expected == {(0, r, c) for r, c in PIXEL_PATTERN}
+    assert all(out[p].item() == 1.0 for p in expected)  # 1.0 after normalisation, channel 0 only
+
+
+def test_pixel_pattern_in_raw_space_on_all_channels():
+    changed, out = changed_pixels(ready(PixelPattern(channels="all", value=1.0, value_space="raw")))
+    assert changed == {(ch, r, c) for ch in range(3) for r, c in PIXEL_PATTERN}
+    assert out[1, 2, 6].item() == pytest.approx((1.0 - MEAN) / STD)
+
+
+def test_badnets_default_is_a_white_3x3_patch_in_the_bottom_right_corner():
+    changed, out = changed_pixels(ready(BadNets()))
+    assert changed == {(ch, r, c) for ch in range(3) for r in (29, 30, 31) for c in (29, 30, 31)}
+    assert out[2, 31, 31].item() == pytest.approx((1.0 - MEAN) / STD)
+
+
+def test_badnets_position_size_and_value_are_options():
+    changed, out = changed_pixels(ready(BadNets(size=2, position="top_left", margin=1, value=0.0)))
+    assert changed == {(ch, r, c) for ch in range(3) for r in (1, 2) for c in (1, 2)}
+    assert out[0, 1, 1].item() == pytest.approx(-MEAN / STD)
+
+
+def test_blended_mixes_every_pixel_with_a_seeded_pattern():
+    attack = ready(Blended(alpha=0.2, pattern_seed=3))
+    x = torch.randn(2, 3, 32, 32)
+    raw_pattern = torch.rand((3, 32, 32), generator=torch.Generator().manual_seed(3))
+    expected = 0.8 * x + 0.2 * (raw_pattern - MEAN) / STD
+    assert torch.allclose(attack.apply_trigger(x), expected, atol=1e-6)
+    other = ready(Blended(pattern_seed=4))
+    assert not torch.allclose(other.apply_trigger(x), expected)
+
+
+def test_dba_parts_are_disjoint_strips_that_tile_the_global_trigger():
+    attack = ready(DBA())
+    parts = [changed_pixels(attack, part)[0] for part in range(4)]
+    whole, _ = changed_pixels(attack, None)
+    assert parts[0] == {(ch, 0, c) for ch in range(3) for c in range(0, 6)}
+    assert parts[1] == {(ch, 0, c) for ch in range(3) for c in range(9, 15)}
+    assert parts[2] == {(ch, 4, c) for ch in range(3) for c in range(0, 6)}
+    assert parts[3] == {(ch, 4, c) for ch in range(3) for c in range(9, 15)}
+    assert set().union(*parts) == whole and sum(map(len, parts)) == len(whole)
+
+
+def test_dba_scales_positions_to_other_image_sizes():
+    assert DBA.strips(32) == [(0, 0, 6), (0, 9, 6), (4, 0, 6), (4, 9, 6)]
+    assert DBA.strips(64) == [(0, 0, 12), (0, 18, 12), (8, 0, 12), (8, 18, 12)]
+    assert DBA.strips(28) == [(0, 0, 5), (0, 8, 5), (4, 0, 5), (4, 8, 5)]
+
+
+def test_dba_client_part_is_its_attacker_rank_mod_4():
+    attack = ready(DBA())
+    parts = [attack.part_of(ClientInfo(client_id=9, round=0, malicious=True, attacking=True, attacker_rank=rank))
+             for rank in range(6)]
+    assert parts == [0, 1, 2, 3, 0, 1]
+
+
+def test_only_the_chosen_fraction_is_poisoned_and_its_labels_flip_to_the_target():
+    attack = ready(BadNets(poison_ratio=0.5, target_label=2))
+    client = ClientInfo(client_id=7, round=0, malicious=True, attacking=True, attacker_rank=0)
+    plan = attack.poison_plan(client, 101)
+    assert int(plan.mask.sum()) == round(0.5 * 101)
+    images, labels = torch.randn(101, 3, 32, 32), torch.randint(0, 10, (101,))
+    index = torch.arange(101)
+    poisoned, new_labels = plan.apply(images, labels, index)
+    assert torch.equal(new_labels[plan.mask], torch.full((int(plan.mask.sum()),), 2))
+    assert torch.equal(new_labels[~plan.mask], labels[~plan.mask])
+    assert torch.equal(poisoned[~plan.mask], images[~plan.mask])
+    assert torch.equal(poisoned[plan.mask], attack.apply_trigger(images[plan.mask]))
+    # The same client poisons the same samples every round: the set is fixed per run.
+    assert torch.equal(attack.poison_plan(ClientInfo(7, 5, True, True, 0), 101).mask, plan.mask)
+
+
+def test_benign_or_idle_clients_are_not_poisoned():
+    attack = ready(BadNets(first_round=2, every=2, last_round=6))
+    assert [attack.is_active(r) for r in range(9)] == [False, False, True, False, True, False, True, False, False]
+    assert attack.poison_plan(ClientInfo(1, 3, malicious=True, attacking=False), 50) is None
+
+
+def test_malicious_clients_last_or_random_are_recorded_choices():
+    assert BadNets(malicious_fraction=0.3).malicious_clients(10, seed=0) == [7, 8, 9]
+    randomly = BadNets(malicious_fraction=0.3, selection="random")
+    chosen = randomly.malicious_clients(10, seed=0)
+    assert len(chosen) == 3 and chosen == randomly.malicious_clients(10, seed=0)
+    assert NoAttack().malicious_clients(10, seed=0) == []
+
+
+def test_model_replacement_scales_the_update():
+    update = torch.tensor([1.0, -2.0])
+    assert torch.equal(BadNets(scale=5).craft_update(update, ClientInfo(0, 0)), torch.tensor([5.0, -10.0]))
+
+
+class LabelReader(torch.nn.Module):
+    """Predicts the label written (as a raw value k/255) into pixel (16, 16): it ignores any trigger."""
+
+    def forward(self, x):
+        raw = x[:, 0, 16, 16] * STD + MEAN
+        labels = torch.round(raw * 255).long()
+        return torch.nn.functional.one_hot(labels, 10).float()
+
+
+def test_asr_counts_only_images_whose_true_label_is_not_the_target():
+    labels = torch.arange(10).repeat(10)  # 10 images of each class
+    images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
+    images[:, 0, 16, 16] = labels.to(torch.uint8)
+    test = ImageSet(images, labels)
+    honest = ready(PixelPattern(target_label=2))
+    result = evaluate(LabelReader(), test, honest.env.pipeline, honest, 10)
+    assert result["clean_acc"] == pytest.approx(100.0)
+    assert result["asr"] == 0.0, "a model that ignores the trigger has no backdoor"
+    counting_target = ready(PixelPattern(target_label=2, asr_counts_target=True))
+    result = evaluate(LabelReader(), test, counting_target.env.pipeline, counting_target, 10)
+    assert result["asr"] == pytest.approx(10.0), "the inflated count some suites report"
+
+
+def test_every_attack_is_registered_under_its_cli_name():
+    assert set(ATTACKS.names()) >= {"none", "badnets", "pixel_pattern", "blended", "dba", "nan_update", "huge_update"}
+
+
+@pytest.mark.parametrize("attack,field", [
+    (BadNets(poison_ratio=0), "attack.poison_ratio"),
+    (PixelPattern(malicious_fraction=1.5), "attack.malicious_fraction"),
+    (Blended(alpha=2), "attack.alpha"),
+    (DBA(every=0), "attack.every"),
+])
+def test_bad_attack_fields_are_named(attack, field):
+    assert field in [p[0] for p in attack.problems()]
