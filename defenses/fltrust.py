@@ -40,9 +40,11 @@ class FLTrust(Defense):
 
     def problems(self, env: DefenseSetup) -> list[tuple[str, object, str]]:
         found = []
-        available = len(env.server_data) if env.server_data is not None else 0
-        if not 1 <= self.root_size <= available:
-            found.append(("defense.root_size", self.root_size, f"an integer in [1, {available}] (server split size)"))
+        if self.root_size < 1:
+            found.append(("defense.root_size", self.root_size, "an integer >= 1"))
+        elif env.server_data is not None and self.root_size > len(env.server_data):
+            found.append(("defense.root_size", self.root_size,
+                          f"at most the server split's {len(env.server_data)} samples"))
         if self.server_steps is not None and self.server_steps < 1:
             found.append(("defense.server_steps", self.server_steps, "None or an integer >= 1"))
         return found

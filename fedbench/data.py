@@ -179,6 +179,26 @@ def _missing_message(spec: DatasetSpec, root: Path, reason: str) -> str:
     )
 
 
+def data_problems(config: DataConfig) -> list[tuple[str, object, str]]:
+    """Missing data found before any training: only when downloading is off (with it on,
+    a failed download is reported when loading)."""
+    if config.download:
+        return []
+    spec = DATASETS[config.name]
+    root = resolve_root(config.root)
+    cached = _cache_root()
+
+    def present(relative: str) -> bool:
+        unpacked = relative[: -len(".gz")] if relative.endswith(".gz") else relative
+        return any((base / name).exists() for base in (root, cached) for name in (relative, unpacked))
+
+    archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}.get(spec.name)
+    if all(present(f) for f in spec.files) or (archive and (root / archive).exists()):
+        return []
+    missing = ", ".join(str(root / f) for f in spec.files if not present(f))
+    return [("data.root", str(root), f"a folder holding {spec.name} in torchvision's layout; missing: {missing}")]
+
+
 def _writable(path: Path) -> bool:
     """Writable, and not marked read-only: the mode bits count even for root, who may
     write anywhere, so that a shared read-only data folder is never modified."""

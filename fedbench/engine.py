@@ -33,7 +33,7 @@ from attacks.base import Attack, AttackSetup, ClientInfo
 from defenses.base import Defense, DefenseSetup, RoundContext
 from fedbench import __version__
 from fedbench.client import LocalTrainConfig, LocalTrainer, iterate_batches, planned_steps
-from fedbench.data import DataConfig, FederatedData, ImageSet, load_federated_data
+from fedbench.data import DataConfig, FederatedData, ImageSet, data_problems, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
 from fedbench.evaluation import evaluate
@@ -180,7 +180,30 @@ def experiment_problems(exp: Experiment) -> list[tuple[str, object, str]]:
     found.extend(exp.attack.problems())
     if exp.attack.num_malicious(fed.num_clients) >= fed.num_clients and fed.num_clients >= 1:
         found.append(("attack.malicious_fraction", exp.attack.malicious_fraction, "leaves at least one benign client"))
+    if fed.num_clients >= 1 and 0 < fed.client_fraction <= 1:
+        found.extend(exp.defense.problems(defense_setup(exp, layout=None)))
+    found.extend(data_problems(data))
     return found
+
+
+def expected_malicious(exp: Experiment) -> int:
+    """Expected malicious clients among the clients selected in a round."""
+    num_clients = exp.federation.num_clients
+    return int(round(exp.attack.num_malicious(num_clients) * exp.clients_per_round / num_clients))
+
+
+def defense_setup(exp: Experiment, layout, data: FederatedData | None = None, **kwargs) -> DefenseSetup:
+    """What a defense is told; without ``data`` (validation before loading) server data is unknown."""
+    needs = exp.defense.needs_server_data
+    return DefenseSetup(
+        num_clients=exp.federation.num_clients,
+        clients_per_round=exp.clients_per_round,
+        expected_malicious=expected_malicious(exp),
+        layout=layout,
+        server_data=data.server if (needs and data is not None) else None,
+        seed=exp.seed,
+        **kwargs,
+    )
 
 
 def validate(exp: Experiment) -> None:
@@ -273,19 +296,9 @@ class FederatedRun:
         exp.attack.setup(AttackSetup(num_clients, self.data.num_classes, pipeline.channels, image_size,
                                      pipeline, self.device, seed))
 
-        per_round = exp.clients_per_round
-        expected = int(round(len(self.malicious) * per_round / num_clients))
         defense = exp.defense
-        env = DefenseSetup(
-            num_clients=num_clients,
-            clients_per_round=per_round,
-            expected_malicious=expected,
-            layout=self.layout,
-            server_data=self.data.server if defense.needs_server_data else None,
-            server_train=self.server_train if defense.needs_server_data else None,
-            seed=seed,
-            device=self.device,
-        )
+        env = defense_setup(exp, self.layout, self.data, device=self.device,
+                            server_train=self.server_train if defense.needs_server_data else None)
         problems = defense.problems(env)
         if problems:
             raise ConfigError(problems)

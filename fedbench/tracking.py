@@ -60,6 +60,7 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
     os.environ["WANDB_CONFIG_DIR"] = str(root / "config")
     os.environ["WANDB_ARTIFACT_DIR"] = str(root / "artifacts")
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ["WANDB_MODE"] = mode  # the configured mode wins over a stale environment
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(

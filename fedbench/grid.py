@@ -1,0 +1,389 @@
+"""``fedbench grid``: every cell of an attack x defense x ... grid, resumable.
+
+A grid file (YAML)::
+
+    name: quick                  # W&B group and default output folder runs/<name>
+    base: configs/quick.yaml     # a run config (path relative to this file) or a mapping
+    isolate: true                # each cell in its own process (one failure never ends the grid)
+    axes:                        # dotted config keys -> values; the cells are the product
+      attack: [none, pixel_pattern, badnets]
+      defense: [fedavg, krum, sdfc]
+      partition.beta: [0.5, 0.3]
+      attack.malicious_fraction: [0.3, 0.2]
+      seed: [0, 1]
+
+Axes on ``attack.<arg>``/``defense.<arg>`` apply only to the classes that take that
+argument (``attack: none`` has no malicious fraction), and duplicate cells are merged.
+
+Layout of the output folder: ``cells/<cell id>/`` holds ``cell.json`` (the axis
+values), ``config.yaml`` (the complete run config), the run's files and, when it
+finished, ``summary.json`` (written atomically, last). A cell with a summary is never
+run again. A failed cell gets ``failure.json`` with its error and is retried on the
+next call. ``grid_summary.json`` lists every cell's status. A killed cell resumes from
+its last checkpoint (the grid turns checkpoints on).
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from fedbench.errors import ConfigError, FedbenchError
+from fedbench.results import SUMMARY, read_summary, write_json_atomic
+
+CELLS = "cells"
+GRID_SUMMARY = "grid_summary.json"
+SHORT_NAMES = {"partition.beta": "beta", "attack.malicious_fraction": "mal", "data.name": "", "seed": "s"}
+
+
+@dataclass
+class Cell:
+    cell_id: str
+    axes: dict[str, Any]
+    config: dict
+
+    def directory(self, grid_dir: Path) -> Path:
+        return grid_dir / CELLS / self.cell_id
+
+
+@dataclass
+class Grid:
+    name: str
+    base: dict
+    axes: dict[str, list]
+    output: Path
+    isolate: bool = True
+    checkpoint_every: int = 5
+    cells: list[Cell] = field(default_factory=list)
+
+
+def _set_path(config: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def _choice_as_dict(value: Any) -> dict:
+    if isinstance(value, str):
+        return {"class_path": value, "init_args": {}}
+    if isinstance(value, dict):
+        return {"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})}
+    raise ConfigError([("axes", value, "an attack/defense name or a {class_path, init_args} mapping")])
+
+
+def _value_label(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("class_path", "custom")
+    text = str(value).rsplit(".", 1)[-1] if isinstance(value, str) and "." in str(value) and \
+        not re.fullmatch(r"[0-9.eE+-]+", str(value)) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
+
+
+def cell_id_for(axes: dict[str, Any]) -> str:
+    parts = []
+    for key, value in axes.items():
+        prefix = SHORT_NAMES.get(key, "" if key in ("attack", "defense") else key.rsplit(".", 1)[-1])
+        parts.append(f"{prefix}{_value_label(value)}")
+    return "-".join(parts)
+
+
+def accepted_arguments(choice: str) -> set[str]:
+    """Init arguments of an attack/defense given by registry name, class name or class
+    path, inherited ones included (as jsonargparse sees them)."""
+    from jsonargparse import ArgumentParser
+
+    from fedbench.config import CHOICES
+
+    cls = None
+    for registry in CHOICES.values():
+        if choice in registry:
+            cls = registry.get(choice)
+        elif "." not in choice:
+            cls = cls or next((registry.get(n) for n in registry.names() if registry.get(n).__name__ == choice), None)
+    if cls is None:
+        module, _, name = choice.rpartition(".")
+        try:
+            cls = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigError([("axes", choice, "a registered name or an importable class path")]) from None
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls)
+    return set(parser.get_defaults().keys())
+
+
+def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name: str, output: Path) -> list[Cell]:
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError([(f"axes.{key}", values, "a non-empty list of values")])
+    cells: dict[str, Cell] = {}
+    keys = list(axes)
+    for combination in itertools.product(*(axes[k] for k in keys)):
+        chosen = dict(zip(keys, combination))
+        config = copy.deepcopy(base)
+        for choice in ("attack", "defense"):
+            if choice in chosen:
+                config[choice] = _choice_as_dict(chosen[choice])
+            elif choice in config:
+                config[choice] = _choice_as_dict(config[choice])
+        applied: dict[str, Any] = {}
+        for key, value in chosen.items():
+            head, _, arg = key.partition(".")
+            if head in ("attack", "defense") and arg:
+                selected = config.get(head) or {"class_path": "none" if head == "attack" else "fedavg"}
+                config[head] = selected = _choice_as_dict(selected)
+                if arg not in accepted_arguments(selected["class_path"]):
+                    continue  # e.g. a malicious fraction for attack "none"
+                selected["init_args"][arg] = value
+            elif head not in ("attack", "defense"):
+                _set_path(config, key, value)
+            applied[key] = value
+        cell_id = cell_id_for(applied)
+        config.setdefault("output", {})
+        config["output"].update({"dir": str(output / CELLS), "name": cell_id, "resume": True,
+                                 "checkpoint_every": checkpoint_every, "progress": False})
+        config.setdefault("wandb", {})
+        config["wandb"]["group"] = config["wandb"].get("group") or name
+        cells.setdefault(cell_id, Cell(cell_id, applied, config))
+    return list(cells.values())
+
+
+def load_grid(path: str | Path, output: str | None = None) -> Grid:
+    path = Path(path)
+    if not path.exists():
+        raise FedbenchError(f"grid file {path} not found")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"name", "base", "axes", "output", "isolate", "checkpoint_every", "description"}
+    if unknown:
+        raise ConfigError([(f"grid.{k}", spec[k], "not a grid key (name, base, axes, output, isolate, "
+                                                  "checkpoint_every, description)") for k in sorted(unknown)])
+    base = spec.get("base") or {}
+    if isinstance(base, str):
+        base_path = (path.parent / base)
+        if not base_path.exists():
+            raise ConfigError([("grid.base", base, f"a run config file; {base_path} does not exist")])
+        base = yaml.safe_load(base_path.read_text()) or {}
+    if not isinstance(spec.get("axes"), dict) or not spec["axes"]:
+        raise ConfigError([("grid.axes", spec.get("axes"), "a mapping of config keys to lists of values")])
+    name = spec.get("name") or path.stem
+    out = Path(output or spec.get("output") or Path("runs") / name)
+    grid = Grid(name, base, spec["axes"], out, bool(spec.get("isolate", True)), int(spec.get("checkpoint_every", 5)))
+    grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out)
+    return grid
+
+
+def validate_cells(grid: Grid) -> None:
+    """Parse every cell's config before any training, so a typo fails the grid at once."""
+    from jsonargparse import ArgumentError
+
+    from fedbench.config import build_experiment, build_parser, parse_config_dict
+    from fedbench.engine import validate
+
+    parser = build_parser()
+    problems = []
+    for cell in grid.cells:
+        try:
+            validate(build_experiment(parse_config_dict(cell.config, parser), parser))
+        except ConfigError as err:
+            problems.extend((f"{cell.cell_id}: {f}", v, a) for f, v, a in err.problems)
+        except ArgumentError as err:
+            problems.append((cell.cell_id, "config", str(err).strip().splitlines()[0]))
+    if problems:
+        raise ConfigError(problems)
+
+
+def cell_status(cell_dir: Path) -> str:
+    if (cell_dir / SUMMARY).exists():
+        return "finished"
+    if (cell_dir / "failure.json").exists():
+        return "failed"
+    if cell_dir.exists():
+        return "interrupted"
+    return "pending"
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: the cell process dies with the grid process, even after kill -9."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_cell_in_process(cell: Cell, cell_dir: Path) -> None:
+    from fedbench.cli import execute
+    from fedbench.config import build_experiment, build_parser, parse_config_dict
+
+    parser = build_parser()
+    execute(build_experiment(parse_config_dict(cell.config, parser), parser))
+
+
+def run_cell_isolated(cell: Cell, cell_dir: Path) -> None:
+    config_path = cell_dir / "cell_config.yaml"
+    config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
+    log_path = cell_dir / "log.txt"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)],
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal,
+        )
+        try:
+            code = process.wait()
+        except BaseException:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-15:]
+        raise CellFailed(f"exit status {code}", "\n".join(tail))
+
+
+class CellFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+def write_grid_summary(grid: Grid) -> dict:
+    rows = []
+    for cell in grid.cells:
+        cell_dir = cell.directory(grid.output)
+        status = cell_status(cell_dir)
+        row: dict[str, Any] = {"cell": cell.cell_id, "status": status, "axes": cell.axes}
+        if status == "finished":
+            summary = read_summary(cell_dir) or {}
+            row.update(final=summary.get("final"), detection=summary.get("detection"),
+                       wall_time_s=summary.get("wall_time_s"))
+        elif status == "failed":
+            row["error"] = json.loads((cell_dir / "failure.json").read_text()).get("error")
+        rows.append(row)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "interrupted", "pending")}
+    summary = {"grid": grid.name, "cells": rows, "counts": counts}
+    write_json_atomic(grid.output / GRID_SUMMARY, summary)
+    return summary
+
+
+class GridLock:
+    """One grid process per output folder; the OS drops the lock when the process dies."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".grid.lock"
+
+    def __enter__(self) -> "GridLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FedbenchError(f"another fedbench grid is running on {self.path.parent}") from None
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _terminate_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_grid(grid: Grid, isolate: bool | None = None, echo=print) -> dict:
+    isolate = grid.isolate if isolate is None else isolate
+    validate_cells(grid)
+    previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
+    started = time.perf_counter()
+    try:
+        with GridLock(grid.output):
+            write_json_atomic(grid.output / "grid.json", {
+                "name": grid.name, "axes": grid.axes, "base": grid.base, "cells": [c.cell_id for c in grid.cells]})
+            for index, cell in enumerate(grid.cells, 1):
+                run_one(grid, cell, f"[{index}/{len(grid.cells)}]", isolate, echo)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if grid.output.exists():
+            write_grid_summary(grid)
+    summary = write_grid_summary(grid)
+    summary["wall_time_s"] = time.perf_counter() - started
+    return summary
+
+
+def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo) -> None:
+    cell_dir = cell.directory(grid.output)
+    if cell_status(cell_dir) == "finished":
+        echo(f"{position} {cell.cell_id}: finished earlier, skipped")
+        return
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "failure.json").unlink(missing_ok=True)
+    write_json_atomic(cell_dir / "cell.json", {"cell": cell.cell_id, "axes": cell.axes})
+    started = time.perf_counter()
+    try:
+        (run_cell_isolated if isolate else run_cell_in_process)(cell, cell_dir)
+        final = (read_summary(cell_dir) or {}).get("final", {})
+        shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if v is not None)
+        echo(f"{position} {cell.cell_id}: {shown} ({time.perf_counter() - started:.0f}s)")
+    except Exception as err:  # one failed cell never ends the grid
+        detail = err.detail if isinstance(err, CellFailed) else traceback.format_exc()
+        write_json_atomic(cell_dir / "failure.json", {"cell": cell.cell_id, "error": str(err), "detail": detail})
+        echo(f"{position} {cell.cell_id}: FAILED: {err}")
+    write_grid_summary(grid)
+
+
+def grid_command(argv: Sequence[str]) -> int:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from fedbench.cli import fail
+
+    parser = ArgumentParser(prog="fedbench grid", description="Run every cell of a grid file; finished cells "
+                            "are skipped, so running it again resumes.", exit_on_error=False, default_env=False)
+    parser.add_argument("grid_file", type=str, help="the grid YAML")
+    parser.add_argument("--out", type=str | None, default=None, help="output folder (default: runs/<name>)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="list the cells and their status, run nothing")
+    parser.add_argument("--isolate", type=bool | None, default=None,
+                        help="run each cell in its own process (default: the grid file's choice)")
+    try:
+        args = parser.parse_args(list(argv))
+    except ArgumentError as err:
+        return fail(str(err).strip(), "grid")
+    try:
+        grid = load_grid(args.grid_file, args.out)
+        if args.dry_run:
+            validate_cells(grid)
+            for cell in grid.cells:
+                print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
+            print(f"{len(grid.cells)} cells -> {grid.output}")
+            return 0
+        summary = run_grid(grid, args.isolate)
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except FedbenchError as err:
+        return fail(str(err), "grid")
+    counts = summary["counts"]
+    print(f"grid {grid.name}: {counts['finished']} finished, {counts['failed']} failed "
+          f"in {summary['wall_time_s']:.0f}s -> {grid.output}")
+    return 0 if counts["failed"] == 0 else 1

@@ -1,0 +1,293 @@
+"""``fedbench report``: tables and plots from a grid's finished cells.
+
+For each setting (data set, Dirichlet beta, malicious fraction) a table with one row
+per defense and, per attack, A (clean accuracy), ASR and V = (A + (100 - ASR)) / 2,
+each the mean over seeds with its standard deviation (as the SDFC/FDCR papers report
+the mean of the last rounds). Attack ``none`` cells join every malicious fraction of
+their setting. Reads only ``summary.json`` and ``metrics.jsonl`` files: what is not
+finished is not reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean, pstdev
+from typing import Any, Sequence
+
+from fedbench.errors import FedbenchError
+from fedbench.grid import CELLS
+from fedbench.results import METRICS, SUMMARY, read_jsonl, write_atomic
+
+
+@dataclass
+class CellResult:
+    cell: str
+    dataset: str
+    beta: float | None
+    malicious_fraction: float | None
+    attack: str
+    defense: str
+    seed: int
+    final: dict
+    detection: dict | None
+    records: list[dict]
+
+    @property
+    def setting(self) -> tuple:
+        return (self.dataset, self.beta, self.malicious_fraction)
+
+
+def _malicious_fraction(config: dict) -> float | None:
+    attack = config.get("attack") or {}
+    return (attack.get("init_args") or {}).get("malicious_fraction")
+
+
+def collect(grid_dir: Path) -> list[CellResult]:
+    results = []
+    for summary_path in sorted((grid_dir / CELLS).glob(f"*/{SUMMARY}")):
+        summary = json.loads(summary_path.read_text())
+        config = summary.get("config") or {}
+        results.append(CellResult(
+            cell=summary_path.parent.name,
+            dataset=summary["dataset"],
+            beta=(config.get("partition") or {}).get("beta"),
+            malicious_fraction=_malicious_fraction(config) if summary["attack"] != "none" else None,
+            attack=summary["attack"],
+            defense=summary["defense"],
+            seed=summary["seed"],
+            final=summary["final"],
+            detection=summary.get("detection"),
+            records=read_jsonl(summary_path.parent / METRICS),
+        ))
+    return results
+
+
+def _order(grid_dir: Path, key: str, present: set[str]) -> list[str]:
+    grid_file = grid_dir / "grid.json"
+    ordered: list[str] = []
+    if grid_file.exists():
+        for value in json.loads(grid_file.read_text()).get("axes", {}).get(key, []):
+            name = value if isinstance(value, str) else value.get("class_path", "")
+            name = name.rsplit(".", 1)[-1]
+            if name in present and name not in ordered:
+                ordered.append(name)
+    return ordered + sorted(present - set(ordered))
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return fmean(values), (pstdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.1f}" if n <= 1 else f"{mean:.1f}±{std:.1f}"
+
+
+def settings_of(results: list[CellResult]) -> list[tuple]:
+    attacked = sorted({r.setting for r in results if r.attack != "none"}, key=str)
+    if attacked:
+        return attacked
+    return sorted({r.setting for r in results}, key=str)
+
+
+def cells_for(results: list[CellResult], setting: tuple, defense: str, attack: str) -> list[CellResult]:
+    dataset, beta, fraction = setting
+    return [r for r in results if r.defense == defense and r.attack == attack and r.dataset == dataset
+            and r.beta == beta and (attack == "none" or r.malicious_fraction == fraction)]
+
+
+def setting_label(setting: tuple) -> str:
+    dataset, beta, fraction = setting
+    parts = [dataset]
+    if beta is not None:
+        parts.append(f"beta={beta}")
+    if fraction is not None:
+        parts.append(f"malicious={fraction:g}")
+    return ", ".join(parts)
+
+
+def setting_slug(setting: tuple) -> str:
+    dataset, beta, fraction = setting
+    return "_".join(p for p in [dataset, f"beta{beta}" if beta is not None else "",
+                                f"mal{fraction:g}" if fraction is not None else ""] if p)
+
+
+def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str]) -> list[dict]:
+    rows = []
+    for setting in settings_of(results):
+        for defense in defenses:
+            for attack in attacks:
+                cells = cells_for(results, setting, defense, attack)
+                if not cells:
+                    continue
+                row: dict[str, Any] = {"dataset": setting[0], "beta": setting[1], "malicious_fraction": setting[2],
+                                       "defense": defense, "attack": attack, "seeds": len(cells)}
+                for key in ("A", "ASR", "R", "V"):
+                    row[f"{key}_mean"], row[f"{key}_std"] = mean_std([c.final.get(key) for c in cells])
+                for key in ("tpr", "fpr", "malicious_weight"):
+                    row[f"{key}_mean"], _ = mean_std([(c.detection or {}).get(key) for c in cells])
+                rows.append(row)
+    return rows
+
+
+def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -> str:
+    out = io.StringIO()
+    for setting in sorted({(r["dataset"], r["beta"], r["malicious_fraction"]) for r in rows}, key=str):
+        here = {(r["defense"], r["attack"]): r for r in rows if (r["dataset"], r["beta"], r["malicious_fraction"])
+                == setting}
+        shown_attacks = [a for a in attacks if any((d, a) in here for d in defenses)]
+        header = ["defense"]
+        for attack in shown_attacks:
+            header += [f"{attack} A"] if attack == "none" else [f"{attack} A", f"{attack} ASR", f"{attack} V"]
+        out.write(f"\n### {setting_label(setting)}\n\n")
+        out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        for defense in defenses:
+            if not any((defense, a) in here for a in shown_attacks):
+                continue
+            cells = [defense]
+            for attack in shown_attacks:
+                row = here.get((defense, attack))
+                keys = ["A"] if attack == "none" else ["A", "ASR", "V"]
+                for key in keys:
+                    cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-")
+            out.write("| " + " | ".join(cells) + " |\n")
+    return out.getvalue()
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else (round(v, 4) if isinstance(v, float) else v))
+                             for k, v in row.items()})
+    write_atomic(path, buffer.getvalue())
+
+
+def _per_round(cells: list[CellResult], key: str) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for cell in cells:
+        for record in cell.records:
+            if record.get(key) is not None:
+                by_round[record["round"]].append(record[key])
+    rounds = sorted(by_round)
+    return [r + 1 for r in rounds], [fmean(by_round[r]) for r in rounds]
+
+
+def plot_curves(results, setting, defenses, attacks, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacked = [a for a in attacks if a != "none"] or attacks
+    fig, axes = plt.subplots(len(attacked), 2, figsize=(10, 2.8 * len(attacked)), squeeze=False)
+    for row, attack in enumerate(attacked):
+        for col, (key, label) in enumerate([("clean_acc", "clean accuracy (%)"), ("asr", "ASR (%)")]):
+            ax = axes[row][col]
+            for defense in defenses:
+                cells = cells_for(results, setting, defense, attack)
+                rounds, values = _per_round(cells, key)
+                if rounds:
+                    ax.plot(rounds, values, label=defense, marker=".", linewidth=1)
+            ax.set_title(f"{attack}: {label}", fontsize=9)
+            ax.set_xlabel("round", fontsize=8)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, loc="best")
+    fig.suptitle(setting_label(setting), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmap(rows: list[dict], setting, defenses, attacks, key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    here = {(r["defense"], r["attack"]): r for r in rows if (r["dataset"], r["beta"], r["malicious_fraction"])
+            == setting}
+    shown = [a for a in attacks if (key != "ASR" or a != "none") and any((d, a) in here for d in defenses)]
+    matrix = [[(here.get((d, a)) or {}).get(f"{key}_mean") for a in shown] for d in defenses]
+    values = [[math.nan if v is None else v for v in line] for line in matrix]
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(shown), 1.0 + 0.45 * len(defenses)))
+    image = ax.imshow(values, cmap="RdYlGn_r" if key == "ASR" else "RdYlGn", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(defenses)), defenses, fontsize=8)
+    for i, line in enumerate(matrix):
+        for j, value in enumerate(line):
+            if value is not None:
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_title(f"{'ASR' if key == 'ASR' else 'clean accuracy A'} (%) - {setting_label(setting)}", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> dict:
+    results = collect(grid_dir)
+    if not results:
+        raise FedbenchError(f"no finished cells under {grid_dir / CELLS}")
+    defenses = _order(grid_dir, "defense", {r.defense for r in results})
+    attacks = _order(grid_dir, "attack", {r.attack for r in results})
+    rows = build_rows(results, defenses, attacks)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "results.csv")
+    images = []
+    for setting in settings_of(results):
+        slug = setting_slug(setting)
+        for name, draw in [
+            (f"curves_{slug}.png", lambda p: plot_curves(results, setting, defenses, attacks, p)),
+            (f"heatmap_asr_{slug}.png", lambda p: plot_heatmap(rows, setting, defenses, attacks, "ASR", p)),
+            (f"heatmap_acc_{slug}.png", lambda p: plot_heatmap(rows, setting, defenses, attacks, "A", p)),
+        ]:
+            draw(out_dir / name)
+            images.append(name)
+    seeds = sorted({r.seed for r in results})
+    text = [f"# Results: {grid_dir.name}\n",
+            f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy, ASR = attack success rate "
+            "over non-target test images, V = (A + 100 - ASR) / 2; each the mean of the last rounds "
+            "(mean±std over seeds).\n"]
+    if command:
+        text.append(f"Made by: `{command}`\n")
+    text.append(markdown_tables(rows, defenses, attacks))
+    text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
+    write_atomic(out_dir / "results.md", "\n".join(text))
+    return {"rows": rows, "images": images, "cells": len(results)}
+
+
+def report_command(argv: Sequence[str]) -> int:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from fedbench.cli import fail
+
+    parser = ArgumentParser(prog="fedbench report", description="Markdown table, CSV and PNG plots from a grid's "
+                            "finished cells.", exit_on_error=False, default_env=False)
+    parser.add_argument("grid_dir", type=str, help="the grid's output folder (e.g. runs/quick)")
+    parser.add_argument("--out", type=str | None, default=None, help="where to write (default: <grid_dir>/report)")
+    try:
+        args = parser.parse_args(list(argv))
+    except ArgumentError as err:
+        return fail(str(err).strip(), "report")
+    grid_dir = Path(args.grid_dir)
+    out = Path(args.out) if args.out else grid_dir / "report"
+    try:
+        report = make_report(grid_dir, out, command=f"fedbench report {' '.join(argv)}")
+    except FedbenchError as err:
+        return fail(str(err), "report")
+    print(f"{report['cells']} cells -> {out / 'results.md'}, {out / 'results.csv'}, {len(report['images'])} plots")
+    return 0

@@ -1,0 +1,114 @@
+"""The command line, driven for real: printing, errors, a user's own defense, W&B offline files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedbench.cli import main
+
+TINY = ["--train.local_steps", "2", "--train.batch_size", "32", "--federation.num_clients", "4",
+        "--federation.rounds", "1", "--federation.final_rounds", "1", "--output.progress", "false",
+        "--data.download", "false"]
+
+
+def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "fedbench.cli", *args], capture_output=True, text=True,
+                          env=environment, cwd=cwd, timeout=300)
+
+
+def printed_config(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", *argv, "--print_config"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_print_config_is_complete_and_round_trips(tmp_path, capsys):
+    first = printed_config(["--attack", "dba", "--attack.poison_ratio", "0.4", "--defense", "krum",
+                            "--defense.f", "2", "--partition.beta", "0.3"], capsys)
+    config = yaml.safe_load(first)
+    assert config["attack"]["class_path"] == "attacks.dba.DBA"
+    assert config["attack"]["init_args"]["poison_ratio"] == 0.4
+    assert config["defense"] == {"class_path": "defenses.krum.Krum", "init_args": {"f": 2}}
+    assert config["data"]["root"] is None and "image_size" in config["data"], "nulls are printed too"
+    path = tmp_path / "printed.yaml"
+    path.write_text(first)
+    assert printed_config(["--config", str(path)], capsys) == first
+
+
+def test_registry_names_work_in_yaml_configs(tmp_path, capsys):
+    path = tmp_path / "named.yaml"
+    path.write_text("attack:\n  class_path: badnets\n  init_args: {size: 4}\ndefense: trimmed_mean\n")
+    config = yaml.safe_load(printed_config(["--config", str(path)], capsys))
+    assert config["attack"]["class_path"] == "attacks.badnets.BadNets"
+    assert config["attack"]["init_args"]["size"] == 4
+    assert config["defense"]["class_path"] == "defenses.trimmed_mean.TrimmedMean"
+
+
+def test_help_lists_the_registered_attacks_and_defenses(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for name in ("pixel_pattern", "blended", "dba", "badnets", "krum", "multi_krum", "fltrust", "sdfc", "median"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--federation.roundz", "3"], "roundz"),
+    (["--defense", "no_such_defense"], "no_such_defense"),
+    (["--partition.scheme", "zipf"], "partition.scheme"),
+    (["--train.lr", "-0.1"], "train.lr=-0.1: a learning rate > 0"),
+    (["--attack", "pixel_pattern", "--attack.poison_ratio", "1.5"], "attack.poison_ratio=1.5: a fraction in (0, 1]"),
+    (["--defense", "krum", "--defense.f", "4", "--federation.num_clients", "10"], "n > 2f + 2"),
+])
+def test_bad_input_is_one_clear_message_and_no_traceback(tiny_root, argv, expected):
+    result = cli("run", "--data.root", str(tiny_root), *TINY[:-2], *argv)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.startswith("fedbench run: error:")
+
+
+def test_a_users_own_defense_by_class_path_without_editing_the_suite(tiny_root, tmp_path):
+    (tmp_path / "my_rules.py").write_text(
+        "import torch\n"
+        "from defenses.base import Aggregate, Defense\n\n"
+        "class FirstClientOnly(Defense):\n"
+        "    '''Takes client 0's update (a toy rule for this test).'''\n"
+        "    def __init__(self, scale: float = 1.0):\n"
+        "        super().__init__()\n"
+        "        self.scale = scale\n"
+        "    def aggregate(self, updates, num_samples, ctx):\n"
+        "        weights = torch.zeros(len(updates)); weights[0] = 1.0\n"
+        "        return Aggregate(self.scale * updates[0], weights, weights == 0)\n"
+    )
+    result = cli("run", "--data.root", str(tiny_root), *TINY, "--defense", "my_rules.FirstClientOnly",
+                 "--defense.scale", "0.5", "--output.dir", str(tmp_path / "runs"), "--wandb.mode", "disabled",
+                 env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert summary["defense"] == "FirstClientOnly"
+    assert summary["config"]["defense"] == {"class_path": "my_rules.FirstClientOnly", "init_args": {"scale": 0.5}}
+    record = json.loads((next((tmp_path / "runs").glob("*/metrics.jsonl"))).read_text().splitlines()[0])
+    assert record["weights"] == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_wandb_offline_files_live_under_the_run_folder(tiny_root, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    result = cli("run", "--data.root", str(tiny_root), *TINY, "--attack", "badnets",
+                 "--attack.malicious_fraction", "0.25", "--output.dir", str(tmp_path / "runs"),
+                 "--output.name", "cell", "--wandb.mode", "offline", "--wandb.group", "g1",
+                 env={"HOME": str(home), "WANDB_MODE": None})
+    assert result.returncode == 0, result.stderr
+    wandb_dir = tmp_path / "runs" / "cell" / "wandb"
+    runs = list(wandb_dir.glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run file that `wandb sync` uploads"
+    assert not (home / ".cache" / "wandb").exists() and not (home / ".config" / "wandb").exists()
+    assert (tmp_path / "runs" / "cell" / "summary.json").exists()

@@ -1,0 +1,130 @@
+"""Grids end to end: expansion, a killed grid resuming, failures recorded, the report."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedbench.grid import expand_cells, load_grid
+
+
+def write_grid(tmp_path: Path, root: Path, axes: dict, rounds: int = 2) -> Path:
+    grid = {
+        "name": "tiny",
+        "base": {
+            "data": {"root": str(root), "download": False},
+            "train": {"local_steps": 2, "batch_size": 32},
+            "federation": {"num_clients": 5, "rounds": rounds, "final_rounds": 2},
+            "wandb": {"mode": "disabled"},
+        },
+        "axes": axes,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def grid_cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "fedbench.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+AXES = {"attack": ["pixel_pattern", "badnets"], "defense": ["fedavg", "median"],
+        "attack.malicious_fraction": [0.2]}
+
+
+def test_axes_expand_and_attack_arguments_skip_classes_without_them(tmp_path):
+    cells = expand_cells({}, {"attack": ["none", "dba"], "defense": ["krum"],
+                              "attack.malicious_fraction": [0.3, 0.2], "seed": [0, 1]}, 5, "g", tmp_path)
+    names = sorted(c.cell_id for c in cells)
+    assert names == ["dba-krum-mal0.2-s0", "dba-krum-mal0.2-s1", "dba-krum-mal0.3-s0", "dba-krum-mal0.3-s1",
+                     "none-krum-s0", "none-krum-s1"], "attack none has no malicious fraction: merged"
+    dba = next(c for c in cells if c.cell_id == "dba-krum-mal0.2-s1")
+    assert dba.config["attack"] == {"class_path": "dba", "init_args": {"malicious_fraction": 0.2}}
+    assert dba.config["seed"] == 1 and dba.config["output"]["resume"] is True
+
+
+def test_dry_run_lists_cells_and_a_bad_cell_fails_before_training(tiny_root, tmp_path):
+    path = write_grid(tmp_path, tiny_root, AXES)
+    result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out",
+                             str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.count("pending") == 4
+    bad = write_grid(tmp_path, tiny_root, {**AXES, "defense": ["krum"], "attack.malicious_fraction": [0.4]})
+    result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(bad), "--out",
+                             str(tmp_path / "bad")], capture_output=True, text=True)
+    assert result.returncode == 2 and "n > 2f + 2" in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "bad").glob("cells/*/summary.json"))
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_a_killed_grid_resumes_without_redoing_or_losing_cells(tiny_root, tmp_path, how):
+    path = write_grid(tmp_path, tiny_root, AXES, rounds=3)
+    out = tmp_path / "out"
+    process = grid_cli("grid", str(path), "--out", str(out), start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("cells/*/summary.json"))) < 1:
+        time.sleep(0.2)
+    os.killpg(process.pid, how)
+    process.wait(timeout=60)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/summary.json")}
+    assert 1 <= len(finished) < 4, "killed mid-grid"
+    for summary in out.glob("cells/*/summary.json"):
+        json.loads(summary.read_text())  # never half-written
+
+    result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for name in finished:
+        assert f"{name}: finished earlier, skipped" in result.stdout
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/summary.json")}
+    assert len(after) == 4
+    assert all(after[name] == mtime for name, mtime in finished.items()), "finished cells are not redone"
+    grid_summary = json.loads((out / "grid_summary.json").read_text())
+    assert grid_summary["counts"]["finished"] == 4
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tiny_root, tmp_path):
+    path = write_grid(tmp_path, tiny_root, {"attack": ["badnets"], "defense": ["fedavg", "median"],
+                                            "attack.malicious_fraction": [0.2]})
+    grid = load_grid(path, str(tmp_path / "out"))
+    # Sabotage one cell after validation: its data folder vanishes, so that cell's process fails.
+    import fedbench.grid as grid_module
+
+    broken = grid.cells[0]
+    broken.config["data"]["root"] = str(tmp_path / "nowhere")
+    original = grid_module.validate_cells
+    grid_module.validate_cells = lambda g: None
+    try:
+        summary = grid_module.run_grid(grid, echo=lambda *_: None)
+    finally:
+        grid_module.validate_cells = original
+    statuses = {c["cell"]: c["status"] for c in summary["cells"]}
+    assert statuses[broken.cell_id] == "failed" and statuses[grid.cells[1].cell_id] == "finished"
+    failure = json.loads((tmp_path / "out" / "cells" / broken.cell_id / "failure.json").read_text())
+    assert "exit status 2" in failure["error"] and "data.root" in failure["detail"]
+
+
+def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
+    path = write_grid(tmp_path, tiny_root, {**AXES, "seed": [0, 1]})
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(out), "--isolate",
+                    "false"], check=True, capture_output=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fedbench.cli", "report", str(out), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert sorted((r["defense"], r["attack"]) for r in rows) == [
+        ("fedavg", "badnets"), ("fedavg", "pixel_pattern"), ("median", "badnets"), ("median", "pixel_pattern")]
+    assert all(r["seeds"] == "2" for r in rows)
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| defense | pixel_pattern A | pixel_pattern ASR | pixel_pattern V | badnets A |" in table
+    assert table.count("| fedavg |") == 1 and table.count("| median |") == 1
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert len(pngs) == 3 and all((tmp_path / "report" / p).stat().st_size > 5000 for p in pngs)
