@@ -83,6 +83,10 @@ def run_command(argv: Sequence[str]) -> int:
         summary = execute(exp)
     except FedbenchError as err:
         return fail(str(err), "run")
+    except KeyboardInterrupt:
+        print("interrupted: no summary was written; with --output.checkpoint_every K and --output.resume true "
+              "the same command continues from the last checkpoint", file=sys.stderr)
+        return 130
     final = summary["final"]
     shown = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
     print(f"{exp.run_name}: {shown}  ->  {exp.run_dir}")

@@ -1,0 +1,152 @@
+"""Faults a long grid meets: broken updates, kills at any moment, and the same numbers every time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from attacks.base import Attack
+from attacks.huge_update import HugeUpdate
+from attacks.nan_update import NaNUpdate
+from conftest import tiny_experiment
+from defenses.krum import Krum
+from defenses.sdfc import SDFC
+from fedbench.engine import FederatedRun, FederationConfig, OutputConfig
+from fedbench.results import read_jsonl
+
+
+class ShortUpdate(Attack):
+    """Sends an update one element short (a client with the wrong model)."""
+
+    def craft_update(self, update, client):
+        return update[:-1]
+
+
+class InfUpdate(Attack):
+    def craft_update(self, update, client):
+        update = update.clone()
+        update[3] = float("inf")
+        return update
+
+
+@pytest.mark.parametrize("attack,reason", [
+    (NaNUpdate(malicious_fraction=0.4), "non_finite"),
+    (InfUpdate(malicious_fraction=0.4), "non_finite"),
+    (HugeUpdate(malicious_fraction=0.4), "norm_above_limit"),
+    (ShortUpdate(malicious_fraction=0.4), "wrong_size"),
+])
+def test_faulty_updates_are_screened_recorded_and_the_run_goes_on(tiny_root, tmp_path, attack, reason):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=attack,
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2))
+    run = FederatedRun(exp)
+    summary = run.run()
+    assert torch.isfinite(run.global_params).all()
+    for record in run.records:
+        assert record["rejected"] == {"3": reason, "4": reason}
+        assert record["weights"][3:] == [0.0, 0.0] and record["excluded"][3:] == [True, True]
+        assert record["detection"]["tpr"] == 1.0 and record["detection"]["fpr"] == 0.0
+        assert abs(sum(record["weights"]) - 1) < 1e-6
+    assert summary["final"]["A"] > 0
+
+
+def test_when_every_update_is_rejected_the_global_model_does_not_move(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=NaNUpdate(malicious_fraction=0.8),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1,
+                                                      max_update_norm=1e-12))
+    run = FederatedRun(exp)
+    before = run.global_params.clone()
+    record = run.run_round(0)
+    assert torch.equal(run.global_params, before)
+    assert set(record["rejected"].values()) == {"non_finite", "norm_above_limit"} and len(record["rejected"]) == 5
+
+
+def test_a_faulty_client_never_reaches_a_robust_defense(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=NaNUpdate(malicious_fraction=0.2), defense=Krum(f=0),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    record = run.run_round(0)
+    assert len(record["defense"]["scores"]) == 4, "Krum scored only the four screened-in updates"
+    assert torch.isfinite(run.global_params).all()
+
+
+def test_checkpoints_load_with_weights_only_and_a_resumed_run_equals_an_uninterrupted_one(tiny_root, tmp_path):
+    def experiment(folder, rounds):
+        return tiny_experiment(tiny_root, tmp_path / folder, defense=SDFC(),
+                               federation=FederationConfig(num_clients=4, rounds=rounds, final_rounds=2),
+                               output=OutputConfig(dir=str(tmp_path / folder), name="run", checkpoint_every=1,
+                                                   resume=True, progress=False))
+
+    whole = FederatedRun(experiment("whole", 4))
+    whole.run()
+    FederatedRun(experiment("split", 2)).run()  # "killed" after round 1, checkpoint on disk
+    state = torch.load(tmp_path / "split" / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["round"] == 1 and len(state["records"]) == 2 and state["hook"]["delta"]
+    resumed = FederatedRun(experiment("split", 4))
+    assert resumed.start_round == 2
+    resumed.run()
+    assert torch.equal(resumed.global_params, whole.global_params)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "peak_memory_mb")} for r in rs]
+    assert strip(read_jsonl(tmp_path / "split" / "run" / "metrics.jsonl")) == \
+        strip(read_jsonl(tmp_path / "whole" / "run" / "metrics.jsonl"))
+
+
+def test_a_run_killed_with_sigkill_leaves_no_summary_and_resumes_from_its_checkpoint(tiny_root, tmp_path):
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-m", "fedbench.cli", "run", "--data.root", str(tiny_root), "--data.download", "false",
+            "--train.local_steps", "6", "--federation.num_clients", "4", "--federation.rounds", "6",
+            "--output.dir", str(out), "--output.name", "r", "--output.checkpoint_every", "1",
+            "--output.resume", "true", "--output.progress", "false", "--wandb.mode", "disabled"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "r" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "r" / "summary.json").exists(), "no summary from a killed run"
+    done_before = len(read_jsonl(out / "r" / "metrics.jsonl"))
+    assert done_before < 6
+    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+    records = read_jsonl(out / "r" / "metrics.jsonl")
+    assert [r["round"] for r in records] == list(range(6))
+    assert json.loads((out / "r" / "summary.json").read_text())["rounds"] == 6
+
+
+def test_sigterm_on_a_grid_keeps_finished_cells(tiny_root, tmp_path):
+    from test_grid import AXES, write_grid
+
+    path = write_grid(tmp_path, tiny_root, AXES, rounds=3)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("cells/*/summary.json")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "resume" in stderr
+    finished = list(out.glob("cells/*/summary.json"))
+    assert finished and all(json.loads(p.read_text())["status"] == "finished" for p in finished)
+    time.sleep(1)
+    children = subprocess.run(["pgrep", "-f", f"cells/.*cell_config.yaml"], capture_output=True, text=True)
+    assert str(out) not in children.stdout, "the cell process went down with the grid"
+
+
+def test_the_same_grid_twice_gives_the_same_numbers(tiny_root, tmp_path):
+    from test_grid import AXES, write_grid
+
+    path = write_grid(tmp_path, tiny_root, {**AXES, "defense": ["sdfc"]})
+    for folder in ("one", "two"):
+        subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(tmp_path / folder),
+                        "--isolate", "false"], check=True, capture_output=True, timeout=600)
+    for summary in (tmp_path / "one").glob("cells/*/summary.json"):
+        twin = tmp_path / "two" / "cells" / summary.parent.name / "summary.json"
+        a, b = json.loads(summary.read_text()), json.loads(twin.read_text())
+        assert a["final"] == b["final"] and a["seeds"] == b["seeds"] and a["detection"] == b["detection"]
+        assert set(a["versions"]) >= {"torch", "torchvision", "lightning", "fedbench"} and a["device"]
