@@ -113,6 +113,9 @@ class ClientHook:
     :meth:`state_dict` makes it part of checkpoints.
     """
 
+    upload_keys: tuple[str, ...] = ()
+    """Names of the scalar uploads :meth:`after_training` returns (every client, every round)."""
+
     def before_training(
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> Callable[[], Tensor] | None:
@@ -123,7 +126,7 @@ class ClientHook:
     def after_training(
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
-        """Called with the trained model; returns what the client uploads besides its update."""
+        """Called with the trained model; returns the scalar uploads named in ``upload_keys``."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,11 +176,3 @@ def sample_weights(num_samples: Tensor, dtype: torch.dtype = torch.float32) -> T
 
 def none_excluded(n: int, device: torch.device) -> Tensor:
     return torch.zeros(n, dtype=torch.bool, device=device)
-
-
-def coordinate_share(index: Tensor, n: int, per_coordinate: float) -> Tensor:
-    """Weight of each client in a coordinate-wise rule: ``index`` ``[k, d]`` holds, per
-    coordinate, the rows whose values entered the aggregate, each with weight
-    ``per_coordinate``; returns each client's mean weight over coordinates, ``[n]``."""
-    counts = torch.bincount(index.reshape(-1), minlength=n).to(torch.float64)
-    return (counts * per_coordinate / index.shape[-1]).to(torch.float32)

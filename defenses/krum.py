@@ -45,10 +45,11 @@ def check_f(f: int | None, env: DefenseSetup) -> list[tuple[str, object, str]]:
     if f_value < 0:
         return [("defense.f", f, "an integer >= 0, or None for the expected number of attackers")]
     if n <= 2 * f_value + 2:
+        allowed = f"f <= {(n - 3) // 2}" if n >= 3 else "no f works: select at least 3 clients per round"
         return [(
             "defense.f",
             f if f is not None else f"None (expected attackers = {f_value})",
-            f"Krum needs n > 2f + 2; with n = {n} clients per round, f <= {max((n - 3) // 2, 0)}",
+            f"Krum needs n > 2f + 2; with n = {n} clients per round, {allowed}",
         )]
     return []
 

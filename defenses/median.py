@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from defenses.base import DEFENSES, Aggregate, Defense, RoundContext, coordinate_share, none_excluded
+from defenses.base import DEFENSES, Aggregate, Defense, RoundContext, none_excluded
+from defenses.trimmed_mean import coordinate_verdict
+from fedbench.order_statistics import trimmed_mean
 
 
 @DEFENSES.register("median")
@@ -13,15 +14,12 @@ class Median(Defense):
     """Per coordinate, the median of the n values; for even n the mean of the two
     middle values (not the lower one, which ``torch.median`` returns). Unweighted.
 
-    No client is excluded as a whole; a client's verdict weight is the share of
-    coordinates its value was (one of) the median, each middle value weighing 1/2 for even n.
+    No client is excluded as a whole. A client's verdict weight is the number of
+    coordinates on which its value is the median (for even n: lies between the two
+    middle values), normalised over clients.
     """
 
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         n = len(updates)
-        values, index = torch.sort(updates, dim=0)
-        middle = slice((n - 1) // 2, n // 2 + 1)
-        update = values[middle].mean(dim=0)
-        rows = index[middle]
-        weights = coordinate_share(rows, n, 1.0 / rows.shape[0]).to(updates.dtype)
-        return Aggregate(update, weights, none_excluded(n, updates.device))
+        update, inside = trimmed_mean(updates, (n - 1) // 2)
+        return Aggregate(update, coordinate_verdict(inside, updates.dtype), none_excluded(n, updates.device))

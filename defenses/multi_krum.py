@@ -41,4 +41,4 @@ class MultiKrum(Defense):
         weights = torch.zeros(n, device=updates.device, dtype=updates.dtype)
         weights[chosen] = 1.0 / m
         info = {"scores": scores.tolist(), "f": f_used, "m": m, "neighbours": neighbours}
-        return Aggregate(updates[chosen].mean(dim=0), weights, weights == 0, info)
+        return Aggregate(weights @ updates, weights, weights == 0, info)

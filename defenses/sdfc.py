@@ -46,6 +46,8 @@ class SDFCClientHook(ClientHook):
     """Each client keeps Delta_k and theta_prev (its own model after its last local
     training); the next local training adds ``lambda * sum_i Delta_k,i (theta_i - theta_prev,i)^2``."""
 
+    upload_keys = (SCORE,)
+
     def __init__(self, defense: "SDFC") -> None:
         self.defense = defense
         self.delta: dict[int, list[Tensor]] = {}

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, coordinate_share, none_excluded
+from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, none_excluded
+from fedbench.order_statistics import trimmed_mean
+
+
+def coordinate_verdict(inside: Tensor, dtype) -> Tensor:
+    """Verdict weights of a coordinate-wise rule: each client's count of coordinates whose
+    value lies in the kept range, normalised to sum to 1."""
+    counts = inside.to(dtype)
+    return counts / counts.sum()
 
 
 @DEFENSES.register("trimmed_mean")
@@ -14,8 +21,9 @@ class TrimmedMean(Defense):
     unweighted mean of the remaining ``n - 2k``. ``k = floor(beta * n)``, or ``k = f``
     when ``f`` is given. Requires ``2k < n``.
 
-    No client is excluded as a whole; a client's verdict weight is the share of
-    coordinates its value was kept on, times ``1 / (n - 2k)``.
+    No client is excluded as a whole. A client's verdict weight is the number of
+    coordinates on which its value lies within the kept range ``[x_(k), x_(n-k-1)]``,
+    normalised over clients (ties at the bounds all count).
 
     Args:
         beta: fraction trimmed from EACH side (default 0.1).
@@ -42,8 +50,6 @@ class TrimmedMean(Defense):
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         n = len(updates)
         k = min(self.trimmed(n), (n - 1) // 2)
-        values, index = torch.sort(updates, dim=0)
-        kept = slice(k, n - k)
-        update = values[kept].mean(dim=0)
-        weights = coordinate_share(index[kept], n, 1.0 / (n - 2 * k)).to(updates.dtype)
+        update, inside = trimmed_mean(updates, k)
+        weights = coordinate_verdict(inside, updates.dtype)
         return Aggregate(update, weights, none_excluded(n, updates.device), {"trimmed_per_side": k})

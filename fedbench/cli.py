@@ -38,9 +38,15 @@ def make_fabric(exp, loggers: list):
     )
 
 
-def execute(exp) -> dict:
-    """Run an experiment with Fabric and its W&B logger; the local files are always written."""
+def execute(exp) -> dict | None:
+    """Run an experiment with Fabric and its W&B logger; the local files are always written.
+    Returns the summary in the main process, None in the others."""
+    import warnings
+
     import yaml
+
+    # Lightning's all_gather goes through a torch helper that torch marks deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
 
     from fedbench.engine import FederatedRun, validate
     from fedbench.tracking import wandb_logger
@@ -64,7 +70,7 @@ def execute(exp) -> dict:
             import wandb
 
             wandb.finish()
-    return summary
+    return summary if fabric.global_rank == 0 else None
 
 
 def run_command(argv: Sequence[str]) -> int:
@@ -87,6 +93,8 @@ def run_command(argv: Sequence[str]) -> int:
         print("interrupted: no summary was written; with --output.checkpoint_every K and --output.resume true "
               "the same command continues from the last checkpoint", file=sys.stderr)
         return 130
+    if summary is None:  # a worker process of a multi-process run
+        return 0
     final = summary["final"]
     shown = ", ".join(f"{k}={v:.2f}" for k, v in final.items() if v is not None)
     print(f"{exp.run_name}: {shown}  ->  {exp.run_dir}")

@@ -389,19 +389,20 @@ class FederatedRun:
         return self.layout.flatten(self.model) - params
 
     # ------------------------------------------------------------------ gathering
-    def _gather(self, selected: list[int], mine: list[int], rows: list[Tensor]) -> Tensor:
-        """Stack per-client rows in ``selected`` order across all processes."""
-        local = torch.stack(rows) if rows else None
+    def _gather(self, selected: list[int], rows: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Stack per-client rows in ``selected`` order across all processes.
+
+        Client c trains on rank ``c % world``; every rank joins the collective even when
+        it trained no client this round.
+        """
         if self.world == 1:
-            assert local is not None
-            return local
+            return torch.stack(rows)
         per_rank = max(sum(1 for c in selected if c % self.world == r) for r in range(self.world))
-        shape = rows[0].shape if rows else self._row_shape
-        padded = torch.zeros((per_rank, *shape), device=self.device, dtype=torch.float32)
-        if local is not None:
-            padded[: len(rows)] = local.float()
+        padded = torch.zeros((per_rank, *shape), device=self.device, dtype=dtype)
+        if rows:
+            padded[: len(rows)] = torch.stack(rows)
         gathered = self.fabric.all_gather(padded)  # [world, per_rank, ...]
-        slots = {r: 0 for r in range(self.world)}
+        slots = dict.fromkeys(range(self.world), 0)
         out = []
         for c in selected:
             owner = c % self.world
@@ -423,17 +424,16 @@ class FederatedRun:
         for info, r in zip(mine, results):
             if size_faults[info.client_id]:
                 r["update"] = torch.zeros(self.layout.dim, device=self.device)
-        self._row_shape = (self.layout.dim,)
-        updates = self._gather(selected, [i.client_id for i in mine], [r["update"] for r in results])
-        buffers = self._gather(selected, [i.client_id for i in mine], [r["buffers"] for r in results]) \
-            if self.layout.buffer_dim else None
-        scalars = self._gather(selected, [i.client_id for i in mine], [
+        updates = self._gather(selected, [r["update"] for r in results], (self.layout.dim,), torch.float32)
+        buffers = self._gather(selected, [r["buffers"] for r in results], (self.layout.buffer_dim,),
+                               torch.float32) if self.layout.buffer_dim else None
+        scalars = self._gather(selected, [
             torch.tensor([r["steps"], r["loss"], r["time_train"], r["time_hook"],
                           1.0 if size_faults[i.client_id] else 0.0], device=self.device, dtype=torch.float64)
-            for i, r in zip(mine, results)])
-        upload_keys = sorted(results[0]["uploads"]) if results else []
-        uploads = {key: self._gather(selected, [i.client_id for i in mine], [r["uploads"][key] for r in results])
-                   for key in upload_keys}
+            for i, r in zip(mine, results)], (5,), torch.float64)
+        upload_keys = self.hook.upload_keys if self.hook else ()
+        uploads = {key: self._gather(selected, [r["uploads"][key].reshape(()).to(torch.float64) for r in results],
+                                     (), torch.float64) for key in upload_keys}
         steps = scalars[:, 0].round().to(torch.int64)
         time_train, time_hook = float(scalars[:, 2].sum()), float(scalars[:, 3].sum())
 
@@ -528,15 +528,30 @@ class FederatedRun:
         return self.run_dir / "checkpoints" / "last.pt"
 
     def _save_checkpoint(self, round_index: int) -> None:
-        state = {
-            "round": round_index,
-            "global_params": self.global_params.cpu(),
-            "global_buffers": self.global_buffers.cpu(),
-            "records": self.records,
-            "defense": self.exp.defense.state_dict(),
-            "hook": self.hook.state_dict() if self.hook else {},
-        }
-        path = self.checkpoint_path
+        # Each process keeps the client-side state of the clients it trains, one file per
+        # round until the main checkpoint of that round is on disk.
+        self._save_atomic({"round": round_index, "hook": self.hook.state_dict() if self.hook else {}},
+                          self._hook_checkpoint_path(self.rank, round_index))
+        self.fabric.barrier()
+        if self.rank == 0:
+            self._save_atomic({
+                "round": round_index,
+                "world_size": self.world,
+                "global_params": self.global_params.cpu(),
+                "global_buffers": self.global_buffers.cpu(),
+                "records": self.records,
+                "defense": self.exp.defense.state_dict(),
+            }, self.checkpoint_path)
+        self.fabric.barrier()
+        for old in self.checkpoint_path.parent.glob(f"clients.rank{self.rank}.round*.pt"):
+            if old != self._hook_checkpoint_path(self.rank, round_index):
+                old.unlink(missing_ok=True)
+
+    def _hook_checkpoint_path(self, rank: int, round_index: int) -> Path:
+        return self.checkpoint_path.with_name(f"clients.rank{rank}.round{round_index}.pt")
+
+    @staticmethod
+    def _save_atomic(state: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -546,12 +561,17 @@ class FederatedRun:
         if not self.checkpoint_path.exists():
             return
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        if state["world_size"] != self.world:
+            raise ConfigError([("fabric.devices", self.world,
+                                f"the checkpoint's {state['world_size']} processes to resume it")])
+        clients = torch.load(self._hook_checkpoint_path(self.rank, int(state["round"])), map_location=self.device,
+                             weights_only=True)
         self.global_params = state["global_params"].to(self.device)
         self.global_buffers = state["global_buffers"].to(self.device)
         self.records = list(state["records"])
         self.exp.defense.load_state_dict(state["defense"])
         if self.hook:
-            self.hook.load_state_dict(state["hook"])
+            self.hook.load_state_dict(clients["hook"])
         self.start_round = int(state["round"]) + 1
 
     # ------------------------------------------------------------------ the run
@@ -580,8 +600,8 @@ class FederatedRun:
             if is_main:
                 append_jsonl(metrics_path, record)
                 self.fabric.log_dict(flat_metrics(record), step=round_index)
-                if exp.output.checkpoint_every and (round_index + 1) % exp.output.checkpoint_every == 0:
-                    self._save_checkpoint(round_index)
+            if exp.output.checkpoint_every and (round_index + 1) % exp.output.checkpoint_every == 0:
+                self._save_checkpoint(round_index)  # every process: each holds its clients' state
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(acc=record["clean_acc"], asr=record["asr"])

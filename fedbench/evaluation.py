@@ -29,9 +29,11 @@ def evaluate(
     is not the target; see ``attacks.base``); None for attacks without a trigger.
     """
     device = test.labels.device
-    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
-    loss = MeanMetric().to(device)
-    asr = MeanMetric().to(device)
+    # Only one process evaluates the global model, so the metrics must not sync across processes.
+    local = {"sync_on_compute": False}
+    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", **local).to(device)
+    loss = MeanMetric(**local).to(device)
+    asr = MeanMetric(**local).to(device)
     backdoor = attack if isinstance(attack, BackdoorAttack) else None
     was_training = model.training
     model.eval()

@@ -166,3 +166,20 @@ def test_detection_metrics_by_hand():
     assert detection_metrics([True], [False], [1.0])["precision"] is None
     summary = summarise_detection([None, metrics, {**metrics, "tpr": 1.0, "precision": None}])
     assert summary["rounds"] == 2 and summary["tpr"] == 0.75 and summary["precision"] == 0.5
+
+
+def test_compiled_order_statistics_equal_the_sort_path():
+    from fedbench.order_statistics import batcher_network, trimmed_mean
+
+    for n in range(1, 12):  # the network sorts every column for every n
+        x = torch.randn(n, 257)
+        rows = list(x.unbind(0))
+        for i, j in batcher_network(n):
+            rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+        assert torch.equal(torch.stack(rows), x.sort(dim=0).values)
+    x = torch.randn(7, 3001)
+    x[:, :10] = 0.25  # ties: every client inside the kept range there
+    for k in (0, 1, 3):
+        compiled = trimmed_mean(x, k, force_compiled=True)
+        eager = trimmed_mean(x, k, force_compiled=False)
+        assert torch.allclose(compiled[0], eager[0], atol=1e-6) and torch.equal(compiled[1], eager[1])

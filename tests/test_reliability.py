@@ -85,8 +85,11 @@ def test_checkpoints_load_with_weights_only_and_a_resumed_run_equals_an_uninterr
     whole = FederatedRun(experiment("whole", 4))
     whole.run()
     FederatedRun(experiment("split", 2)).run()  # "killed" after round 1, checkpoint on disk
-    state = torch.load(tmp_path / "split" / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["round"] == 1 and len(state["records"]) == 2 and state["hook"]["delta"]
+    folder = tmp_path / "split" / "run" / "checkpoints"
+    state = torch.load(folder / "last.pt", weights_only=True)
+    clients = torch.load(folder / "clients.rank0.round1.pt", weights_only=True)
+    assert state["round"] == 1 and len(state["records"]) == 2 and clients["hook"]["delta"]
+    assert sorted(p.name for p in folder.iterdir()) == ["clients.rank0.round1.pt", "last.pt"]
     resumed = FederatedRun(experiment("split", 4))
     assert resumed.start_round == 2
     resumed.run()

@@ -1,0 +1,30 @@
+"""Clients split over 2 CPU processes (gloo) give the single-process result bit for bit."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("extra", [
+    ["--defense", "sdfc", "--attack", "pixel_pattern", "--attack.malicious_fraction", "0.4"],
+    ["--defense", "median", "--federation.client_fraction", "0.4"],  # a rank may get no client
+])
+def test_two_processes_equal_one(tiny_root, tmp_path, extra):
+    common = [sys.executable, "-m", "fedbench.cli", "run", "--data.root", str(tiny_root), "--data.download", "false",
+              "--train.local_steps", "3", "--federation.num_clients", "5", "--federation.rounds", "3",
+              "--output.checkpoint_every", "1", "--output.progress", "false", "--wandb.mode", "disabled",
+              "--output.dir", str(tmp_path), "--fabric.accelerator", "cpu", *extra]
+    one = subprocess.run([*common, "--output.name", "one"], capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*common, "--output.name", "two", "--fabric.devices", "2"], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert b["world_size"] == 2 and a["round"] == b["round"] == 2
+    assert torch.equal(a["global_params"], b["global_params"])
+    for ra, rb in zip(a["records"], b["records"]):
+        for key in ("clients", "clean_acc", "clean_loss", "asr", "weights", "excluded", "local_steps", "defense"):
+            assert ra[key] == rb[key], key
+    assert two.stdout.count("->") == 1, "one result line, from the main process"
