@@ -4,6 +4,8 @@ A grid file (YAML)::
 
     name: quick                  # W&B group and default output folder runs/<name>
     base: configs/quick.yaml     # a run config (path relative to this file) or a mapping
+    overrides:                   # dotted config keys set in every cell (not part of cell ids)
+      federation.rounds: 10
     isolate: true                # each cell in its own process (one failure never ends the grid)
     axes:                        # dotted config keys -> values; the cells are the product
       attack: [none, pixel_pattern, badnets]
@@ -14,6 +16,8 @@ A grid file (YAML)::
 
 Axes on ``attack.<arg>``/``defense.<arg>`` apply only to the classes that take that
 argument (``attack: none`` has no malicious fraction), and duplicate cells are merged.
+The base config's attack/defense arguments carry over to each class on the axis that
+accepts them.
 
 Layout of the output folder: ``cells/<cell id>/`` holds ``cell.json`` (the axis
 values), ``config.yaml`` (the complete run config), the run's files and, when it
@@ -89,11 +93,16 @@ def _choice_as_dict(value: Any) -> dict:
     raise ConfigError([("axes", value, "an attack/defense name or a {class_path, init_args} mapping")])
 
 
-def _value_label(value: Any) -> str:
+def value_label(value: Any) -> str:
+    """A short readable label of an axis value; an attack/defense with arguments keeps them
+    (``{class_path: sdfc, init_args: {mode: full}}`` -> ``sdfc_mode_full``)."""
     if isinstance(value, dict):
-        value = value.get("class_path", "custom")
-    text = str(value).rsplit(".", 1)[-1] if isinstance(value, str) and "." in str(value) and \
-        not re.fullmatch(r"[0-9.eE+-]+", str(value)) else str(value)
+        name = value_label(value.get("class_path", "custom"))
+        args = value.get("init_args") or {}
+        return "_".join([name, *(f"{k}_{value_label(v)}" for k, v in args.items())])
+    text = str(value)
+    if isinstance(value, str) and "." in text and not re.fullmatch(r"[0-9.eE+-]+", text):
+        text = text.rsplit(".", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
 
 
@@ -101,7 +110,7 @@ def cell_id_for(axes: dict[str, Any]) -> str:
     parts = []
     for key, value in axes.items():
         prefix = SHORT_NAMES.get(key, "" if key in ("attack", "defense") else key.rsplit(".", 1)[-1])
-        parts.append(f"{prefix}{_value_label(value)}")
+        parts.append(f"{prefix}{value_label(value)}")
     return "-".join(parts)
 
 
@@ -129,10 +138,25 @@ def accepted_arguments(choice: str) -> set[str]:
     return set(parser.get_defaults().keys())
 
 
-def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name: str, output: Path) -> list[Cell]:
+def _pick(base_choice: Any, chosen: Any) -> dict:
+    """The chosen attack/defense, with the base config's arguments that it accepts
+    (e.g. a base poison_ratio applies to every attack on the axis)."""
+    picked = _choice_as_dict(chosen)
+    if base_choice is not None:
+        accepted = accepted_arguments(picked["class_path"])
+        inherited = {k: v for k, v in _choice_as_dict(base_choice)["init_args"].items() if k in accepted}
+        picked["init_args"] = {**inherited, **picked["init_args"]}
+    return picked
+
+
+def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name: str, output: Path,
+                 overrides: dict | None = None) -> list[Cell]:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError([(f"axes.{key}", values, "a non-empty list of values")])
+    base = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        _set_path(base, key, value)
     cells: dict[str, Cell] = {}
     keys = list(axes)
     for combination in itertools.product(*(axes[k] for k in keys)):
@@ -140,7 +164,7 @@ def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name:
         config = copy.deepcopy(base)
         for choice in ("attack", "defense"):
             if choice in chosen:
-                config[choice] = _choice_as_dict(chosen[choice])
+                config[choice] = _pick(base.get(choice), chosen[choice])
             elif choice in config:
                 config[choice] = _choice_as_dict(config[choice])
         applied: dict[str, Any] = {}
@@ -170,10 +194,11 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
     if not path.exists():
         raise FedbenchError(f"grid file {path} not found")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"name", "base", "axes", "output", "isolate", "checkpoint_every", "description"}
+    keys = {"name", "base", "overrides", "axes", "output", "isolate", "checkpoint_every", "description"}
+    unknown = set(spec) - keys
     if unknown:
-        raise ConfigError([(f"grid.{k}", spec[k], "not a grid key (name, base, axes, output, isolate, "
-                                                  "checkpoint_every, description)") for k in sorted(unknown)])
+        raise ConfigError([(f"grid.{k}", spec[k], f"not a grid key ({', '.join(sorted(keys))})")
+                           for k in sorted(unknown)])
     base = spec.get("base") or {}
     if isinstance(base, str):
         base_path = (path.parent / base)
@@ -185,7 +210,10 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
     name = spec.get("name") or path.stem
     out = Path(output or spec.get("output") or Path("runs") / name)
     grid = Grid(name, base, spec["axes"], out, bool(spec.get("isolate", True)), int(spec.get("checkpoint_every", 5)))
-    grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out)
+    overrides = spec.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError([("grid.overrides", overrides, "a mapping of dotted config keys to values")])
+    grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out, overrides)
     return grid
 
 

@@ -1,7 +1,7 @@
 """``fedbench report``: tables and plots from a grid's finished cells.
 
-For each setting (data set, Dirichlet beta, malicious fraction) a table with one row
-per defense and, per attack, A (clean accuracy), ASR and V = (A + (100 - ASR)) / 2,
+For each setting (every grid axis but attack, defense and seed: data set, Dirichlet
+beta, malicious fraction, ...) a table with one row per defense and, per attack, A (clean accuracy), ASR and V = (A + (100 - ASR)) / 2,
 each the mean over seeds with its standard deviation (as the SDFC/FDCR papers report
 the mean of the last rounds). Attack ``none`` cells join every malicious fraction of
 their setting. Reads only ``summary.json`` and ``metrics.jsonl`` files: what is not
@@ -21,16 +21,19 @@ from statistics import fmean, pstdev
 from typing import Any, Sequence
 
 from fedbench.errors import FedbenchError
-from fedbench.grid import CELLS
+from fedbench.grid import CELLS, value_label
 from fedbench.results import METRICS, SUMMARY, read_jsonl, write_atomic
+
+
+Setting = tuple[tuple[str, Any], ...]
+NOT_SETTINGS = ("attack", "defense", "seed")
 
 
 @dataclass
 class CellResult:
     cell: str
     dataset: str
-    beta: float | None
-    malicious_fraction: float | None
+    setting: Setting
     attack: str
     defense: str
     seed: int
@@ -38,28 +41,34 @@ class CellResult:
     detection: dict | None
     records: list[dict]
 
-    @property
-    def setting(self) -> tuple:
-        return (self.dataset, self.beta, self.malicious_fraction)
 
-
-def _malicious_fraction(config: dict) -> float | None:
-    attack = config.get("attack") or {}
-    return (attack.get("init_args") or {}).get("malicious_fraction")
+def _fallback_setting(summary: dict) -> Setting:
+    """The setting of a run that did not come from a grid: data set, beta, malicious fraction."""
+    config = summary.get("config") or {}
+    setting = [("data.name", summary["dataset"]), ("partition.beta", (config.get("partition") or {}).get("beta"))]
+    if summary["attack"] != "none":
+        fraction = ((config.get("attack") or {}).get("init_args") or {}).get("malicious_fraction")
+        setting.append(("attack.malicious_fraction", fraction))
+    return tuple(setting)
 
 
 def collect(grid_dir: Path) -> list[CellResult]:
+    """Every finished cell, labelled by its grid axes: the attack and defense labels keep
+    their arguments (two SDFC variants stay apart) and every other axis but the seed is
+    part of the setting (so it is never mistaken for a repetition)."""
     results = []
     for summary_path in sorted((grid_dir / CELLS).glob(f"*/{SUMMARY}")):
         summary = json.loads(summary_path.read_text())
-        config = summary.get("config") or {}
+        cell_file = summary_path.parent / "cell.json"
+        axes = json.loads(cell_file.read_text())["axes"] if cell_file.exists() else {}
+        setting = tuple((k, v) for k, v in axes.items() if k not in NOT_SETTINGS) if axes \
+            else _fallback_setting(summary)
         results.append(CellResult(
             cell=summary_path.parent.name,
             dataset=summary["dataset"],
-            beta=(config.get("partition") or {}).get("beta"),
-            malicious_fraction=_malicious_fraction(config) if summary["attack"] != "none" else None,
-            attack=summary["attack"],
-            defense=summary["defense"],
+            setting=setting,
+            attack=value_label(axes["attack"]) if "attack" in axes else summary["attack"],
+            defense=value_label(axes["defense"]) if "defense" in axes else summary["defense"],
             seed=summary["seed"],
             final=summary["final"],
             detection=summary.get("detection"),
@@ -73,8 +82,7 @@ def _order(grid_dir: Path, key: str, present: set[str]) -> list[str]:
     ordered: list[str] = []
     if grid_file.exists():
         for value in json.loads(grid_file.read_text()).get("axes", {}).get(key, []):
-            name = value if isinstance(value, str) else value.get("class_path", "")
-            name = name.rsplit(".", 1)[-1]
+            name = value_label(value)
             if name in present and name not in ordered:
                 ordered.append(name)
     return ordered + sorted(present - set(ordered))
@@ -93,45 +101,45 @@ def _fmt(mean: float | None, std: float | None, n: int) -> str:
     return f"{mean:.1f}" if n <= 1 else f"{mean:.1f}±{std:.1f}"
 
 
-def settings_of(results: list[CellResult]) -> list[tuple]:
-    attacked = sorted({r.setting for r in results if r.attack != "none"}, key=str)
-    if attacked:
-        return attacked
-    return sorted({r.setting for r in results}, key=str)
+def _without_attack_keys(setting: Setting) -> Setting:
+    return tuple((k, v) for k, v in setting if not k.startswith("attack."))
 
 
-def cells_for(results: list[CellResult], setting: tuple, defense: str, attack: str) -> list[CellResult]:
-    dataset, beta, fraction = setting
-    return [r for r in results if r.defense == defense and r.attack == attack and r.dataset == dataset
-            and r.beta == beta and (attack == "none" or r.malicious_fraction == fraction)]
+def settings_of(results: list[CellResult]) -> list[Setting]:
+    """Distinct settings of attacked cells; a no-attack cell joins each matching one."""
+    attacked = {r.setting for r in results if r.attack != "none"} or {r.setting for r in results}
+    return sorted(attacked, key=str)
 
 
-def setting_label(setting: tuple) -> str:
-    dataset, beta, fraction = setting
-    parts = [dataset]
-    if beta is not None:
-        parts.append(f"beta={beta}")
-    if fraction is not None:
-        parts.append(f"malicious={fraction:g}")
-    return ", ".join(parts)
+def cells_for(results: list[CellResult], setting: Setting, defense: str, attack: str) -> list[CellResult]:
+    if attack == "none":
+        wanted = _without_attack_keys(setting)
+        return [r for r in results if r.defense == defense and r.attack == "none"
+                and _without_attack_keys(r.setting) == wanted]
+    return [r for r in results if r.defense == defense and r.attack == attack and r.setting == setting]
 
 
-def setting_slug(setting: tuple) -> str:
-    dataset, beta, fraction = setting
-    return "_".join(p for p in [dataset, f"beta{beta}" if beta is not None else "",
-                                f"mal{fraction:g}" if fraction is not None else ""] if p)
+def setting_label(setting: Setting, dataset: str = "") -> str:
+    parts = [f"{k}={v}" for k, v in setting]
+    return ", ".join(parts) if parts else dataset
+
+
+def setting_slug(setting: Setting) -> str:
+    slug = "_".join(f"{k.rsplit('.', 1)[-1]}{value_label(v)}" for k, v in setting)
+    return slug or "all"
 
 
 def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str]) -> list[dict]:
     rows = []
+    dataset = results[0].dataset
     for setting in settings_of(results):
         for defense in defenses:
             for attack in attacks:
                 cells = cells_for(results, setting, defense, attack)
                 if not cells:
                     continue
-                row: dict[str, Any] = {"dataset": setting[0], "beta": setting[1], "malicious_fraction": setting[2],
-                                       "defense": defense, "attack": attack, "seeds": len(cells)}
+                row: dict[str, Any] = {"setting": setting_label(setting, dataset), "defense": defense,
+                                       "attack": attack, "seeds": len(cells)}
                 for key in ("A", "ASR", "R", "V"):
                     row[f"{key}_mean"], row[f"{key}_std"] = mean_std([c.final.get(key) for c in cells])
                 for key in ("tpr", "fpr", "malicious_weight"):
@@ -142,14 +150,13 @@ def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str
 
 def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -> str:
     out = io.StringIO()
-    for setting in sorted({(r["dataset"], r["beta"], r["malicious_fraction"]) for r in rows}, key=str):
-        here = {(r["defense"], r["attack"]): r for r in rows if (r["dataset"], r["beta"], r["malicious_fraction"])
-                == setting}
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        here = {(r["defense"], r["attack"]): r for r in rows if r["setting"] == setting}
         shown_attacks = [a for a in attacks if any((d, a) in here for d in defenses)]
         header = ["defense"]
         for attack in shown_attacks:
             header += [f"{attack} A"] if attack == "none" else [f"{attack} A", f"{attack} ASR", f"{attack} V"]
-        out.write(f"\n### {setting_label(setting)}\n\n")
+        out.write(f"\n### {setting}\n\n")
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for defense in defenses:
             if not any((defense, a) in here for a in shown_attacks):
@@ -206,20 +213,20 @@ def plot_curves(results, setting, defenses, attacks, path: Path) -> None:
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=7, loc="best")
-    fig.suptitle(setting_label(setting), fontsize=10)
+    fig.suptitle(setting_label(setting, results[0].dataset), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_heatmap(rows: list[dict], setting, defenses, attacks, key: str, path: Path) -> None:
+def plot_heatmap(rows: list[dict], setting, defenses, attacks, key: str, path: Path, results_dataset: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    here = {(r["defense"], r["attack"]): r for r in rows if (r["dataset"], r["beta"], r["malicious_fraction"])
-            == setting}
+    label = setting_label(setting, results_dataset)
+    here = {(r["defense"], r["attack"]): r for r in rows if r["setting"] == label}
     shown = [a for a in attacks if (key != "ASR" or a != "none") and any((d, a) in here for d in defenses)]
     matrix = [[(here.get((d, a)) or {}).get(f"{key}_mean") for a in shown] for d in defenses]
     values = [[math.nan if v is None else v for v in line] for line in matrix]
@@ -231,7 +238,7 @@ def plot_heatmap(rows: list[dict], setting, defenses, attacks, key: str, path: P
         for j, value in enumerate(line):
             if value is not None:
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
-    ax.set_title(f"{'ASR' if key == 'ASR' else 'clean accuracy A'} (%) - {setting_label(setting)}", fontsize=9)
+    ax.set_title(f"{'ASR' if key == 'ASR' else 'clean accuracy A'} (%) - {label}", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -252,13 +259,17 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
         slug = setting_slug(setting)
         for name, draw in [
             (f"curves_{slug}.png", lambda p: plot_curves(results, setting, defenses, attacks, p)),
-            (f"heatmap_asr_{slug}.png", lambda p: plot_heatmap(rows, setting, defenses, attacks, "ASR", p)),
-            (f"heatmap_acc_{slug}.png", lambda p: plot_heatmap(rows, setting, defenses, attacks, "A", p)),
+            (f"heatmap_asr_{slug}.png",
+             lambda p: plot_heatmap(rows, setting, defenses, attacks, "ASR", p, results[0].dataset)),
+            (f"heatmap_acc_{slug}.png",
+             lambda p: plot_heatmap(rows, setting, defenses, attacks, "A", p, results[0].dataset)),
         ]:
             draw(out_dir / name)
             images.append(name)
     seeds = sorted({r.seed for r in results})
-    text = [f"# Results: {grid_dir.name}\n",
+    grid_file = grid_dir / "grid.json"
+    title = json.loads(grid_file.read_text()).get("name", grid_dir.name) if grid_file.exists() else grid_dir.name
+    text = [f"# Results: {title}\n",
             f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy, ASR = attack success rate "
             "over non-target test images, V = (A + 100 - ASR) / 2; each the mean of the last rounds "
             "(mean±std over seeds).\n"]

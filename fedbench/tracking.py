@@ -74,6 +74,8 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
         config=hyperparams or {},
         settings=_settings(),
     )
+    # Lightning always passes wandb's retired `anonymous` option, which only prints a warning.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
 
 

@@ -128,3 +128,14 @@ def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
     assert table.count("| fedavg |") == 1 and table.count("| median |") == 1
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert len(pngs) == 3 and all((tmp_path / "report" / p).stat().st_size > 5000 for p in pngs)
+
+
+def test_overrides_apply_everywhere_and_base_attack_arguments_carry_over(tmp_path):
+    base = {"attack": {"class_path": "pixel_pattern", "init_args": {"poison_ratio": 0.4, "channels": "all"}}}
+    cells = expand_cells(base, {"attack": ["badnets", "none"]}, 5, "g", tmp_path,
+                         overrides={"federation.rounds": 3})
+    badnets, none = cells
+    assert badnets.cell_id == "badnets" and none.cell_id == "none"
+    assert badnets.config["attack"]["init_args"] == {"poison_ratio": 0.4}, "channels is pixel_pattern's own"
+    assert none.config["attack"]["init_args"] == {}
+    assert badnets.config["federation"]["rounds"] == none.config["federation"]["rounds"] == 3
