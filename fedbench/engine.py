@@ -226,6 +226,7 @@ def versions() -> dict[str, str]:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """GPU: the round's peak allocation. CPU: the process's peak resident memory so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -263,6 +264,7 @@ class FederatedRun:
         self.seed = exp.seed
         self.run_dir = exp.run_dir
         self.records: list[dict] = []
+        self._progress = None
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -414,12 +416,18 @@ class FederatedRun:
     def run_round(self, round_index: int) -> dict:
         exp = self.exp
         round_started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         selected = self.sample_clients(round_index)
         infos = [self.client_info(c, round_index) for c in selected]
         mine = [info for info in infos if info.client_id % self.world == self.rank]
 
         # 2. local training
-        results = [self.train_client(info) for info in mine]
+        results = []
+        for position, info in enumerate(mine, 1):
+            if self._progress is not None:
+                self._progress.set_postfix_str(f"client {position}/{len(mine)} (id {info.client_id})")
+            results.append(self.train_client(info))
         size_faults = {info.client_id: check_size(r["update"], self.layout.dim) for info, r in zip(mine, results)}
         for info, r in zip(mine, results):
             if size_faults[info.client_id]:
@@ -591,9 +599,15 @@ class FederatedRun:
             })
             # Whatever a killed earlier attempt left is replaced by what the checkpoint holds.
             write_jsonl(metrics_path, self.records)
-            self.fabric.log_dict({"partition/min_client_samples": int(self.num_samples.min())}, step=0)
+            counts = self.num_samples.tolist()
+            for logger in self.fabric.loggers:
+                logger.log_hyperparams({"partition_class_counts": self.partition_summary,
+                                        "partition_num_samples": counts, "malicious_clients": self.malicious})
+            if exp.output.progress:
+                print(f"{exp.run_name}: {len(counts)} clients, {min(counts)}-{max(counts)} samples each "
+                      f"(class counts in {self.run_dir / 'partition.json'}), malicious: {self.malicious}")
 
-        progress = self._progress_bar() if is_main and exp.output.progress else None
+        progress = self._progress = self._progress_bar() if is_main and exp.output.progress else None
         for round_index in range(self.start_round, exp.federation.rounds):
             record = self.run_round(round_index)
             self.records.append(record)
