@@ -142,3 +142,25 @@ def test_sdfc_in_the_loop_weights_follow_the_scores(tiny_root, tmp_path, estimat
     hook = exp.defense.hook
     assert set(hook.delta) == set(range(5)), "every client keeps its Delta for the next round's calibration"
     assert all(torch.isfinite(d).all() for deltas in hook.delta.values() for d in deltas)
+
+
+def test_both_empirical_fisher_paths_match_a_per_sample_loop():
+    from fedbench.fisher import _layerwise_supported, layerwise_empirical_fisher, vmap_empirical_fisher
+    from fedbench.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model("simple_cnn", 10, 3, 32).to(memory_format=torch.channels_last)
+    x, y = torch.randn(9, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (9,))
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    layerwise = layerwise_empirical_fisher(model, batches, _layerwise_supported(model))
+    vmapped = vmap_empirical_fisher(model, batches)
+    loop = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(9):
+        model.zero_grad()
+        torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]].backward()
+        for acc, p in zip(loop, model.parameters()):
+            acc += p.grad**2 / 9
+    for a, b, c in zip(layerwise, vmapped, loop):
+        assert torch.allclose(a, c, atol=1e-7, rtol=1e-4) and torch.allclose(b, c, atol=1e-7, rtol=1e-4)
+    with_batchnorm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert _layerwise_supported(with_batchnorm) is None, "BatchNorm goes the vmap way"
