@@ -83,6 +83,9 @@ class FabricConfig:
         num_nodes: nodes (with torchrun/SLURM).
         strategy: auto, or ddp for several processes (only collectives are used; models are not wrapped).
         precision: 32-true (default; bit-for-bit reproducible on CPU), bf16-mixed, 16-mixed, bf16-true, 64-true.
+        cpu_threads: intra-op threads per process. CPU kernels split their sums by thread, so fp32 results
+            are bit-identical only between runs with the same count; None keeps torch's default (all cores
+            for one process; cores / processes when Fabric launches several).
     """
 
     accelerator: str = "auto"
@@ -90,6 +93,7 @@ class FabricConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: Precision = "32-true"
+    cpu_threads: int | None = None
 
 
 @dataclass
@@ -176,6 +180,8 @@ def experiment_problems(exp: Experiment) -> list[tuple[str, object, str]]:
     need(part.min_size >= 0, "partition.min_size", part.min_size, "an integer >= 0")
     need(part.shards_per_client >= 1, "partition.shards_per_client", part.shards_per_client, "an integer >= 1")
     need(exp.model.name in MODELS, "model.name", exp.model.name, f"one of: {', '.join(MODELS.names())}")
+    need(exp.fabric.cpu_threads is None or exp.fabric.cpu_threads >= 1, "fabric.cpu_threads", exp.fabric.cpu_threads,
+         "None (torch's default) or an integer >= 1")
     need(exp.output.checkpoint_every >= 0, "output.checkpoint_every", exp.output.checkpoint_every, "an integer >= 0")
     found.extend(exp.attack.problems())
     if exp.attack.num_malicious(fed.num_clients) >= fed.num_clients and fed.num_clients >= 1:
@@ -253,6 +259,8 @@ class FederatedRun:
     def __init__(self, exp: Experiment, fabric=None) -> None:
         validate(exp)
         self.exp = exp
+        if exp.fabric.cpu_threads is not None:
+            torch.set_num_threads(exp.fabric.cpu_threads)
         if fabric is None:
             from lightning.fabric import Fabric
 

@@ -1,4 +1,7 @@
-"""Clients split over 2 CPU processes (gloo) give the single-process result bit for bit."""
+"""Clients split over 2 CPU processes (gloo) give the single-process result bit for bit.
+
+Both runs fix ``fabric.cpu_threads``: CPU kernels sum per thread, and Fabric gives each of two launched
+processes half the cores, so without it the two runs would differ in the last bits."""
 
 import subprocess
 import sys
@@ -15,7 +18,7 @@ def test_two_processes_equal_one(tiny_root, tmp_path, extra):
     common = [sys.executable, "-m", "fedbench.cli", "run", "--data.root", str(tiny_root), "--data.download", "false",
               "--train.local_steps", "3", "--federation.num_clients", "5", "--federation.rounds", "3",
               "--output.checkpoint_every", "1", "--output.progress", "false", "--wandb.mode", "disabled",
-              "--output.dir", str(tmp_path), "--fabric.accelerator", "cpu", *extra]
+              "--output.dir", str(tmp_path), "--fabric.accelerator", "cpu", "--fabric.cpu_threads", "1", *extra]
     one = subprocess.run([*common, "--output.name", "one"], capture_output=True, text=True, timeout=300)
     two = subprocess.run([*common, "--output.name", "two", "--fabric.devices", "2"], capture_output=True, text=True,
                          timeout=300)
