@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FEDBENCH_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST),$(abspath ../shared/data),$(CURDIR)/data)
 export FEDBENCH_DATA
 
-.PHONY: install run test bench bench-quick perf clean
+.PHONY: install run test bench bench-quick bench-ablation perf clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ bench: install
 bench-quick: install
 	$(BIN)/fedbench grid benchmarks/quick.yaml
 	$(BIN)/fedbench report runs/quick --out results/quick
+
+bench-ablation: install
+	$(BIN)/fedbench grid benchmarks/sdfc_ablation.yaml
+	$(BIN)/fedbench report runs/sdfc_ablation --out results/sdfc_ablation
 
 perf: install
 	$(BIN)/python benchmarks/perf/run_all.py

@@ -84,6 +84,8 @@ def run_command(argv: Sequence[str]) -> int:
         namespace = parse_run_args(argv, parser)
     except ArgumentError as err:
         return fail(str(err).strip(), "run")
+    except FedbenchError as err:
+        return fail(str(err), "run")
     try:
         exp = build_experiment(namespace, parser)
         summary = execute(exp)

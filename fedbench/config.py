@@ -9,6 +9,7 @@ by registry name (``--defense krum``), by class name or by class path
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import yaml
@@ -21,6 +22,7 @@ from defenses.base import DEFENSES, Defense
 from fedbench.client import LocalTrainConfig
 from fedbench.data import DataConfig
 from fedbench.engine import Experiment, FabricConfig, FederationConfig, OutputConfig
+from fedbench.errors import config_error
 from fedbench.models import MODELS, ModelConfig
 from fedbench.partition import PartitionConfig
 from fedbench.registry import Registry
@@ -40,12 +42,55 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, Registry] = {"attack": ATTACKS, "defense": DEFENSES}
 
 
+def _check_known(registry: Registry, value: str) -> None:
+    """A bare word must be a registered name or class name; jsonargparse's own message
+    for a typo lists union subtypes, not the names a user can type."""
+    known_classes = {registry.get(name).__name__ for name in registry.names()}
+    if "." not in value and value not in known_classes and value not in registry:
+        raise config_error(registry.kind, value,
+                           f"one of: {', '.join(registry.names())}; or a class path such as my_module.MyClass")
+
+
+def _check_choice(registry: Registry, value: Any) -> None:
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return
+    if isinstance(value, str) and not value.startswith("["):
+        _check_known(registry, value)
+    elif isinstance(value, dict) and isinstance(value.get("class_path"), str):
+        _check_known(registry, value["class_path"])
+
+
 def _resolve(registry: Registry, value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("{"):  # inline class_path/init_args on the command line
+        try:
+            loaded = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return json.dumps(_resolve(registry, loaded)) if isinstance(loaded, dict) else value
     if isinstance(value, str) and value in registry:
         return registry.class_path(value)
     if isinstance(value, dict) and isinstance(value.get("class_path"), str) and value["class_path"] in registry:
         return {**value, "class_path": registry.class_path(value["class_path"])}
     return value
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Unknown attack/defense names in ``--config`` files, reported before jsonargparse
+    parses them (its loader cannot raise a message of ours)."""
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            config = yaml.safe_load(open(path))
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports unreadable files itself
+        if isinstance(config, dict):
+            for key, registry in CHOICES.items():
+                if key in config:
+                    _check_choice(registry, config[key])
 
 
 def resolve_registry_names(config: Any) -> Any:
@@ -61,6 +106,7 @@ def resolve_argv(argv: Sequence[str]) -> list[str]:
     pending: Registry | None = None
     for arg in argv:
         if pending is not None:
+            _check_choice(pending, arg)
             out.append(_resolve(pending, arg))
             pending = None
             continue
@@ -68,6 +114,7 @@ def resolve_argv(argv: Sequence[str]) -> list[str]:
         section = flag[2:] if flag.startswith("--") else None
         if section in CHOICES:
             if eq:
+                _check_choice(CHOICES[section], value)
                 out.append(f"{flag}={_resolve(CHOICES[section], value)}")
                 continue
             pending = CHOICES[section]
@@ -116,11 +163,15 @@ def build_parser(prog: str = "fedbench run") -> ArgumentParser:
 
 def parse_run_args(argv: Sequence[str], parser: ArgumentParser | None = None) -> Namespace:
     parser = parser or build_parser()
+    check_config_files(argv)
     return parser.parse_args(resolve_argv(argv))
 
 
 def parse_config_dict(config: dict, parser: ArgumentParser | None = None) -> Namespace:
     parser = parser or build_parser()
+    for key, registry in CHOICES.items():
+        if key in config:
+            _check_choice(registry, config[key])
     return parser.parse_object(resolve_registry_names(config))
 
 

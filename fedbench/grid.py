@@ -7,6 +7,7 @@ A grid file (YAML)::
     overrides:                   # dotted config keys set in every cell (not part of cell ids)
       federation.rounds: 10
     isolate: true                # each cell in its own process (one failure never ends the grid)
+    jobs: 2                      # cells at once, each in its own process (CPU: cores / jobs threads each)
     axes:                        # dotted config keys -> values; the cells are the product
       attack: [none, pixel_pattern, badnets]
       defense: [fedavg, krum, sdfc]
@@ -25,6 +26,11 @@ finished, ``summary.json`` (written atomically, last). A cell with a summary is 
 run again. A failed cell gets ``failure.json`` with its error and is retried on the
 next call. ``grid_summary.json`` lists every cell's status. A killed cell resumes from
 its last checkpoint (the grid turns checkpoints on).
+
+With ``jobs`` > 1 cells run in parallel processes. A cell's numbers depend on its CPU
+thread count (kernels sum per thread), so a grid meant to give the same numbers on
+every machine pins ``fabric.cpu_threads`` in its overrides; otherwise each process gets
+cores / jobs threads.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,6 +81,8 @@ class Grid:
     isolate: bool = True
     checkpoint_every: int = 5
     cells: list[Cell] = field(default_factory=list)
+    file: str | None = None
+    jobs: int = 1
 
 
 def _set_path(config: dict, dotted: str, value: Any) -> None:
@@ -194,7 +204,7 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
     if not path.exists():
         raise FedbenchError(f"grid file {path} not found")
     spec = yaml.safe_load(path.read_text()) or {}
-    keys = {"name", "base", "overrides", "axes", "output", "isolate", "checkpoint_every", "description"}
+    keys = {"name", "base", "overrides", "axes", "output", "isolate", "jobs", "checkpoint_every", "description"}
     unknown = set(spec) - keys
     if unknown:
         raise ConfigError([(f"grid.{k}", spec[k], f"not a grid key ({', '.join(sorted(keys))})")
@@ -209,12 +219,19 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
         raise ConfigError([("grid.axes", spec.get("axes"), "a mapping of config keys to lists of values")])
     name = spec.get("name") or path.stem
     out = Path(output or spec.get("output") or Path("runs") / name)
-    grid = Grid(name, base, spec["axes"], out, bool(spec.get("isolate", True)), int(spec.get("checkpoint_every", 5)))
+    grid = Grid(name, base, spec["axes"], out, bool(spec.get("isolate", True)), int(spec.get("checkpoint_every", 5)),
+                file=str(path), jobs=spec.get("jobs", 1))
+    check_jobs(grid.jobs, "grid.jobs")
     overrides = spec.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError([("grid.overrides", overrides, "a mapping of dotted config keys to values")])
     grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out, overrides)
     return grid
+
+
+def check_jobs(jobs: Any, field_name: str) -> None:
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError([(field_name, jobs, "an integer >= 1 (cells run at once)")])
 
 
 def validate_cells(grid: Grid) -> None:
@@ -265,15 +282,47 @@ def run_cell_in_process(cell: Cell, cell_dir: Path) -> None:
     execute(build_experiment(parse_config_dict(cell.config, parser), parser))
 
 
-def run_cell_isolated(cell: Cell, cell_dir: Path) -> None:
+class _Running:
+    """Cell processes of a parallel grid, so an interrupt can stop them all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.processes: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+
+    def stop_all(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            processes = list(self.processes)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _cell_env(cell: Cell, jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
+    pinned = (cell.config.get("fabric") or {}).get("cpu_threads")
+    if jobs > 1 and pinned is None and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: _Running | None = None) -> None:
     config_path = cell_dir / "cell_config.yaml"
     config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
     log_path = cell_dir / "log.txt"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal, env=_cell_env(cell, jobs),
         )
+        if running is not None:
+            with running.lock:
+                running.processes.add(process)
         try:
             code = process.wait()
         except BaseException:
@@ -283,6 +332,12 @@ def run_cell_isolated(cell: Cell, cell_dir: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
+        finally:
+            if running is not None:
+                with running.lock:
+                    running.processes.discard(process)
+    if (running is not None and running.stopping.is_set()) or code in (130, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt("cell interrupted")  # not a failure: it resumes on the next call
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-15:]
         raise CellFailed(f"exit status {code}", "\n".join(tail))
@@ -339,17 +394,36 @@ def _terminate_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_grid(grid: Grid, isolate: bool | None = None, echo=print) -> dict:
+def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | None = None) -> dict:
+    """Every unfinished cell, ``jobs`` at a time (jobs > 1 runs each cell in its own process)."""
     isolate = grid.isolate if isolate is None else isolate
+    jobs = grid.jobs if jobs is None else jobs
+    check_jobs(jobs, "jobs")
     validate_cells(grid)
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     started = time.perf_counter()
     try:
         with GridLock(grid.output):
             write_json_atomic(grid.output / "grid.json", {
-                "name": grid.name, "axes": grid.axes, "base": grid.base, "cells": [c.cell_id for c in grid.cells]})
-            for index, cell in enumerate(grid.cells, 1):
-                run_one(grid, cell, f"[{index}/{len(grid.cells)}]", isolate, echo)
+                "name": grid.name, "file": grid.file, "axes": grid.axes, "base": grid.base, "jobs": jobs,
+                "cells": [c.cell_id for c in grid.cells]})
+            positions = [f"[{index}/{len(grid.cells)}]" for index in range(1, len(grid.cells) + 1)]
+            if jobs == 1:
+                for position, cell in zip(positions, grid.cells):
+                    run_one(grid, cell, position, isolate, echo)
+            else:
+                running = _Running()
+                pool = ThreadPoolExecutor(max_workers=jobs)
+                try:
+                    futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running)
+                               for position, cell in zip(positions, grid.cells)]
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    running.stop_all()
+                    raise
+                pool.shutdown()
     finally:
         signal.signal(signal.SIGTERM, previous)
         if grid.output.exists():
@@ -359,7 +433,13 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print) -> dict:
     return summary
 
 
-def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo) -> None:
+_SUMMARY_LOCK = threading.Lock()
+
+
+def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: int = 1,
+            running: _Running | None = None) -> None:
+    if running is not None and running.stopping.is_set():
+        return
     cell_dir = cell.directory(grid.output)
     if cell_status(cell_dir) == "finished":
         echo(f"{position} {cell.cell_id}: finished earlier, skipped")
@@ -369,7 +449,10 @@ def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo) -> None:
     write_json_atomic(cell_dir / "cell.json", {"cell": cell.cell_id, "axes": cell.axes})
     started = time.perf_counter()
     try:
-        (run_cell_isolated if isolate else run_cell_in_process)(cell, cell_dir)
+        if isolate:
+            run_cell_isolated(cell, cell_dir, jobs, running)
+        else:
+            run_cell_in_process(cell, cell_dir)
         final = (read_summary(cell_dir) or {}).get("final", {})
         shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if v is not None)
         echo(f"{position} {cell.cell_id}: {shown} ({time.perf_counter() - started:.0f}s)")
@@ -377,7 +460,8 @@ def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo) -> None:
         detail = err.detail if isinstance(err, CellFailed) else traceback.format_exc()
         write_json_atomic(cell_dir / "failure.json", {"cell": cell.cell_id, "error": str(err), "detail": detail})
         echo(f"{position} {cell.cell_id}: FAILED: {err}")
-    write_grid_summary(grid)
+    with _SUMMARY_LOCK:
+        write_grid_summary(grid)
 
 
 def grid_command(argv: Sequence[str]) -> int:
@@ -393,6 +477,8 @@ def grid_command(argv: Sequence[str]) -> int:
                         help="list the cells and their status, run nothing")
     parser.add_argument("--isolate", type=bool | None, default=None,
                         help="run each cell in its own process (default: the grid file's choice)")
+    parser.add_argument("--jobs", type=int | None, default=None,
+                        help="cells at once, each in its own process (default: the grid file's jobs, else 1)")
     try:
         args = parser.parse_args(list(argv))
     except ArgumentError as err:
@@ -405,7 +491,7 @@ def grid_command(argv: Sequence[str]) -> int:
                 print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
             print(f"{len(grid.cells)} cells -> {grid.output}")
             return 0
-        summary = run_grid(grid, args.isolate)
+        summary = run_grid(grid, args.isolate, jobs=args.jobs)
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
         return 130

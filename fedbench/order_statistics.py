@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 COMPILE_MIN_ELEMENTS = 20_000_000
+# One compiled kernel per (n, k, d): a process that aggregates for several client counts
+# and trim levels (a grid, the perf script) needs more than dynamo's default 8.
+MAX_COMPILED_SHAPES = 64
 
 
 _NETWORKS: dict[int, tuple[tuple[int, int], ...]] = {}
@@ -70,7 +73,10 @@ def _sort_kernel(updates: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    return torch.compile(_network_kernel, dynamic=False)
+    # Inductor splits graphs above 64 fused nodes into kernels that write every row back to
+    # memory; a trimmed mean keeps most sorted rows, so its network must stay one kernel
+    # (20 clients, k = 2: 0.31 s -> 0.19 s on 2 CPU cores).
+    return torch.compile(_network_kernel, dynamic=False, options={"max_fusion_size": 4096})
 
 
 def _use_compiled(updates: Tensor) -> bool:
@@ -88,7 +94,8 @@ def trimmed_mean(updates: Tensor, k: int, force_compiled: bool | None = None) ->
     use_compiled = _use_compiled(updates) if force_compiled is None else force_compiled
     if use_compiled:
         try:
-            return _compiled()(updates, k)
+            with torch._dynamo.config.patch(recompile_limit=MAX_COMPILED_SHAPES):
+                return _compiled()(updates, k)
         except Exception as err:  # no C++ compiler, unsupported device, ...
             warnings.warn(f"compiled order statistics unavailable ({type(err).__name__}: {err}); using torch.sort",
                           stacklevel=2)

@@ -40,6 +40,8 @@ class CellResult:
     final: dict
     detection: dict | None
     records: list[dict]
+    wall_time_s: float | None = None
+    device: str | None = None
 
 
 def _fallback_setting(summary: dict) -> Setting:
@@ -73,6 +75,8 @@ def collect(grid_dir: Path) -> list[CellResult]:
             final=summary["final"],
             detection=summary.get("detection"),
             records=read_jsonl(summary_path.parent / METRICS),
+            wall_time_s=summary.get("wall_time_s"),
+            device=summary.get("device"),
         ))
     return results
 
@@ -268,13 +272,23 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
             images.append(name)
     seeds = sorted({r.seed for r in results})
     grid_file = grid_dir / "grid.json"
-    title = json.loads(grid_file.read_text()).get("name", grid_dir.name) if grid_file.exists() else grid_dir.name
+    grid_info = json.loads(grid_file.read_text()) if grid_file.exists() else {}
+    title = grid_info.get("name", grid_dir.name)
+    if command and grid_info.get("file"):
+        command = f"fedbench grid {grid_info['file']}` then `{command}"
     text = [f"# Results: {title}\n",
             f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy, ASR = attack success rate "
             "over non-target test images, V = (A + 100 - ASR) / 2; each the mean of the last rounds "
             "(mean±std over seeds).\n"]
     if command:
         text.append(f"Made by: `{command}`\n")
+    timed = [r.wall_time_s for r in results if r.wall_time_s is not None]
+    if timed:
+        devices = ", ".join(sorted({r.device for r in results if r.device}))
+        jobs = grid_info.get("jobs", 1)
+        parallel = f", {jobs} cells at a time" if jobs > 1 else ""
+        text.append(f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
+                    f"slowest cell {max(timed):.0f} s) on {devices}.\n")
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     write_atomic(out_dir / "results.md", "\n".join(text))

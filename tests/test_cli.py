@@ -49,6 +49,15 @@ def test_registry_names_work_in_yaml_configs(tmp_path, capsys):
     assert config["attack"]["class_path"] == "attacks.badnets.BadNets"
     assert config["attack"]["init_args"]["size"] == 4
     assert config["defense"]["class_path"] == "defenses.trimmed_mean.TrimmedMean"
+    inline = yaml.safe_load(printed_config(["--defense", '{"class_path": "krum", "init_args": {"f": 2}}'], capsys))
+    assert inline["defense"] == {"class_path": "defenses.krum.Krum", "init_args": {"f": 2}}
+
+
+def test_an_unknown_name_in_a_yaml_config_is_named_with_the_allowed_ones(tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    path.write_text("defense:\n  class_path: krumm\n")
+    assert main(["run", "--config", str(path)]) == 2
+    assert "defense='krumm': one of: fedavg, fltrust, krum, median, multi_krum" in capsys.readouterr().err
 
 
 def test_help_lists_the_registered_attacks_and_defenses(capsys):
@@ -61,7 +70,9 @@ def test_help_lists_the_registered_attacks_and_defenses(capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--federation.roundz", "3"], "roundz"),
-    (["--defense", "no_such_defense"], "no_such_defense"),
+    (["--defense", "no_such_defense"], "defense='no_such_defense': one of: fedavg, fltrust, krum"),
+    (["--defense", '{"class_path": "krumm", "init_args": {"f": 2}}'], "defense='krumm': one of: fedavg"),
+    (["--attack=badnet"], "attack='badnet': one of: badnets, blended, dba"),
     (["--partition.scheme", "zipf"], "partition.scheme"),
     (["--train.lr", "-0.1"], "train.lr=-0.1: a learning rate > 0"),
     (["--attack", "pixel_pattern", "--attack.poison_ratio", "1.5"], "attack.poison_ratio=1.5: a fraction in (0, 1]"),

@@ -126,6 +126,9 @@ def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| defense | pixel_pattern A | pixel_pattern ASR | pixel_pattern V | badnets A |" in table
     assert table.count("| fedavg |") == 1 and table.count("| median |") == 1
+    assert f"Made by: `fedbench grid {path}` then `fedbench report {out} --out {tmp_path / 'report'}`" in table
+    summaries = [json.loads(p.read_text()) for p in (out / "cells").glob("*/summary.json")]
+    assert f"Run time: {sum(s['wall_time_s'] for s in summaries) / 60:.1f} min for 8 cells" in table
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert len(pngs) == 3 and all((tmp_path / "report" / p).stat().st_size > 5000 for p in pngs)
 
@@ -139,3 +142,29 @@ def test_overrides_apply_everywhere_and_base_attack_arguments_carry_over(tmp_pat
     assert badnets.config["attack"]["init_args"] == {"poison_ratio": 0.4}, "channels is pixel_pattern's own"
     assert none.config["attack"]["init_args"] == {}
     assert badnets.config["federation"]["rounds"] == none.config["federation"]["rounds"] == 3
+
+
+def test_parallel_cells_give_the_numbers_of_a_sequential_grid(tiny_root, tmp_path):
+    path = write_grid(tmp_path, tiny_root, {"attack": ["badnets"], "defense": ["fedavg", "median", "krum"],
+                                            "attack.malicious_fraction": [0.2]})
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"] = {"fabric.cpu_threads": 1}  # numbers independent of how many cells share the cores
+    path.write_text(yaml.safe_dump(spec))
+    finals = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(out),
+                                 "--jobs", str(jobs)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("A=") == 3
+        summary = json.loads((out / "grid_summary.json").read_text())
+        assert json.loads((out / "grid.json").read_text())["jobs"] == jobs
+        finals[jobs] = {c["cell"]: c["final"] for c in summary["cells"]}
+    assert finals[1] == finals[2]
+
+
+def test_jobs_must_be_a_positive_integer(tiny_root, tmp_path):
+    path = write_grid(tmp_path, tiny_root, AXES)
+    result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--jobs", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "jobs=0: an integer >= 1" in result.stderr

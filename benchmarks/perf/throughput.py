@@ -69,7 +69,7 @@ def measure(model_name: str, steps: int, batch_size: int, channels_last: bool, p
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=60, help="steps per measurement for simple_cnn")
+    parser.add_argument("--steps", type=int, default=150, help="steps per measurement for simple_cnn")
     parser.add_argument("--resnet-steps", type=int, default=4)
     args = parser.parse_args(argv)
     rows = []
