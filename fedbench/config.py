@@ -77,6 +77,13 @@ def _resolve(registry: Registry, value: Any) -> Any:
     return value
 
 
+def check_choices(config: dict) -> None:
+    """The attack/defense of a config mapping are registered names or class paths."""
+    for key, registry in CHOICES.items():
+        if key in config:
+            _check_choice(registry, config[key])
+
+
 def check_config_files(argv: Sequence[str]) -> None:
     """Unknown attack/defense names in ``--config`` files, reported before jsonargparse
     parses them (its loader cannot raise a message of ours)."""
@@ -88,9 +95,7 @@ def check_config_files(argv: Sequence[str]) -> None:
         except (OSError, yaml.YAMLError):
             continue  # jsonargparse reports unreadable files itself
         if isinstance(config, dict):
-            for key, registry in CHOICES.items():
-                if key in config:
-                    _check_choice(registry, config[key])
+            check_choices(config)
 
 
 def resolve_registry_names(config: Any) -> Any:
@@ -169,9 +174,7 @@ def parse_run_args(argv: Sequence[str], parser: ArgumentParser | None = None) ->
 
 def parse_config_dict(config: dict, parser: ArgumentParser | None = None) -> Namespace:
     parser = parser or build_parser()
-    for key, registry in CHOICES.items():
-        if key in config:
-            _check_choice(registry, config[key])
+    check_choices(config)
     return parser.parse_object(resolve_registry_names(config))
 
 

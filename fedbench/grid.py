@@ -294,13 +294,18 @@ class _Running:
         self.stopping.set()
         with self.lock:
             processes = list(self.processes)
-        for process in processes:
+        for process in processes:  # all at once, then wait for each
             process.terminate()
         for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _wait_or_kill(process)
+
+
+def _wait_or_kill(process: subprocess.Popen) -> None:
+    """After SIGTERM: 30 s to exit, then SIGKILL."""
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _cell_env(cell: Cell, jobs: int) -> dict[str, str]:
@@ -327,10 +332,7 @@ def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: _Runni
             code = process.wait()
         except BaseException:
             process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _wait_or_kill(process)
             raise
         finally:
             if running is not None:

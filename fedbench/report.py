@@ -81,14 +81,13 @@ def collect(grid_dir: Path) -> list[CellResult]:
     return results
 
 
-def _order(grid_dir: Path, key: str, present: set[str]) -> list[str]:
-    grid_file = grid_dir / "grid.json"
+def _order(grid_info: dict, key: str, present: set[str]) -> list[str]:
+    """The grid file's order of an axis' labels, then any others present, sorted."""
     ordered: list[str] = []
-    if grid_file.exists():
-        for value in json.loads(grid_file.read_text()).get("axes", {}).get(key, []):
-            name = value_label(value)
-            if name in present and name not in ordered:
-                ordered.append(name)
+    for value in grid_info.get("axes", {}).get(key, []):
+        name = value_label(value)
+        if name in present and name not in ordered:
+            ordered.append(name)
     return ordered + sorted(present - set(ordered))
 
 
@@ -253,8 +252,10 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
     results = collect(grid_dir)
     if not results:
         raise FedbenchError(f"no finished cells under {grid_dir / CELLS}")
-    defenses = _order(grid_dir, "defense", {r.defense for r in results})
-    attacks = _order(grid_dir, "attack", {r.attack for r in results})
+    grid_file = grid_dir / "grid.json"
+    grid_info = json.loads(grid_file.read_text()) if grid_file.exists() else {}
+    defenses = _order(grid_info, "defense", {r.defense for r in results})
+    attacks = _order(grid_info, "attack", {r.attack for r in results})
     rows = build_rows(results, defenses, attacks)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "results.csv")
@@ -271,8 +272,6 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
             draw(out_dir / name)
             images.append(name)
     seeds = sorted({r.seed for r in results})
-    grid_file = grid_dir / "grid.json"
-    grid_info = json.loads(grid_file.read_text()) if grid_file.exists() else {}
     title = grid_info.get("name", grid_dir.name)
     if command and grid_info.get("file"):
         command = f"fedbench grid {grid_info['file']}` then `{command}"

@@ -21,6 +21,17 @@ def two_class_linear() -> torch.nn.Module:
     return model
 
 
+def fisher_by_per_sample_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The empirical Fisher the slow way: one backward pass per sample."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(y)):
+        model.zero_grad()
+        torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]].backward()
+        for acc, p in zip(total, model.parameters()):
+            acc += p.grad**2 / len(y)
+    return total
+
+
 def test_empirical_fisher_by_hand():
     # w = 0, b = 0 -> p = (1/2, 1/2); d log p(y|x) / d w_c = (1[c = y] - 1/2) x, / d b_c = 1[c = y] - 1/2.
     # (x=2, y=0): dw = (1, -1), db = (1/2, -1/2); (x=-1, y=1): dw = (1/2, -1/2), db = (-1/2, 1/2).
@@ -57,12 +68,7 @@ def test_empirical_fisher_matches_an_explicit_per_sample_loop_on_a_cnn():
                                 torch.nn.Linear(4 * 6 * 6, 5))
     x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 5, (12,))
     batched = diagonal_fisher(model, [(x[:7], y[:7]), (x[7:], y[7:])], "empirical")
-    loop = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(12):
-        model.zero_grad()
-        torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]].backward()
-        for acc, p in zip(loop, model.parameters()):
-            acc += p.grad**2 / 12
+    loop = fisher_by_per_sample_loop(model, x, y)
     for a, b in zip(batched, loop):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
@@ -154,12 +160,7 @@ def test_both_empirical_fisher_paths_match_a_per_sample_loop():
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]
     layerwise = layerwise_empirical_fisher(model, batches, _layerwise_supported(model))
     vmapped = vmap_empirical_fisher(model, batches)
-    loop = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(9):
-        model.zero_grad()
-        torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]].backward()
-        for acc, p in zip(loop, model.parameters()):
-            acc += p.grad**2 / 9
+    loop = fisher_by_per_sample_loop(model, x, y)
     for a, b, c in zip(layerwise, vmapped, loop):
         assert torch.allclose(a, c, atol=1e-7, rtol=1e-4) and torch.allclose(b, c, atol=1e-7, rtol=1e-4)
     with_batchnorm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
