@@ -51,7 +51,7 @@ class BadNets(BackdoorAttack):
         col = self.margin if self.position.endswith("left") else far
         return row, col
 
-    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         alpha, raw = self._blank()
         size = alpha.shape[-1]
         if self.size + self.margin > size:

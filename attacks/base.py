@@ -21,9 +21,11 @@ Backdoor conventions:
   ``pattern`` given in model-input (normalised) space. Patches have alpha in {0, 1};
   Blended has alpha = 0.2 everywhere. Because normalisation is affine per channel this
   equals blending in raw pixel space.
-- ASR = share of triggered test images predicted as the target, over test images whose
-  true label is NOT the target. ``asr_counts_target=True`` counts every test image, as
-  several public suites do (a failed backdoor then still shows about 1/num_classes).
+- ASR is always reported both ways (``fedbench.evaluation``): ``asr`` = share of
+  triggered test images predicted as the target over test images whose true label is
+  NOT the target (the headline), and ``asr_all`` = the same share over EVERY test image,
+  as the published SDFC/FDCR code counts it (a failed backdoor then still shows about
+  1/num_classes, the target class's share of the test set).
 """
 
 from __future__ import annotations
@@ -78,8 +80,6 @@ class Attack:
         scale: model-replacement factor applied to an attacking client's update; 1 = off.
         adaptive: the attacker knows the defense and evades its client-side work (see SDFC).
     """
-
-    has_trigger: bool = False
 
     def __init__(
         self,
@@ -153,17 +153,17 @@ class Attack:
 
 
 class PoisonPlan:
-    """Which of a client's samples carry the trigger, and which trigger part."""
+    """Which of a client's samples carry the trigger, and which trigger parts."""
 
-    def __init__(self, attack: "BackdoorAttack", mask: Tensor, part: int | None) -> None:
+    def __init__(self, attack: "BackdoorAttack", mask: Tensor, parts: tuple[int, ...] | None) -> None:
         self.attack = attack
         self.mask = mask
-        self.part = part
+        self.parts = parts
 
     def apply(self, images: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Poison the batch made of the client's samples ``index`` (already normalised)."""
         chosen = self.mask[index]
-        stamped = self.attack.apply_trigger(images, self.part)
+        stamped = self.attack.apply_trigger(images, self.parts)
         images = torch.where(chosen.view(-1, 1, 1, 1), stamped, images)
         labels = torch.where(chosen, torch.full_like(labels, self.attack.target_label), labels)
         return images, labels
@@ -175,25 +175,21 @@ class BackdoorAttack(Attack):
     Args:
         poison_ratio: share of a malicious client's samples that carry the trigger (papers: 0.5).
         target_label: the class every triggered input should be classified as (papers: 2).
-        asr_counts_target: count target-class test images in the ASR too (off: the honest count).
         **kwargs: the base Attack's arguments (malicious_fraction, selection, schedule, scale, adaptive).
     """
 
-    has_trigger = True
     num_parts: int = 1
 
     def __init__(
         self,
         poison_ratio: float = 0.5,
         target_label: int = 2,
-        asr_counts_target: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.poison_ratio = poison_ratio
         self.target_label = target_label
-        self.asr_counts_target = asr_counts_target
-        self._triggers: dict[int | None, tuple[Tensor, Tensor]] = {}
+        self._triggers: dict[tuple[int, ...] | None, tuple[Tensor, Tensor]] = {}
 
     def problems(self) -> list[tuple[str, object, str]]:
         found = super().problems()
@@ -209,26 +205,39 @@ class BackdoorAttack(Attack):
             from fedbench.errors import config_error
 
             raise config_error("attack.target_label", self.target_label, f"a class index in [0, {env.num_classes - 1}]")
-        parts: list[int | None] = [None, *range(self.num_parts)] if self.num_parts > 1 else [None]
         self._triggers = {}
-        for part in parts:
-            alpha, pattern = self.build_trigger(part)
-            self._triggers[part] = (alpha.to(env.device), pattern.to(env.device))
+        self.trigger(None)  # builds the evaluation trigger now: a bad size fails before training
 
-    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         """``(alpha, pattern)``, each ``[C, H, W]``; pattern in model-input space.
-        ``part`` is a DBA part index, or None for the full trigger used in evaluation."""
+        ``parts`` are DBA part indices, or None for the full trigger used in evaluation."""
         raise NotImplementedError
 
-    def trigger(self, part: int | None = None) -> tuple[Tensor, Tensor]:
-        return self._triggers[part if self.num_parts > 1 else None]
+    def trigger(self, parts: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        key = tuple(parts) if parts is not None and self.num_parts > 1 else None
+        if key not in self._triggers:
+            assert self.env is not None, "setup() first"
+            alpha, pattern = self.build_trigger(key)
+            self._triggers[key] = (alpha.to(self.env.device), pattern.to(self.env.device))
+        return self._triggers[key]
 
-    def apply_trigger(self, images: Tensor, part: int | None = None) -> Tensor:
-        alpha, pattern = self.trigger(part)
+    def apply_trigger(self, images: Tensor, parts: tuple[int, ...] | None = None) -> Tensor:
+        alpha, pattern = self.trigger(parts)
         return images * (1 - alpha) + alpha * pattern
 
-    def part_of(self, client: ClientInfo) -> int | None:
-        return client.attacker_rank % self.num_parts if self.num_parts > 1 else None
+    def parts_of(self, client: ClientInfo) -> tuple[int, ...] | None:
+        """The trigger parts an attacker stamps (attacks with ``num_parts > 1``; None = the
+        whole trigger). With A malicious clients and P parts, attacker rank i stamps part
+        ``i mod P`` when A >= P, else every part j with ``j mod A = i``: every part is
+        trained by at least one attacker for any A (with 3 attackers and 4 parts: {0, 3},
+        {1}, {2}; with 1 attacker: the whole trigger)."""
+        if self.num_parts == 1:
+            return None
+        assert self.env is not None, "setup() first"
+        attackers = max(self.num_malicious(self.env.num_clients), 1)
+        if attackers >= self.num_parts:
+            return (client.attacker_rank % self.num_parts,)
+        return tuple(j for j in range(self.num_parts) if j % attackers == client.attacker_rank)
 
     def poison_plan(self, client: ClientInfo, num_samples: int) -> PoisonPlan | None:
         if not client.attacking:
@@ -239,13 +248,7 @@ class BackdoorAttack(Attack):
         chosen = torch.randperm(num_samples, generator=generator)[:count]
         mask = torch.zeros(num_samples, dtype=torch.bool)
         mask[chosen] = True
-        return PoisonPlan(self, mask.to(self.env.device), self.part_of(client))
-
-    def asr_selection(self, labels: Tensor) -> Tensor:
-        """Which test images count in the ASR."""
-        if self.asr_counts_target:
-            return torch.ones_like(labels, dtype=torch.bool)
-        return labels != self.target_label
+        return PoisonPlan(self, mask.to(self.env.device), self.parts_of(client))
 
     # Helpers for subclasses building triggers.
     def _blank(self) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,7 @@ class Blended(BackdoorAttack):
         )
         return (image.squeeze(0) / 255.0).clamp(0, 1)
 
-    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         alpha, _ = self._blank()
         alpha.fill_(self.alpha)
         pattern = self._raw_to_input(self.raw_pattern(alpha.shape[0], alpha.shape[-1]))

@@ -13,9 +13,11 @@ DBA_STRIP_LENGTH_32 = 6
 
 @ATTACKS.register("dba")
 class DBA(BackdoorAttack):
-    """The global trigger is split into 4 local parts; malicious client with attacker
-    rank i (0-based, in id order) poisons with part ``i mod 4``; evaluation uses the
-    union of all parts.
+    """The global trigger is split into 4 local parts; each malicious client stamps some
+    of them (see :meth:`BackdoorAttack.parts_of`: attacker rank i, 0-based in id order,
+    gets part ``i mod 4`` when there are at least 4 attackers, else every part j with
+    ``j mod A = i`` for A attackers, so every part is trained by some attacker);
+    evaluation uses the union of all parts.
 
     Parts at 32x32 (the paper's CIFAR setting): 1x6 strips at (row 0, columns 0-5),
     (row 0, columns 9-14), (row 4, columns 0-5), (row 4, columns 9-14). For another
@@ -45,9 +47,9 @@ class DBA(BackdoorAttack):
         length = max(1, round(DBA_STRIP_LENGTH_32 * scale))
         return [(round(r * scale), round(c * scale), length) for r, c in DBA_STRIPS_32]
 
-    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         alpha, raw = self._blank()
-        chosen = range(self.num_parts) if part is None else [part]
+        chosen = range(self.num_parts) if parts is None else parts
         for index in chosen:
             row, col, length = self.strips(alpha.shape[-1])[index]
             alpha[:, row, col : col + length] = 1.0

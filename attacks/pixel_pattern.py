@@ -51,7 +51,7 @@ class PixelPattern(BackdoorAttack):
             found.append(("attack.channels", self.channels, '"all" or a non-empty list of channel indices'))
         return found
 
-    def build_trigger(self, part: int | None) -> tuple[Tensor, Tensor]:
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         alpha, values = self._blank()
         num_channels = alpha.shape[0]
         channels = list(range(num_channels)) if self.channels == "all" else list(self.channels)

@@ -168,6 +168,14 @@ class Defense:
         pass
 
 
+def assumed_malicious(configured: int | None, env: DefenseSetup | None) -> int:
+    """The f a defense assumes: the configured one, else the expected number of attackers
+    among the selected clients (the same oracle knowledge for every defense)."""
+    if configured is not None:
+        return configured
+    return env.expected_malicious if env is not None else 0
+
+
 def sample_weights(num_samples: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """n_k / sum(n): FedAvg's weights."""
     counts = num_samples.to(dtype)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext
-from defenses.krum import check_f, krum_scores, round_f
+from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, assumed_malicious
+from defenses.krum import check_f, krum_scores
 
 
 @DEFENSES.register("multi_krum")
@@ -34,7 +34,7 @@ class MultiKrum(Defense):
 
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         n = len(updates)
-        scores, f_used, neighbours = krum_scores(updates, round_f(self.f, self.env))
+        scores, f_used, neighbours = krum_scores(updates, assumed_malicious(self.f, self.env))
         m = min(self.m if self.m is not None else n - f_used, n)
         order = torch.sort(scores, stable=True).indices
         chosen = order[:m]

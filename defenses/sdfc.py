@@ -43,8 +43,15 @@ def exp_neg_weights(scores: Tensor) -> Tensor:
 
 
 class SDFCClientHook(ClientHook):
-    """Each client keeps Delta_k and theta_prev (its own model after its last local
-    training); the next local training adds ``lambda * sum_i Delta_k,i (theta_i - theta_prev,i)^2``."""
+    """Each client keeps Delta_k, theta_prev (its own model after its last local training)
+    and the round they are from; the next local training adds
+    ``lambda * sum_i Delta_k,i (theta_i - theta_prev,i)^2``.
+
+    State older than the previous round (a client that sat out round r - 1 under client
+    sampling) is stale: the global model has moved on without it, and anchoring to a model
+    many rounds old would pull the client back to it. Such a client, like one at its first
+    participation, computes Delta at the current global model and anchors to it.
+    """
 
     upload_keys = (SCORE,)
 
@@ -52,10 +59,16 @@ class SDFCClientHook(ClientHook):
         self.defense = defense
         self.delta: dict[int, list[Tensor]] = {}
         self.previous: dict[int, list[Tensor]] = {}
+        self.stored_round: dict[int, int] = {}
 
-    def _store(self, client_id: int, model: nn.Module, delta: list[Tensor]) -> None:
-        self.delta[client_id] = [d.detach() for d in delta]
-        self.previous[client_id] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    def _store(self, client: ClientInfo, model: nn.Module, delta: list[Tensor]) -> None:
+        self.delta[client.client_id] = [d.detach() for d in delta]
+        self.previous[client.client_id] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.stored_round[client.client_id] = client.round
+
+    def is_fresh(self, client: ClientInfo) -> bool:
+        """Stored state exists and is from the previous round (or this one)."""
+        return self.stored_round.get(client.client_id, -2) >= client.round - 1
 
     def before_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
@@ -64,11 +77,12 @@ class SDFCClientHook(ClientHook):
         evading = client.adaptive  # an adaptive attacker skips the calibration term
         if defense.mode == "weights_only" or evading or defense.calibration_lambda == 0:
             return None
-        if client.client_id not in self.delta:
-            # First participation (round 0 in the paper): Delta and theta_prev of the starting model.
+        if not self.is_fresh(client):
+            # First participation (round 0 in the paper) or stale state: Delta and theta_prev
+            # of the current global model, which is loaded now.
             assert server_batches is not None
             delta = fisher_difference(model, local_batches, server_batches, defense.estimator)
-            self._store(client.client_id, model, delta)
+            self._store(client, model, delta)
         delta, previous = self.delta[client.client_id], self.previous[client.client_id]
         params = [p for p in model.parameters() if p.requires_grad]
         weight = defense.calibration_lambda
@@ -84,18 +98,20 @@ class SDFCClientHook(ClientHook):
         assert server_batches is not None
         # An adaptive attacker reports the Fisher of its clean samples only.
         delta = fisher_difference(model, local_batches, server_batches, self.defense.estimator, clean=client.adaptive)
-        self._store(client.client_id, model, delta)
+        self._store(client, model, delta)
         return {SCORE: difference_score(delta)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "delta": {str(k): v for k, v in self.delta.items()},
             "previous": {str(k): v for k, v in self.previous.items()},
+            "round": {str(k): v for k, v in self.stored_round.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.delta = {int(k): list(v) for k, v in state["delta"].items()}
         self.previous = {int(k): list(v) for k, v in state["previous"].items()}
+        self.stored_round = {int(k): int(v) for k, v in state["round"].items()}
 
 
 @DEFENSES.register("sdfc")
@@ -117,12 +133,21 @@ class SDFC(Defense):
     the client's own model at the end of its previous local training and Delta_k was
     computed on it (at a client's first participation: on the starting model).
 
+    With client sampling, a client whose stored Delta and theta_prev are older than the
+    previous round recomputes them at the current global model (see
+    :class:`SDFCClientHook`); with every client in every round (the paper) this never
+    happens after round 0.
+
     Malicious clients follow the procedure honestly unless the attack is ``adaptive``:
     then they skip the calibration term and report the Fisher of their clean samples.
 
     Args:
         calibration_lambda: lambda of the calibration term (paper: 1.0).
-        estimator: Fisher estimator, "empirical" or "published" (see fedbench.fisher).
+        estimator: Fisher estimator (see fedbench.fisher). "published" (default): the
+            square of the batch-mean gradient, exactly what the authors' ``fish_calculate``
+            computes, so lambda = 1 means what it means in their runs. "empirical": the
+            textbook mean of squared per-sample gradients, a variant (about 100x larger at
+            initialisation, 2.5x after a few rounds, and it ranks clients differently).
         mode: "full" (SDFC), "calibration_only" (FedAvg weights), "weights_only" (no calibration term).
     """
 
@@ -131,7 +156,7 @@ class SDFC(Defense):
     def __init__(
         self,
         calibration_lambda: float = 1.0,
-        estimator: FisherEstimator = "empirical",
+        estimator: FisherEstimator = "published",
         mode: Literal["full", "calibration_only", "weights_only"] = "full",
     ) -> None:
         super().__init__()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, none_excluded
+from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, assumed_malicious, \
+    none_excluded
 from fedbench.order_statistics import trimmed_mean
 
 
@@ -18,33 +19,41 @@ def coordinate_verdict(inside: Tensor, dtype) -> Tensor:
 @DEFENSES.register("trimmed_mean")
 class TrimmedMean(Defense):
     """Per coordinate: drop the k largest and the k smallest of the n values, take the
-    unweighted mean of the remaining ``n - 2k``. ``k = floor(beta * n)``, or ``k = f``
-    when ``f`` is given. Requires ``2k < n``.
+    unweighted mean of the remaining ``n - 2k``. By default ``k`` = the expected number of
+    attackers among the selected clients, the same f that Krum and Multi-Krum get (the
+    oracle knowledge the papers assume; Yin et al. require beta >= f / n per side);
+    ``f`` trims exactly f values per side, ``beta`` a fraction ``k = floor(beta * n)``.
+    Requires ``2k < n`` (k is capped at ``(n - 1) // 2`` should screening leave fewer updates).
 
     No client is excluded as a whole. A client's verdict weight is the number of
     coordinates on which its value lies within the kept range ``[x_(k), x_(n-k-1)]``,
     normalised over clients (ties at the bounds all count).
 
     Args:
-        beta: fraction trimmed from EACH side (default 0.1).
-        f: trim exactly f values per side instead of a fraction.
+        f: values trimmed per side; None (default) = the expected number of attackers.
+        beta: fraction trimmed from EACH side instead (None = use f).
     """
 
-    def __init__(self, beta: float = 0.1, f: int | None = None) -> None:
+    def __init__(self, f: int | None = None, beta: float | None = None) -> None:
         super().__init__()
-        self.beta = beta
         self.f = f
+        self.beta = beta
 
     def trimmed(self, n: int) -> int:
-        return self.f if self.f is not None else int(self.beta * n)
+        if self.beta is not None:
+            return int(self.beta * n)
+        return assumed_malicious(self.f, self.env)
 
     def problems(self, env: DefenseSetup) -> list[tuple[str, object, str]]:
         n = env.clients_per_round
         found = []
-        if not 0.0 <= self.beta < 0.5:
-            found.append(("defense.beta", self.beta, "a fraction per side in [0, 0.5)"))
-        elif self.f is not None and not 0 <= self.f < (n + 1) // 2:
-            found.append(("defense.f", self.f, f"None or an integer with 2f < n = {n}"))
+        if self.beta is not None and self.f is not None:
+            found.append(("defense.beta", self.beta, "None when defense.f is given (one of the two)"))
+        elif self.beta is not None and not 0.0 <= self.beta < 0.5:
+            found.append(("defense.beta", self.beta, "None or a fraction per side in [0, 0.5)"))
+        elif self.beta is None and not 0 <= assumed_malicious(self.f, env) < (n + 1) // 2:
+            shown = self.f if self.f is not None else f"None (expected attackers = {assumed_malicious(None, env)})"
+            found.append(("defense.f", shown, f"an integer with 2f < n = {n} clients per round"))
         return found
 
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:

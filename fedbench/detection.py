@@ -1,7 +1,8 @@
 """How well a defense's verdicts match the true attackers.
 
-Positives are the clients that attacked this round (malicious and scheduled). A client
-counts as excluded when the screening rejected it or the defense excluded it. Rates
+Positives are the clients that attacked this round (malicious and scheduled). The engine
+passes only the updates that reached the defense (the screening's rejections are reported
+apart), so the rates judge the defense's own verdicts. Rates
 whose denominator is 0 are None (precision when nothing was excluded, FPR when every
 selected client attacked).
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -57,7 +58,9 @@ class FederationConfig:
         rounds: communication rounds T (papers: 50).
         client_fraction: share of clients selected per round (papers: all).
         server_lr: the server applies ``global += server_lr * aggregate`` for every defense.
-        max_update_norm: updates with a larger L2 norm are rejected before aggregation.
+        max_update_norm: None (default: FedAvg stays plain FedAvg) or a limit: updates with a
+            larger L2 norm are rejected before aggregation. Updates with NaN/Inf or the wrong
+            size are always rejected: a crash guard, not a defense (see fedbench.screening).
         eval_every: evaluate every k rounds (and always in the last ``final_rounds``).
         eval_batch_size: batch size of evaluation.
         final_rounds: the final numbers are the mean over the last this many evaluated rounds (papers: 5).
@@ -67,7 +70,7 @@ class FederationConfig:
     rounds: int = 50
     client_fraction: float = 1.0
     server_lr: float = 1.0
-    max_update_norm: float = 1e4
+    max_update_norm: float | None = None
     eval_every: int = 1
     eval_batch_size: int = 1024
     final_rounds: int = 5
@@ -158,7 +161,8 @@ def experiment_problems(exp: Experiment) -> list[tuple[str, object, str]]:
     need(fed.rounds >= 1, "federation.rounds", fed.rounds, "an integer >= 1")
     need(0 < fed.client_fraction <= 1, "federation.client_fraction", fed.client_fraction, "a fraction in (0, 1]")
     need(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
-    need(fed.max_update_norm > 0, "federation.max_update_norm", fed.max_update_norm, "a norm > 0")
+    need(fed.max_update_norm is None or fed.max_update_norm > 0, "federation.max_update_norm", fed.max_update_norm,
+         "None (no norm limit) or a norm > 0")
     need(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
     need(fed.eval_batch_size >= 1, "federation.eval_batch_size", fed.eval_batch_size, "an integer >= 1")
     need(fed.final_rounds >= 1, "federation.final_rounds", fed.final_rounds, "an integer >= 1")
@@ -239,18 +243,22 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def final_numbers(records: list[dict], final_rounds: int) -> dict[str, float | None]:
-    """A (clean accuracy), ASR, R = 100 - ASR and V = (A + R) / 2, each the mean over the
-    last ``final_rounds`` evaluated rounds, as the SDFC/FDCR papers report."""
+    """Each the mean over the last ``final_rounds`` evaluated rounds, as the SDFC/FDCR papers
+    report: A (clean accuracy); ASR over non-target test images (the headline), R = 100 - ASR
+    and V = (A + R) / 2; and the same over all test images (``ASR_all``, ``R_all``,
+    ``V_all``: the published SDFC/FDCR code's count, what their tables' R means)."""
     evaluated = [r for r in records if r.get("clean_acc") is not None][-final_rounds:]
+    numbers: dict[str, float | None] = dict.fromkeys(("A", "ASR", "R", "V", "ASR_all", "R_all", "V_all"))
     if not evaluated:
-        return {"A": None, "ASR": None, "R": None, "V": None}
-    accuracy = fmean(r["clean_acc"] for r in evaluated)
-    asr_values = [r["asr"] for r in evaluated if r.get("asr") is not None]
-    if not asr_values:
-        return {"A": accuracy, "ASR": None, "R": None, "V": None}
-    asr = fmean(asr_values)
-    robustness = 100.0 - asr
-    return {"A": accuracy, "ASR": asr, "R": robustness, "V": (accuracy + robustness) / 2}
+        return numbers
+    accuracy = numbers["A"] = fmean(r["clean_acc"] for r in evaluated)
+    for key, suffix in (("asr", ""), ("asr_all", "_all")):
+        values = [r[key] for r in evaluated if r.get(key) is not None]
+        if values:
+            asr = fmean(values)
+            numbers[f"ASR{suffix}"], numbers[f"R{suffix}"] = asr, 100.0 - asr
+            numbers[f"V{suffix}"] = (accuracy + 100.0 - asr) / 2
+    return numbers
 
 
 class FederatedRun:
@@ -490,7 +498,7 @@ class FederatedRun:
 
         # 5. evaluation
         evaluation_started = time.perf_counter()
-        metrics: dict[str, Any] = {"clean_acc": None, "clean_loss": None, "asr": None}
+        metrics: dict[str, Any] = {"clean_acc": None, "clean_loss": None, "asr": None, "asr_all": None}
         if self._evaluate_this_round(round_index) and self.rank == 0:
             self.layout.load(self.model, self.global_params)
             self.layout.load_buffers(self.model, self.global_buffers)
@@ -501,6 +509,10 @@ class FederatedRun:
         attacking = [i.attacking for i in infos]
         weight_list = weights.tolist()
         excluded_list = excluded.tolist()
+        # Detection judges the defense: only the updates that passed the screening count.
+        seen = accepted.cpu().tolist()
+        detection = detection_metrics(*([v for v, s in zip(values, seen) if s]
+                                        for values in (attacking, excluded_list, weight_list)))
         return {
             "round": round_index,
             **metrics,
@@ -522,7 +534,7 @@ class FederatedRun:
             "weights": weight_list,
             "excluded": excluded_list,
             "rejected": {str(c): r for c, r in zip(selected, reasons) if r is not None},
-            "detection": detection_metrics(attacking, excluded_list, weight_list),
+            "detection": detection,
             "defense": info,
         }
 
@@ -654,6 +666,7 @@ class FederatedRun:
             "seed": exp.seed,
             "final": final_numbers(self.records, exp.federation.final_rounds),
             "detection": summarise_detection([r["detection"] for r in self.records]),
+            "rejected_updates": dict(Counter(reason for r in self.records for reason in r["rejected"].values())),
             "rounds": len(self.records),
             "malicious_clients": self.malicious,
             "wall_time_s": wall_time,
@@ -675,7 +688,7 @@ def describe_device(device: torch.device) -> str:
 def flat_metrics(record: dict) -> dict[str, float]:
     """The scalar part of a round record, for loggers (W&B)."""
     flat: dict[str, float] = {}
-    for key in ("clean_acc", "clean_loss", "asr", "train_loss", "peak_memory_mb"):
+    for key in ("clean_acc", "clean_loss", "asr", "asr_all", "train_loss", "peak_memory_mb"):
         if record.get(key) is not None:
             flat[key] = record[key]
     for key, value in record["time"].items():

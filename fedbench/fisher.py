@@ -14,7 +14,11 @@
     with the label vector along the class axis, which gives a ``[B, B]`` matrix: L_b is
     the mean of ``log p(y_j | x_i)`` over all pairs (i, j) of the batch, not only i = j.
     The gradients are averaged over batches first and squared last. The model stays in
-    training mode, as in the code.
+    training mode, as in the code (BatchNorm normalises with batch statistics).
+
+Neither estimator changes the model: its buffers (BatchNorm running statistics, which a
+forward pass in training mode updates) are restored exactly to what they were before, so
+a client uploads the buffers its local training left.
 """
 
 from __future__ import annotations
@@ -145,11 +149,17 @@ def published_fisher(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]])
 
 
 def diagonal_fisher(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], estimator: FisherEstimator = "empirical"
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], estimator: FisherEstimator = "published"
 ) -> list[Tensor]:
-    """Per-parameter-tensor diagonal Fisher, in ``named_parameters()`` order."""
-    if estimator == "empirical":
-        return empirical_fisher(model, batches)
-    if estimator == "published":
-        return published_fisher(model, batches)
-    raise ValueError(f"fisher estimator must be 'empirical' or 'published', not {estimator!r}")
+    """Per-parameter-tensor diagonal Fisher, in ``named_parameters()`` order; the model's
+    buffers are left exactly as they were."""
+    compute = {"empirical": empirical_fisher, "published": published_fisher}.get(estimator)
+    if compute is None:
+        raise ValueError(f"fisher estimator must be 'empirical' or 'published', not {estimator!r}")
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        return compute(model, batches)
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved):
+                buffer.copy_(value)

@@ -14,6 +14,8 @@ A grid file (YAML)::
       partition.beta: [0.5, 0.3]
       attack.malicious_fraction: [0.3, 0.2]
       seed: [0, 1]
+    exclude:                     # combinations to leave out: every key given must match
+      - {attack: none, defense: krum}
 
 Axes on ``attack.<arg>``/``defense.<arg>`` apply only to the classes that take that
 argument (``attack: none`` has no malicious fraction), and duplicate cells are merged.
@@ -159,11 +161,24 @@ def _pick(base_choice: Any, chosen: Any) -> dict:
     return picked
 
 
+def _excluded(chosen: dict[str, Any], exclude: list[dict]) -> bool:
+    """Whether an axis combination matches every key of some ``exclude`` entry (attack and
+    defense values compare by label, so ``sdfc`` matches the name in any form)."""
+    return any(all(value_label(chosen[k]) == value_label(v) for k, v in entry.items()) for entry in exclude)
+
+
+def check_exclude(exclude: Any, axes: dict[str, list]) -> None:
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e and set(e) <= set(axes) for e in exclude):
+        raise ConfigError([("grid.exclude", exclude, f"a list of mappings from axis keys ({', '.join(axes)}) "
+                            "to values, e.g. [{attack: none, defense: krum}]")])
+
+
 def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name: str, output: Path,
-                 overrides: dict | None = None) -> list[Cell]:
+                 overrides: dict | None = None, exclude: list[dict] | None = None) -> list[Cell]:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError([(f"axes.{key}", values, "a non-empty list of values")])
+    check_exclude(exclude or [], axes)
     base = copy.deepcopy(base)
     for key, value in (overrides or {}).items():
         _set_path(base, key, value)
@@ -171,6 +186,8 @@ def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name:
     keys = list(axes)
     for combination in itertools.product(*(axes[k] for k in keys)):
         chosen = dict(zip(keys, combination))
+        if _excluded(chosen, exclude or []):
+            continue
         config = copy.deepcopy(base)
         for choice in ("attack", "defense"):
             if choice in chosen:
@@ -204,7 +221,8 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
     if not path.exists():
         raise FedbenchError(f"grid file {path} not found")
     spec = yaml.safe_load(path.read_text()) or {}
-    keys = {"name", "base", "overrides", "axes", "output", "isolate", "jobs", "checkpoint_every", "description"}
+    keys = {"name", "base", "overrides", "axes", "exclude", "output", "isolate", "jobs", "checkpoint_every",
+            "description"}
     unknown = set(spec) - keys
     if unknown:
         raise ConfigError([(f"grid.{k}", spec[k], f"not a grid key ({', '.join(sorted(keys))})")
@@ -225,7 +243,7 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
     overrides = spec.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError([("grid.overrides", overrides, "a mapping of dotted config keys to values")])
-    grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out, overrides)
+    grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out, overrides, spec.get("exclude"))
     return grid
 
 

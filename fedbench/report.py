@@ -1,8 +1,9 @@
 """``fedbench report``: tables and plots from a grid's finished cells.
 
 For each setting (every grid axis but attack, defense and seed: data set, Dirichlet
-beta, malicious fraction, ...) a table with one row per defense and, per attack, A (clean accuracy), ASR and V = (A + (100 - ASR)) / 2,
-each the mean over seeds with its standard deviation (as the SDFC/FDCR papers report
+beta, malicious fraction, ...) a table with one row per defense and, per attack, A (clean
+accuracy), ASR over non-target test images (the headline), ASR over all test images (the
+published SDFC/FDCR count) and V = (A + (100 - ASR)) / 2, each the mean over seeds with its standard deviation (as the SDFC/FDCR papers report
 the mean of the last rounds). Attack ``none`` cells join every malicious fraction of
 their setting. Reads only ``summary.json`` and ``metrics.jsonl`` files: what is not
 finished is not reported.
@@ -42,6 +43,7 @@ class CellResult:
     records: list[dict]
     wall_time_s: float | None = None
     device: str | None = None
+    defense_args: dict | None = None
 
 
 def _fallback_setting(summary: dict) -> Setting:
@@ -77,6 +79,7 @@ def collect(grid_dir: Path) -> list[CellResult]:
             records=read_jsonl(summary_path.parent / METRICS),
             wall_time_s=summary.get("wall_time_s"),
             device=summary.get("device"),
+            defense_args=((summary.get("config") or {}).get("defense") or {}).get("init_args"),
         ))
     return results
 
@@ -143,7 +146,7 @@ def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str
                     continue
                 row: dict[str, Any] = {"setting": setting_label(setting, dataset), "defense": defense,
                                        "attack": attack, "seeds": len(cells)}
-                for key in ("A", "ASR", "R", "V"):
+                for key in ("A", "ASR", "ASR_all", "R", "R_all", "V", "V_all"):
                     row[f"{key}_mean"], row[f"{key}_std"] = mean_std([c.final.get(key) for c in cells])
                 for key in ("tpr", "fpr", "malicious_weight"):
                     row[f"{key}_mean"], _ = mean_std([(c.detection or {}).get(key) for c in cells])
@@ -158,7 +161,8 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
         shown_attacks = [a for a in attacks if any((d, a) in here for d in defenses)]
         header = ["defense"]
         for attack in shown_attacks:
-            header += [f"{attack} A"] if attack == "none" else [f"{attack} A", f"{attack} ASR", f"{attack} V"]
+            header += [f"{attack} A"] if attack == "none" else \
+                [f"{attack} A", f"{attack} ASR non-target", f"{attack} ASR all", f"{attack} V"]
         out.write(f"\n### {setting}\n\n")
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for defense in defenses:
@@ -167,7 +171,7 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
             cells = [defense]
             for attack in shown_attacks:
                 row = here.get((defense, attack))
-                keys = ["A"] if attack == "none" else ["A", "ASR", "V"]
+                keys = ["A"] if attack == "none" else ["A", "ASR", "ASR_all", "V"]
                 for key in keys:
                     cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-")
             out.write("| " + " | ".join(cells) + " |\n")
@@ -248,6 +252,18 @@ def plot_heatmap(rows: list[dict], setting, defenses, attacks, key: str, path: P
     plt.close(fig)
 
 
+def defense_settings(results: list[CellResult], defenses: list[str]) -> str:
+    """One line per defense label with the arguments its cells ran with (estimator, f, ...),
+    so every table says which variant a row is; differing cells are flagged."""
+    lines = []
+    for defense in defenses:
+        used = {json.dumps(r.defense_args or {}, sort_keys=True) for r in results if r.defense == defense}
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(u).items()) or "no arguments" for u in sorted(used))
+        note = " (cells differ)" if len(used) > 1 else ""
+        lines.append(f"- `{defense}`: {shown}{note}")
+    return "Defenses as run (f=None: the expected number of attackers):\n\n" + "\n".join(lines) + "\n"
+
+
 def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> dict:
     results = collect(grid_dir)
     if not results:
@@ -276,9 +292,12 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
     if command and grid_info.get("file"):
         command = f"fedbench grid {grid_info['file']}` then `{command}"
     text = [f"# Results: {title}\n",
-            f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy, ASR = attack success rate "
-            "over non-target test images, V = (A + 100 - ASR) / 2; each the mean of the last rounds "
-            "(mean±std over seeds).\n"]
+            f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy; ASR non-target = attack "
+            "success rate over test images whose true label is not the target (the headline); ASR all = the "
+            "same over every test image (how the published SDFC/FDCR code counts; R in their tables is "
+            "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of the last rounds (mean±std over "
+            "seeds). A defense label without arguments runs its defaults (sdfc: the published Fisher "
+            "estimator; Krum, Multi-Krum, trimmed mean: f = the expected number of attackers).\n"]
     if command:
         text.append(f"Made by: `{command}`\n")
     timed = [r.wall_time_s for r in results if r.wall_time_s is not None]
@@ -288,6 +307,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
         parallel = f", {jobs} cells at a time" if jobs > 1 else ""
         text.append(f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
                     f"slowest cell {max(timed):.0f} s) on {devices}.\n")
+    text.append(defense_settings(results, defenses))
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     write_atomic(out_dir / "results.md", "\n".join(text))

@@ -1,10 +1,12 @@
 """Screening of client updates before any defense sees them.
 
 An update is rejected, with the reason recorded, when it has the wrong size
-(``wrong_size``), any NaN or Inf (``non_finite``), or an L2 norm above
-``max_update_norm`` (``norm_above_limit``). Rejected clients get weight 0 and count as
-excluded; the defense aggregates the rest. If every client is rejected the global model
-does not move.
+(``wrong_size``) or any NaN or Inf (``non_finite``): a crash guard for every defense,
+FedAvg included, not a defense. A norm limit (``norm_above_limit``) applies only when a
+user sets ``federation.max_update_norm``; by default there is none, so FedAvg is plain
+FedAvg. Rejected clients get weight 0 and are marked excluded; the defense aggregates the
+rest, and detection metrics count only the updates the defense saw (rejections are
+reported apart, per reason). If every client is rejected the global model does not move.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import torch
 from torch import Tensor
 
 
-def screen_updates(updates: Tensor, max_norm: float) -> tuple[Tensor, list[str | None]]:
+def screen_updates(updates: Tensor, max_norm: float | None) -> tuple[Tensor, list[str | None]]:
     """``(accepted [n] bool, reason per client or None)`` for stacked ``[n, d]`` updates."""
     finite = torch.isfinite(updates).all(dim=1)
-    norms = torch.linalg.vector_norm(torch.where(finite.unsqueeze(1), updates, 0.0), dim=1)
-    within = norms <= max_norm
+    if max_norm is None:
+        within = torch.ones_like(finite)
+    else:
+        norms = torch.linalg.vector_norm(torch.where(finite.unsqueeze(1), updates, 0.0), dim=1)
+        within = norms <= max_norm
     reasons: list[str | None] = []
     for ok_finite, ok_norm in zip(finite.tolist(), within.tolist()):
         reasons.append(None if ok_finite and ok_norm else ("non_finite" if not ok_finite else "norm_above_limit"))

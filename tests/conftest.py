@@ -121,3 +121,61 @@ def tiny_experiment(root: Path, out: Path, **sections):
     )
     defaults.update(sections)
     return Experiment(**defaults)
+
+
+# ---------------------------------------------------------------------------------------
+# Independent references for tests: a model's parameters as one vector, and local SGD
+# written out by hand (not through fedbench.client.LocalTrainer or torch.optim).
+
+
+def flat_params(model) -> "torch.Tensor":
+    """Trainable parameters in ``named_parameters()`` order, as one float vector."""
+    import torch
+
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def load_flat(model, flat) -> None:
+    """Copy a flat vector (``named_parameters()`` order) into the model's parameters."""
+    import torch
+
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+    assert offset == len(flat), "vector and model disagree on the number of parameters"
+
+
+def endless_training_batches(data, pipeline, train_config, generator, poison=None):
+    """Training batches epoch after epoch from one generator, as a client draws them."""
+    from fedbench.client import iterate_batches
+
+    while True:
+        yield from iterate_batches(data, pipeline, train_config.batch_size, generator, train=True,
+                                   drop_last=train_config.drop_last, poison=poison)
+
+
+def sgd_by_hand(model, batches, steps: int, lr: float, momentum: float, weight_decay: float, extra_loss=None) -> None:
+    """``steps`` steps of SGD on cross-entropy (+ ``extra_loss()``), written out:
+    ``d = g + wd * p``; ``buf = d`` at the first step, then ``buf = momentum * buf + d``;
+    ``p -= lr * buf`` (PyTorch's SGD without dampening or Nesterov)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocity = [None] * len(params)
+    model.train()
+    batches = iter(batches)
+    for _ in range(steps):
+        inputs, labels = next(batches)
+        loss = F.cross_entropy(model(inputs), labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                d = g + weight_decay * p
+                velocity[i] = d.clone() if velocity[i] is None else momentum * velocity[i] + d
+                p -= lr * velocity[i]

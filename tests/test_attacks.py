@@ -20,9 +20,9 @@ def ready(attack, size: int = 32, channels: int = 3, num_classes: int = 10):
     return attack
 
 
-def changed_pixels(attack, part=None, size=32, channels=3):
+def changed_pixels(attack, parts=None, size=32, channels=3):
     x = torch.full((1, channels, size, size), -7.0)  # a value no trigger writes
-    out = attack.apply_trigger(x, part)[0]
+    out = attack.apply_trigger(x, parts)[0]
     return {tuple(i) for i in (out != -7.0).nonzero().tolist()}, out
 
 
@@ -64,7 +64,7 @@ def test_blended_mixes_every_pixel_with_a_seeded_pattern():
 
 def test_dba_parts_are_disjoint_strips_that_tile_the_global_trigger():
     attack = ready(DBA())
-    parts = [changed_pixels(attack, part)[0] for part in range(4)]
+    parts = [changed_pixels(attack, (part,))[0] for part in range(4)]
     whole, _ = changed_pixels(attack, None)
     assert parts[0] == {(ch, 0, c) for ch in range(3) for c in range(0, 6)}
     assert parts[1] == {(ch, 0, c) for ch in range(3) for c in range(9, 15)}
@@ -79,11 +79,23 @@ def test_dba_scales_positions_to_other_image_sizes():
     assert DBA.strips(28) == [(0, 0, 5), (0, 8, 5), (4, 0, 5), (4, 8, 5)]
 
 
-def test_dba_client_part_is_its_attacker_rank_mod_4():
-    attack = ready(DBA())
-    parts = [attack.part_of(ClientInfo(client_id=9, round=0, malicious=True, attacking=True, attacker_rank=rank))
-             for rank in range(6)]
-    assert parts == [0, 1, 2, 3, 0, 1]
+@pytest.mark.parametrize("attackers,expected", [
+    (1, [(0, 1, 2, 3)]),
+    (2, [(0, 2), (1, 3)]),
+    (3, [(0, 3), (1,), (2,)]),
+    (4, [(0,), (1,), (2,), (3,)]),
+    (5, [(0,), (1,), (2,), (3,), (0,)]),
+])
+def test_every_dba_part_is_trained_by_some_attacker(attackers, expected):
+    # 10 clients; malicious_fraction chosen so that exactly `attackers` are malicious.
+    attack = ready(DBA(malicious_fraction=attackers / 10))
+    assert attack.num_malicious(10) == attackers
+    given = [attack.parts_of(ClientInfo(client_id=9, round=0, malicious=True, attacking=True, attacker_rank=rank))
+             for rank in range(attackers)]
+    assert given == expected
+    whole, _ = changed_pixels(attack, None)
+    stamped = set().union(*(changed_pixels(attack, parts)[0] for parts in given))
+    assert stamped == whole, "the union of what attackers stamp is the evaluation trigger"
 
 
 def test_only_the_chosen_fraction_is_poisoned_and_its_labels_flip_to_the_target():
@@ -130,7 +142,7 @@ class LabelReader(torch.nn.Module):
         return torch.nn.functional.one_hot(labels, 10).float()
 
 
-def test_asr_counts_only_images_whose_true_label_is_not_the_target():
+def test_asr_is_reported_over_non_target_images_and_over_all_images():
     labels = torch.arange(10).repeat(10)  # 10 images of each class
     images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
     images[:, 0, 16, 16] = labels.to(torch.uint8)
@@ -139,9 +151,7 @@ def test_asr_counts_only_images_whose_true_label_is_not_the_target():
     result = evaluate(LabelReader(), test, honest.env.pipeline, honest, 10)
     assert result["clean_acc"] == pytest.approx(100.0)
     assert result["asr"] == 0.0, "a model that ignores the trigger has no backdoor"
-    counting_target = ready(PixelPattern(target_label=2, asr_counts_target=True))
-    result = evaluate(LabelReader(), test, counting_target.env.pipeline, counting_target, 10)
-    assert result["asr"] == pytest.approx(10.0), "the inflated count some suites report"
+    assert result["asr_all"] == pytest.approx(10.0), "the published count: the 10 target-class images hit"
 
 
 def test_every_attack_is_registered_under_its_cli_name():

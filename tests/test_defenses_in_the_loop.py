@@ -1,39 +1,284 @@
-"""Defenses inside the round loop: each runs with attackers; verdicts reach the metrics."""
+"""Defenses inside the round loop, each checked against a computation done here: the
+aggregation rule in numpy on the updates the clients really sent, and clean accuracy and
+ASR by evaluating the final global model in an explicit loop."""
 
+import numpy as np
 import pytest
 import torch
 
 from attacks.badnets import BadNets
 from attacks.pixel_pattern import PixelPattern
-from conftest import tiny_experiment
+from conftest import endless_training_batches, flat_params, load_flat, sgd_by_hand, tiny_experiment
 from defenses import DEFENSES
 from defenses.fltrust import FLTrust
 from defenses.multi_krum import MultiKrum
 from fedbench.engine import FederatedRun, FederationConfig
+from fedbench.models import build_model
+from fedbench.seeding import torch_generator
 
 BASELINES = ["fedavg", "norm_clipping", "krum", "multi_krum", "trimmed_mean", "median", "fltrust"]
+# trimmed_mean: one value trimmed per side (f = 1, the one attacker among 5 clients).
+ARGUMENTS = {"trimmed_mean": {"f": 1}}
+ATOL = 1e-6
+
+
+def fltrust_reference(updates: np.ndarray, g0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cao et al., NDSS 2021: TS_k = ReLU(cos(g_k, g0)); aggregate =
+    sum_k TS_k * g_k * ||g0|| / ||g_k|| / sum_k TS_k (no move when every TS_k is 0)."""
+    norm0 = np.linalg.norm(g0)
+    trust = np.array([max(float(g @ g0) / (np.linalg.norm(g) * norm0), 0.0) for g in updates])
+    if trust.sum() == 0:
+        return np.zeros_like(g0), trust
+    total = sum(t * g * norm0 / np.linalg.norm(g) for t, g in zip(trust, updates))
+    return total / trust.sum(), trust
+
+
+def reference_aggregate(name: str, updates: np.ndarray, counts: np.ndarray, f: int, g0=None):
+    """(aggregate, verdict weights) of each baseline, from its paper's definition, in float64."""
+    n = len(updates)
+    fedavg_weights = counts / counts.sum()
+    if name == "fedavg":
+        return fedavg_weights @ updates, fedavg_weights
+    if name == "norm_clipping":  # M = median of all norms; g * min(1, M / ||g||); sample-weighted
+        norms = np.linalg.norm(updates, axis=1)
+        bound = np.median(norms)
+        clipped = np.stack([g * min(1.0, bound / norm) for g, norm in zip(updates, norms)])
+        return fedavg_weights @ clipped, fedavg_weights
+    if name in ("krum", "multi_krum"):  # score_i = sum of the n - f - 2 smallest ||g_i - g_j||^2, j != i
+        scores = []
+        for i in range(n):
+            distances = sorted(float(((updates[i] - updates[j]) ** 2).sum()) for j in range(n) if j != i)
+            scores.append(sum(distances[: n - f - 2]))
+        order = sorted(range(n), key=lambda i: (scores[i], i))
+        chosen = order[:1] if name == "krum" else order[: n - f]
+        weights = np.zeros(n)
+        weights[chosen] = 1.0 / len(chosen)
+        return updates[chosen].mean(axis=0), weights
+    if name in ("trimmed_mean", "median"):
+        k = 1 if name == "trimmed_mean" else (n - 1) // 2
+        ordered = np.sort(updates, axis=0)
+        aggregate = np.median(updates, axis=0) if name == "median" else ordered[k : n - k].mean(axis=0)
+        inside = ((updates >= ordered[k]) & (updates <= ordered[n - k - 1])).sum(axis=1).astype(np.float64)
+        return aggregate, inside / inside.sum()
+    if name == "fltrust":
+        aggregate, trust = fltrust_reference(updates, g0)
+        return aggregate, trust / trust.sum()
+    raise KeyError(name)
+
+
+PIXELS = [(row, col) for row in (0, 2) for col in (0, 1, 2, 4, 5, 6)]
+
+
+def evaluate_by_hand(run: FederatedRun, target: int) -> dict:
+    """The global model's metrics in a plain loop: inputs are the test images / 255, grey
+    repeated to 3 channels, normalised with Fashion-MNIST's (= MNIST's) 0.1307 / 0.3081;
+    the trigger sets channel 0 of 12 top-left pixels (rows 0 and 2, columns 0-2 and 4-6)
+    to 1.0 in that normalised space. ``asr`` counts only test images whose true label is
+    not the target, ``asr_all`` every test image. Percent; ``loss`` the mean cross-entropy."""
+    data = run.data
+    model = build_model("simple_cnn", data.num_classes, 3, int(data.test.images.shape[-1]))
+    load_flat(model, run.global_params.cpu())
+    model.eval()
+    correct = hits = counted = hits_all = flips = 0
+    loss = 0.0
+    classes = set()
+    with torch.no_grad():
+        for start in range(0, len(data.test), 64):
+            images = data.test.images[start : start + 64].cpu()
+            labels = data.test.labels[start : start + 64].cpu()
+            x = ((images.float() / 255.0 - 0.1307) / 0.3081).expand(-1, 3, -1, -1).clone()
+            logits = model(x).double()
+            clean = logits.argmax(dim=1)
+            for row, col in PIXELS:
+                x[:, 0, row, col] = 1.0
+            triggered = model(x).argmax(dim=1)
+            for i, label in enumerate(labels.tolist()):
+                loss -= float(logits[i].log_softmax(dim=0)[label])
+                correct += int(clean[i]) == label
+                classes.add(int(clean[i]))
+                flips += int(clean[i]) != int(triggered[i])
+                hits_all += int(triggered[i]) == target
+                if label != target:
+                    counted += 1
+                    hits += int(triggered[i]) == target
+    n = len(data.test)
+    return {"clean_acc": 100.0 * correct / n, "clean_loss": loss / n, "asr": 100.0 * hits / counted,
+            "asr_all": 100.0 * hits_all / n, "classes": len(classes), "flips": flips}
+
+
+def assert_metrics_match(record: dict, mine: dict) -> None:
+    assert record["clean_acc"] == pytest.approx(mine["clean_acc"], abs=1e-4)
+    assert record["clean_loss"] == pytest.approx(mine["clean_loss"], rel=1e-5)
+    assert record["asr"] == pytest.approx(mine["asr"], abs=1e-4)
+    if record.get("asr_all") is not None:
+        assert record["asr_all"] == pytest.approx(mine["asr_all"], abs=1e-4)
+
+
+def partially_backdoored_model(num_classes: int, target: int, strength: float) -> torch.nn.Module:
+    """A simple_cnn built by hand whose clean predictions vary and whose trigger moves only
+    some of them to the target. Clean inputs are grey repeated to 3 channels, so channel 0
+    minus channel 1 is 0 everywhere except on the trigger's pixels: conv1 filter 0 computes
+    that difference and an isolated chain of units carries it to the target's logit with
+    weight ``strength``. Every other weight is N(0, 0.1^2), seeded."""
+    model = build_model("simple_cnn", num_classes, 3, 32)
+    generator = torch.Generator().manual_seed(0)
+    m = model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        m.conv1.weight[0] = 0
+        m.conv1.weight[0, 0, 0, 0], m.conv1.weight[0, 1, 0, 0], m.conv1.bias[0] = 1.0, -1.0, 0.0
+        m.conv2.weight[:, 0] = 0
+        m.conv2.weight[0], m.conv2.bias[0] = 0.0, 0.0
+        m.conv2.weight[0, 0] = 1.0
+        for layer, inputs in ((m.fc1, slice(0, 25)), (m.fc2, slice(0, 1)), (m.l1, slice(0, 1)), (m.l2, slice(0, 1))):
+            layer.weight[:, inputs] = 0
+            layer.weight[0], layer.bias[0] = 0.0, 0.0
+            layer.weight[0, inputs] = 1.0
+        m.cls.weight[:, 0] = 0
+        m.cls.weight[target, 0] = strength
+    return model
+
+
+def spy_on_clients(run: FederatedRun) -> dict[int, torch.Tensor]:
+    """Record every update a client hands to the server (train_client's output)."""
+    sent: dict[int, torch.Tensor] = {}
+    train_client = run.train_client
+
+    def recording(client):
+        result = train_client(client)
+        sent[client.client_id] = result["update"].detach().clone()
+        return result
+
+    run.train_client = recording
+    return sent
+
+
+def spy_on_server_training(defense) -> list[torch.Tensor]:
+    """Record FLTrust's server update g0 (what the engine's server_train returns)."""
+    made: list[torch.Tensor] = []
+    server_train = defense.env.server_train
+
+    def recording(*args):
+        update = server_train(*args)
+        made.append(update.detach().clone())
+        return update
+
+    defense.env.server_train = recording
+    return made
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_every_defense_completes_rounds_with_attackers(tiny_root, tmp_path, name):
-    exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.2),
-                          defense=DEFENSES.get(name)(),
+def test_every_defense_aggregates_and_evaluates_as_an_independent_computation(tiny_root, tmp_path, name):
+    attack = PixelPattern(malicious_fraction=0.2)  # client 4 attacks
+    exp = tiny_experiment(tiny_root, tmp_path, attack=attack, defense=DEFENSES.get(name)(**ARGUMENTS.get(name, {})),
                           federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1))
-    summary = FederatedRun(exp).run()
-    assert summary["final"]["ASR"] is not None and summary["detection"]["rounds"] == 2
-    assert torch.isfinite(torch.tensor(summary["final"]["A"]))
+    run = FederatedRun(exp)
+    sent = spy_on_clients(run)
+    server_updates = spy_on_server_training(exp.defense) if name == "fltrust" else []
+    counts = np.array([len(s) for s in run.client_sets], dtype=np.float64)
+    f = attack.num_malicious(5)
+    assert f == 1
+    records = []
+    for round_index in range(2):
+        start = run.global_params.double().cpu().numpy()
+        sent.clear()
+        record = run.run_round(round_index)
+        run.records.append(record)
+        records.append(record)
+        assert record["clients"] == [0, 1, 2, 3, 4] and record["attacking"] == [False] * 4 + [True]
+        updates = np.stack([sent[c].double().cpu().numpy() for c in record["clients"]])
+        g0 = server_updates[-1].double().cpu().numpy() if server_updates else None
+        expected, weights = reference_aggregate(name, updates, counts[record["clients"]], f, g0)
+        moved = run.global_params.double().cpu().numpy() - start
+        np.testing.assert_allclose(moved, expected, rtol=0, atol=ATOL, err_msg=f"{name}, round {round_index}")
+        np.testing.assert_allclose(record["weights"], weights, rtol=0, atol=1e-6)
+        if name != "fedavg":
+            fedavg = reference_aggregate("fedavg", updates, counts, f)[0]
+            assert np.abs(expected - fedavg).max() > 100 * ATOL, "the rule differs measurably from FedAvg"
+
+    mine = evaluate_by_hand(run, attack.target_label)
+    assert_metrics_match(records[-1], mine)
+    summary = run.summary(0.0)
+    final = summary["final"]  # final_rounds = 1: the last round's numbers
+    assert final["A"] == pytest.approx(mine["clean_acc"], abs=1e-4)
+    assert final["ASR"] == pytest.approx(mine["asr"], abs=1e-4)
+    assert summary["detection"]["rounds"] == 2
 
 
-def test_fltrust_trains_a_real_server_update_on_a_root_set_from_the_server_split(tiny_root, tmp_path):
-    exp = tiny_experiment(tiny_root, tmp_path, defense=FLTrust(root_size=20),
-                          federation=FederationConfig(num_clients=4, rounds=1, final_rounds=1))
+def test_round_metrics_equal_an_independent_evaluation_of_a_partially_backdoored_model(tiny_root, tmp_path):
+    # Two rounds of tiny training leave a model that predicts one class, on which accuracy
+    # and ASR checks are weak; here the global model is one built by hand whose predictions
+    # vary and whose trigger works on about half of the images. Every update is rejected by
+    # screening (max_update_norm 1e-12), so the round evaluates exactly that model.
+    attack = PixelPattern(malicious_fraction=0.2)
+    exp = tiny_experiment(tiny_root, tmp_path, attack=attack,
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1, max_update_norm=1e-12))
+    run = FederatedRun(exp)
+    crafted = flat_params(partially_backdoored_model(run.data.num_classes, attack.target_label, 0.03))
+    run.global_params = crafted.to(run.global_params.device)
+    record = run.run_round(0)
+    assert record["rejected"] == {str(c): "norm_above_limit" for c in range(5)}
+    assert torch.equal(run.global_params.cpu(), crafted)
+    mine = evaluate_by_hand(run, attack.target_label)
+    assert mine["classes"] >= 3 and mine["flips"] >= 30, "varied predictions that the trigger changes"
+    assert 20 < mine["asr"] < 90 and abs(mine["asr"] - mine["asr_all"]) > 1, "the non-target count matters"
+    assert_metrics_match(record, mine)
+
+
+def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.2),
+                          defense=FLTrust(root_size=20),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
     run = FederatedRun(exp)
     root = exp.defense.root_set
     server_rows = {tuple(img.flatten().tolist()) for img in run.data.server.images}
     assert len(root) == 20 and all(tuple(img.flatten().tolist()) in server_rows for img in root.images)
+
+    sent = spy_on_clients(run)
+    server_updates = spy_on_server_training(exp.defense)
+    outputs = []
+    aggregate = exp.defense.aggregate
+    exp.defense.aggregate = lambda *args: outputs.append(aggregate(*args)) or outputs[-1]
+    start = run.global_params.clone()
     record = run.run_round(0)
-    assert record["defense"]["server_norm"] > 0
-    assert record["defense"]["server_steps"] == int(torch.tensor(record["local_steps"]).median())
+    (g0,) = server_updates
+    (out,) = outputs
+
+    # g0: the paper's server update, the global model trained on the root set with the clients'
+    # optimizer for the clients' number of local iterations, here redone by hand.
+    train = exp.train
+    model = build_model("simple_cnn", run.data.num_classes, 3, int(root.images.shape[-1]))
+    load_flat(model, start.cpu())
+    batches = endless_training_batches(root, run.data.pipeline, train, torch_generator(exp.seed, "server", 0))
+    sgd_by_hand(model, batches, train.local_steps, train.lr, train.momentum, train.weight_decay)
+    by_hand = (flat_params(model) - start.cpu()).double().numpy()
+    g0 = g0.double().cpu().numpy()
+    assert np.linalg.norm(by_hand) > 1e-2
+    np.testing.assert_allclose(g0, by_hand, rtol=0, atol=1e-6)
+
+    # The rule, in numpy, on the updates the clients sent and that g0.
+    updates = np.stack([sent[c].double().cpu().numpy() for c in record["clients"]])
+    expected, trust = fltrust_reference(updates, g0)
+    assert trust.max() > 0.1 and trust.max() - trust.min() > 0.1, "unequal trust: the weighting matters"
+    np.testing.assert_allclose(out.update.double().cpu().numpy(), expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(out.weights.double().cpu().numpy(), trust / trust.sum(), rtol=0, atol=1e-6)
+    assert out.excluded.tolist() == (trust == 0).tolist() == record["excluded"]
+    np.testing.assert_allclose((run.global_params - start).double().cpu().numpy(), expected, rtol=0, atol=ATOL)
+    plain = updates.mean(axis=0)
+    assert np.abs(expected - plain).max() > 100 * ATOL, "the rule differs measurably from a plain mean"
+    assert record["defense"]["server_norm"] == pytest.approx(np.linalg.norm(g0), rel=1e-6)
+
+    # The same updates plus the most trusted one flipped (trust 0: excluded) and scaled up 30x
+    # (rescaled to ||g0||, so it counts no more than the original).
+    best = int(np.argmax(trust))
+    more = np.vstack([updates, -updates[best], 30 * updates[best]])
+    expected, more_trust = fltrust_reference(more, g0)
+    out = FLTrust.combine(torch.from_numpy(more).float(), torch.from_numpy(g0).float())
+    assert more_trust[5] == 0 and more_trust[6] == pytest.approx(trust[best])
+    np.testing.assert_allclose(out.update.double().numpy(), expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(out.weights.double().numpy(), more_trust / more_trust.sum(), rtol=0, atol=1e-6)
+    assert out.excluded.tolist() == (more_trust == 0).tolist()
 
 
 def test_excluded_clients_show_up_in_the_detection_metrics(tiny_root, tmp_path):

@@ -1,14 +1,17 @@
 import json
 from statistics import fmean
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import real_data_root, tiny_experiment
+from conftest import endless_training_batches, flat_params, load_flat, real_data_root, sgd_by_hand, tiny_experiment
 from fedbench.client import LocalTrainConfig
 from fedbench.data import DataConfig
 from fedbench.engine import FederatedRun, FederationConfig, final_numbers, run_experiment
+from fedbench.models import build_model
 from fedbench.results import read_jsonl
+from fedbench.seeding import derive_seed, torch_generator
 
 NUMBERS = ("clean_acc", "clean_loss", "asr", "train_loss", "update_norms", "weights", "local_steps")
 
@@ -32,18 +35,38 @@ def test_short_run_writes_per_round_metrics_and_a_summary(tiny_root, tmp_path):
 
 
 def test_fedavg_global_model_is_the_sample_weighted_mean_of_client_models(tiny_root, tmp_path):
+    # Every client model is trained again here by hand (SGD written out in conftest, on the
+    # batches a generator seeded as the engine seeds client c in round 0 draws), then averaged
+    # with n_k / sum(n) in numpy. Nothing of the engine's training or aggregation is reused.
     exp = tiny_experiment(tiny_root, tmp_path, federation=FederationConfig(num_clients=4, rounds=1, final_rounds=1))
     run = FederatedRun(exp)
-    start = run.global_params.clone()
-    client_models = []
+    data, train = run.data, exp.train
+    channels, size = data.pipeline.channels, int(data.client_pool.images.shape[-1])
+    torch.manual_seed(derive_seed(exp.seed, "model_init"))
+    start = flat_params(build_model(exp.model.name, data.num_classes, channels, size))
+    assert torch.equal(run.global_params.cpu(), start), "the starting model is the seeded build_model"
+
+    client_models, counts = [], []
     for cid in range(4):
-        result = run.train_client(run.client_info(cid, 0))
-        client_models.append(start + result["update"])
-    run.global_params = start
-    run.run_round(0)
-    weights = run.num_samples.double() / run.num_samples.sum()
-    expected = sum(w * m.double() for w, m in zip(weights, client_models))
-    assert torch.allclose(run.global_params.double(), expected, atol=1e-6)
+        model = build_model(exp.model.name, data.num_classes, channels, size)
+        load_flat(model, start)
+        generator = torch_generator(exp.seed, "train", 0, cid)
+        batches = endless_training_batches(run.client_sets[cid], data.pipeline, train, generator)
+        sgd_by_hand(model, batches, train.local_steps, train.lr, train.momentum, train.weight_decay)
+        client_models.append(flat_params(model).double().numpy())
+        counts.append(len(run.client_sets[cid]))
+    counts = np.array(counts, dtype=np.float64)
+    assert counts.sum() == 1080 and len(set(counts)) > 1, "unequal clients, so weighting matters"
+    expected = (counts / counts.sum()) @ np.stack(client_models)
+
+    record = run.run_round(0)
+    assert record["local_steps"] == [train.local_steps] * 4
+    got = run.global_params.double().cpu().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # The tolerance is far below what a wrong rule would be off by:
+    unweighted = np.stack(client_models).mean(axis=0)
+    assert np.abs(expected - unweighted).max() > 1e-4, "weighted and plain mean differ by > 100x atol"
+    assert np.abs(expected - start.double().numpy()).max() > 1e-3, "so do trained and starting model"
 
 
 def test_same_config_and_seed_give_bit_identical_numbers(tiny_root, tmp_path):
@@ -71,9 +94,11 @@ def test_local_epochs_mode_counts_steps_with_drop_last(tiny_root, tmp_path):
 
 
 def test_round_metrics_are_final_numbers_of_the_last_rounds():
-    records = [{"clean_acc": a, "asr": s} for a, s in [(10, 90), (50, 80), (70, 40), (80, 20)]]
+    records = [{"clean_acc": a, "asr": s, "asr_all": t} for a, s, t in [(10, 90, 91), (50, 80, 82), (70, 40, 46),
+                                                                         (80, 20, 28)]]
     final = final_numbers(records, 2)
-    assert final == {"A": 75, "ASR": 30, "R": 70, "V": 72.5}
+    # By hand: A = (70 + 80) / 2, ASR = (40 + 20) / 2, ASR_all = (46 + 28) / 2 = 37.
+    assert final == {"A": 75, "ASR": 30, "R": 70, "V": 72.5, "ASR_all": 37, "R_all": 63, "V_all": 69}
 
 
 @pytest.mark.skipif(real_data_root() is None, reason="no real Fashion-MNIST copy on this machine")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedbench.grid import expand_cells, load_grid
+from fedbench.errors import ConfigError
+from fedbench.grid import expand_cells, load_grid, value_label
 
 
 def write_grid(tmp_path: Path, root: Path, axes: dict, rounds: int = 2) -> Path:
@@ -124,8 +125,16 @@ def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
         ("fedavg", "badnets"), ("fedavg", "pixel_pattern"), ("median", "badnets"), ("median", "pixel_pattern")]
     assert all(r["seeds"] == "2" for r in rows)
     table = (tmp_path / "report" / "results.md").read_text()
-    assert "| defense | pixel_pattern A | pixel_pattern ASR | pixel_pattern V | badnets A |" in table
+    assert ("| defense | pixel_pattern A | pixel_pattern ASR non-target | pixel_pattern ASR all | pixel_pattern V "
+            "| badnets A |") in table
+    fedavg = {r["attack"]: r for r in rows if r["defense"] == "fedavg"}["pixel_pattern"]
+    fedavg_cells = [s for s in (json.loads(p.read_text()) for p in (out / "cells").glob("*/summary.json"))
+                    if s["defense"] == "fedavg" and s["attack"] == "pixel_pattern"]
+    for key in ("ASR", "ASR_all"):
+        expected = sum(c["final"][key] for c in fedavg_cells) / len(fedavg_cells)
+        assert float(fedavg[f"{key}_mean"]) == pytest.approx(expected, abs=1e-3), key
     assert table.count("| fedavg |") == 1 and table.count("| median |") == 1
+    assert "- `fedavg`: no arguments" in table
     assert f"Made by: `fedbench grid {path}` then `fedbench report {out} --out {tmp_path / 'report'}`" in table
     summaries = [json.loads(p.read_text()) for p in (out / "cells").glob("*/summary.json")]
     assert f"Run time: {sum(s['wall_time_s'] for s in summaries) / 60:.1f} min for 8 cells" in table
@@ -168,3 +177,31 @@ def test_jobs_must_be_a_positive_integer(tiny_root, tmp_path):
     result = subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--jobs", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "jobs=0: an integer >= 1" in result.stderr
+
+
+def test_exclude_leaves_out_the_matching_combinations(tmp_path):
+    axes = {"attack": ["none", "pixel_pattern"], "defense": ["fedavg", "krum", {"class_path": "sdfc"}], "seed": [0, 1]}
+    cells = expand_cells({}, axes, 5, "g", tmp_path,
+                         exclude=[{"attack": "none", "defense": "krum"}, {"attack": "none", "defense": "sdfc"}])
+    kept = {(c.axes["attack"], value_label(c.axes["defense"]), c.axes["seed"]) for c in cells}
+    every = {(a, value_label(d), s) for a in axes["attack"] for d in axes["defense"] for s in axes["seed"]}
+    assert kept == every - {("none", d, s) for d in ("krum", "sdfc") for s in (0, 1)}
+    assert len(cells) == 12 - 4
+
+
+def test_an_exclude_entry_naming_no_axis_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        expand_cells({}, {"attack": ["none"]}, 5, "g", tmp_path, exclude=[{"defence": "krum"}])
+    assert err.value.problems[0][0] == "grid.exclude"
+
+
+def test_report_names_the_arguments_each_defense_ran_with():
+    from fedbench.report import CellResult, defense_settings
+
+    def cell(defense, args):
+        return CellResult("c", "fashion_mnist", (), "pixel_pattern", defense, 0, {}, None, [], defense_args=args)
+
+    text = defense_settings([cell("sdfc", {"estimator": "published", "calibration_lambda": 1.0}),
+                             cell("krum", {"f": None}), cell("krum", {"f": 2})], ["sdfc", "krum"])
+    assert "- `sdfc`: calibration_lambda=1.0, estimator=published\n" in text
+    assert "- `krum`: f=2; f=None (cells differ)" in text

@@ -35,24 +35,39 @@ class InfUpdate(Attack):
         return update
 
 
-@pytest.mark.parametrize("attack,reason", [
-    (NaNUpdate(malicious_fraction=0.4), "non_finite"),
-    (InfUpdate(malicious_fraction=0.4), "non_finite"),
-    (HugeUpdate(malicious_fraction=0.4), "norm_above_limit"),
-    (ShortUpdate(malicious_fraction=0.4), "wrong_size"),
+@pytest.mark.parametrize("attack,reason,max_norm", [
+    (NaNUpdate(malicious_fraction=0.4), "non_finite", None),
+    (InfUpdate(malicious_fraction=0.4), "non_finite", None),
+    (HugeUpdate(malicious_fraction=0.4), "norm_above_limit", 1e4),
+    (ShortUpdate(malicious_fraction=0.4), "wrong_size", None),
 ])
-def test_faulty_updates_are_screened_recorded_and_the_run_goes_on(tiny_root, tmp_path, attack, reason):
+def test_faulty_updates_are_screened_recorded_and_the_run_goes_on(tiny_root, tmp_path, attack, reason, max_norm):
     exp = tiny_experiment(tiny_root, tmp_path, attack=attack,
-                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2))
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2,
+                                                      max_update_norm=max_norm))
     run = FederatedRun(exp)
     summary = run.run()
     assert torch.isfinite(run.global_params).all()
     for record in run.records:
         assert record["rejected"] == {"3": reason, "4": reason}
         assert record["weights"][3:] == [0.0, 0.0] and record["excluded"][3:] == [True, True]
-        assert record["detection"]["tpr"] == 1.0 and record["detection"]["fpr"] == 0.0
+        assert record["detection"] is None, "the screening, not the defense, stopped both attackers"
         assert abs(sum(record["weights"]) - 1) < 1e-6
+    assert summary["rejected_updates"] == {reason: 4} and summary["detection"] is None
     assert summary["final"]["A"] > 0
+
+
+def test_without_a_norm_limit_fedavg_is_plain_fedavg_even_for_a_huge_update(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=HugeUpdate(malicious_fraction=0.2),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    start = run.global_params.clone()
+    record = run.run_round(0)
+    assert record["rejected"] == {} and record["excluded"] == [False] * 5
+    counts = run.num_samples.double()
+    assert record["weights"] == pytest.approx((counts / counts.sum()).tolist())
+    moved = float(torch.linalg.vector_norm(run.global_params.double() - start.double()))
+    assert moved > 1e4, "the huge update moved the model past the old default limit of 1e4"
 
 
 def test_when_every_update_is_rejected_the_global_model_does_not_move(tiny_root, tmp_path):

@@ -2,16 +2,21 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from attacks.pixel_pattern import PixelPattern
 from attacks.base import ClientInfo
-from conftest import tiny_experiment
+from conftest import endless_training_batches, flat_params, load_flat, sgd_by_hand, tiny_experiment
 from defenses.base import DefenseSetup, RoundContext
 from defenses.sdfc import SCORE, SDFC, difference_score, exp_neg_weights
 from fedbench.engine import FederatedRun, FederationConfig
+from fedbench.client import iterate_batches
+from fedbench.data import DataConfig
 from fedbench.fisher import diagonal_fisher
+from fedbench.models import build_model
+from fedbench.seeding import torch_generator
 
 
 def two_class_linear() -> torch.nn.Module:
@@ -23,13 +28,43 @@ def two_class_linear() -> torch.nn.Module:
 
 def fisher_by_per_sample_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """The empirical Fisher the slow way: one backward pass per sample."""
-    total = [torch.zeros_like(p) for p in model.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
     for i in range(len(y)):
-        model.zero_grad()
-        torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]].backward()
-        for acc, p in zip(total, model.parameters()):
-            acc += p.grad**2 / len(y)
+        grads = torch.autograd.grad(torch.log_softmax(model(x[i:i + 1]), dim=1)[0, y[i]], params)
+        for acc, g in zip(total, grads):
+            acc += g**2 / len(y)
     return total
+
+
+def fisher_by_batch_loop_as_published(model: torch.nn.Module, batches) -> list[torch.Tensor]:
+    """The published estimator the slow way: per batch, the gradient of the mean of
+    log p(y_j | x_i) over all B^2 pairs (i, j), written as sum_c (sum_i log p(c | x_i)) *
+    #{j: y_j = c} / B^2; gradients averaged over batches, then squared."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    for x, y in batches:
+        log_probs = torch.log_softmax(model(x), dim=1)
+        label_counts = torch.bincount(y, minlength=log_probs.shape[1]).to(log_probs.dtype)
+        objective = (log_probs.sum(dim=0) * label_counts).sum() / len(y) ** 2
+        for acc, g in zip(total, torch.autograd.grad(objective, params)):
+            acc += g
+        count += 1
+    return [(acc / count) ** 2 for acc in total]
+
+
+def fisher_difference_by_hand(model, local_batches, server_batches, estimator) -> list[torch.Tensor]:
+    """|F(w, D_local) - F(w, D_val)| per tensor, each Fisher by an explicit loop."""
+
+    def fisher(batches):
+        batches = list(batches)
+        if estimator == "empirical":
+            return fisher_by_per_sample_loop(model, torch.cat([x for x, _ in batches]),
+                                             torch.cat([y for _, y in batches]))
+        return fisher_by_batch_loop_as_published(model, batches)
+
+    return [(a - b).abs() for a, b in zip(fisher(local_batches), fisher(server_batches))]
 
 
 def test_empirical_fisher_by_hand():
@@ -110,7 +145,7 @@ def test_calibration_term_and_its_gradient():
     hook = sdfc.client_hook()
     delta = [torch.rand_like(p) for p in model.parameters()]
     previous = [p.detach().clone() for p in model.parameters()]
-    hook.delta[0], hook.previous[0] = delta, previous
+    hook.delta[0], hook.previous[0], hook.stored_round[0] = delta, previous, 0  # fresh for round 1
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
@@ -134,20 +169,114 @@ def test_adaptive_attackers_and_weights_only_skip_the_calibration_term():
     assert weights_only.before_training(ClientInfo(0, 1), model, None, None) is None
 
 
+# lambda is raised from the paper's 1 so that the calibration term moves the local models
+# by far more than the tolerance (lr * 2 * lambda * max Delta stays well below 1).
+CALIBRATION_LAMBDA = 20.0
+MODEL_ATOL = 1e-6
+
+
 @pytest.mark.parametrize("estimator", ["empirical", "published"])
-def test_sdfc_in_the_loop_weights_follow_the_scores(tiny_root, tmp_path, estimator):
-    exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
-                          defense=SDFC(estimator=estimator),
+def test_sdfc_in_the_loop_against_an_independent_recomputation(tiny_root, tmp_path, estimator):
+    """Two rounds, 5 clients (3 and 4 attack). For every client and round, redone here:
+    the local training with the calibration term (SGD by hand, anchored at the client's
+    previous model with its previous Delta); Delta = |F(w_k, D_k) - F(w_k, D_val)| at the
+    trained model with Fisher matrices from explicit loops; s_k; the softmax weights in
+    numpy; the new global model as the weighted mean of the client models."""
+    attack = PixelPattern(malicious_fraction=0.4)
+    exp = tiny_experiment(tiny_root, tmp_path, attack=attack,
+                          data=DataConfig(root=str(tiny_root), download=False, train_subset=400, server_size=64),
+                          defense=SDFC(calibration_lambda=CALIBRATION_LAMBDA, estimator=estimator),
                           federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1))
     run = FederatedRun(exp)
-    run.run()
-    for record in run.records:
-        scores = torch.tensor(record["defense"]["scores"], dtype=torch.float64)
-        assert torch.allclose(torch.tensor(record["weights"], dtype=torch.float64), exp_neg_weights(scores),
-                              atol=1e-6)
-    hook = exp.defense.hook
-    assert set(hook.delta) == set(range(5)), "every client keeps its Delta for the next round's calibration"
-    assert all(torch.isfinite(d).all() for deltas in hook.delta.values() for d in deltas)
+    data, train, hook, seed = run.data, exp.train, exp.defense.hook, exp.seed
+    trained: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    train_client = run.train_client
+
+    def recording(client):
+        result = train_client(client)
+        trained[client.client_id] = (flat_params(run.model).clone(), result["update"].detach().clone())
+        return result
+
+    run.train_client = recording
+    model = build_model("simple_cnn", data.num_classes, 3, int(data.client_pool.images.shape[-1]))
+    shapes = [p.shape for p in model.parameters()]
+
+    def tensors(flat):
+        return [chunk.view(shape) for chunk, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
+
+    def train_by_hand(cid, r, start, plan, anchor, delta):
+        load_flat(model, start)
+        anchor = tensors(anchor)
+
+        def calibration():
+            terms = (((p - q) ** 2 * d).sum() for p, q, d in zip(model.parameters(), anchor, delta))
+            return CALIBRATION_LAMBDA * sum(terms)
+
+        batches = endless_training_batches(run.client_sets[cid], data.pipeline, train,
+                                           torch_generator(seed, "train", r, cid), poison=plan)
+        sgd_by_hand(model, batches, train.local_steps, train.lr, train.momentum, train.weight_decay, calibration)
+        return flat_params(model).clone()
+
+    mine: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # client -> (anchor, Delta), by hand
+    for r in range(2):
+        start = run.global_params.detach().cpu().clone()
+        trained.clear()
+        record = run.run_round(r)
+        assert record["clients"] == [0, 1, 2, 3, 4] and record["attacking"] == [False] * 3 + [True] * 2
+        scores, client_models = [], []
+        for cid in record["clients"]:
+            plan = attack.poison_plan(run.client_info(cid, r), len(run.client_sets[cid]))
+            assert (plan is not None) == record["attacking"][cid]
+
+            def local_batches():
+                generator = torch_generator(seed, "train", r, cid, 1)
+                return iterate_batches(run.client_sets[cid], data.pipeline, train.batch_size, generator, poison=plan)
+
+            def server_batches():
+                generator = torch_generator(seed, "train", r, cid, 2)
+                return iterate_batches(data.server, data.pipeline, train.batch_size, generator)
+
+            if cid not in mine:  # first participation: Delta and anchor of the starting model
+                load_flat(model, start)
+                mine[cid] = (start, fisher_difference_by_hand(model, local_batches(), server_batches(), estimator))
+            local_model, update = trained[cid]
+            assert torch.equal(update, local_model - start), "the update is the trained model minus the global one"
+
+            # The local model: SGD + lambda * sum Delta (theta - theta_prev)^2, by hand.
+            anchor, delta = mine[cid]
+            by_hand = train_by_hand(cid, r, start, plan, anchor, delta)
+            np.testing.assert_allclose(local_model.numpy(), by_hand.numpy(), rtol=0, atol=MODEL_ATOL)
+            without = train_by_hand(cid, r, start, plan, anchor, [torch.zeros_like(d) for d in delta])
+            assert (by_hand - without).abs().max() > 100 * MODEL_ATOL, "the calibration term matters here"
+            if r > 0:
+                wrong_anchor = train_by_hand(cid, r, start, plan, start, delta)
+                assert (by_hand - wrong_anchor).abs().max() > 100 * MODEL_ATOL, "and so does its anchor"
+
+            # (a) s_k = mean over tensors of the sum of Delta_k in the tensor, at the trained model.
+            load_flat(model, local_model)
+            delta = fisher_difference_by_hand(model, local_batches(), server_batches(), estimator)
+            scores.append(float(np.mean([d.double().sum().item() for d in delta])))
+            for stored, expected in zip(hook.delta[cid], delta):
+                assert torch.allclose(stored, expected, rtol=1e-3, atol=1e-7)
+
+            # (c) the anchor kept for the next round is this trained local model.
+            stored = torch.cat([p.detach().reshape(-1).cpu() for p in hook.previous[cid]])
+            assert torch.equal(stored, local_model)
+            np.testing.assert_allclose(stored.double().numpy(), (start + update).double().numpy(), rtol=0, atol=1e-7)
+            assert (stored - start).abs().max() > 1e-3, "it is not the starting global model"
+            mine[cid] = (local_model, delta)
+            client_models.append(local_model.double().numpy())
+
+        np.testing.assert_allclose(record["defense"]["scores"], scores, rtol=1e-5)
+        # (b) weights = softmax(-(s - min s) / (max s - min s)), and the weighted mean of the models.
+        s = np.array(scores)
+        z = np.exp(-(s - s.min()) / (s.max() - s.min()))
+        weights = z / z.sum()
+        np.testing.assert_allclose(record["weights"], weights, rtol=0, atol=1e-6)
+        expected = weights @ np.stack(client_models)
+        np.testing.assert_allclose(run.global_params.double().cpu().numpy(), expected, rtol=0, atol=1e-6)
+        assert np.abs(expected - np.stack(client_models).mean(axis=0)).max() > 1e-4, "not the plain mean"
+    assert set(hook.delta) == set(range(5))
 
 
 def test_both_empirical_fisher_paths_match_a_per_sample_loop():
