@@ -230,7 +230,9 @@ class BackdoorAttack(Attack):
         whole trigger). With A malicious clients and P parts, attacker rank i stamps part
         ``i mod P`` when A >= P, else every part j with ``j mod A = i``: every part is
         trained by at least one attacker for any A (with 3 attackers and 4 parts: {0, 3},
-        {1}, {2}; with 1 attacker: the whole trigger)."""
+        {1}, {2}; with 1 attacker: the whole trigger). Parts are fixed per attacker over
+        the run, so under client sampling a round whose selected attackers miss a part
+        leaves it untrained that round (every part is still trained across rounds)."""
         if self.num_parts == 1:
             return None
         assert self.env is not None, "setup() first"

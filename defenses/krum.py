@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, assumed_malicious
+from fedbench.order_statistics import trimmed_mean
 
 
 def pairwise_sq_distances(updates: Tensor, chunk: int = 1 << 20) -> Tensor:
@@ -14,17 +15,18 @@ def pairwise_sq_distances(updates: Tensor, chunk: int = 1 << 20) -> Tensor:
 
     Through a Gram matrix, ``||a||^2 + ||b||^2 - 2 a.b``, a shared offset cancels: in
     float32 an offset 1000x the updates' spread leaves the distances with about 1e-3
-    relative error. So the updates are centred on their coordinate-wise median first
-    (distances do not change under a shift; the median is one of the values, so the
-    subtraction is exact in float64, and one huge update cannot move it) and the Gram
+    relative error. So the updates are first centred on their coordinate-wise median
+    (distances do not change under a shift; one huge update cannot move the median, as it
+    would move the mean; the median is a float32 value like the updates, so their
+    difference is exact in float64 for any realistic range of magnitudes), and the Gram
     matrix is accumulated in float64, ``chunk`` coordinates at a time so memory stays at
-    ``n * chunk`` doubles. Updates on a small integer grid give exact distances (and ties).
+    ``n * chunk`` doubles. Updates on a small integer grid give exact distances and ties.
     """
     n, dim = updates.shape
+    centre = trimmed_mean(updates, (n - 1) // 2)[0] if n > 2 else updates[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
     for start in range(0, dim, chunk):
-        block = updates[:, start : start + chunk].to(torch.float64)
-        block = block - block.median(dim=0, keepdim=True).values
+        block = updates[:, start : start + chunk].to(torch.float64) - centre[start : start + chunk].to(torch.float64)
         gram += block @ block.T
     sq = gram.diagonal()
     return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * gram).clamp_min_(0)

@@ -111,7 +111,8 @@ class SDFCClientHook(ClientHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.delta = {int(k): list(v) for k, v in state["delta"].items()}
         self.previous = {int(k): list(v) for k, v in state["previous"].items()}
-        self.stored_round = {int(k): int(v) for k, v in state["round"].items()}
+        # Checkpoints written before rounds were stored: every client's state counts as stale.
+        self.stored_round = {int(k): int(v) for k, v in state.get("round", {}).items()}
 
 
 @DEFENSES.register("sdfc")
@@ -137,6 +138,11 @@ class SDFC(Defense):
     previous round recomputes them at the current global model (see
     :class:`SDFCClientHook`); with every client in every round (the paper) this never
     happens after round 0.
+
+    BatchNorm buffers (running statistics) are averaged by the engine with sample-count
+    weights for every defense; the authors' code averages the whole state_dict with the
+    SDFC weights. The two differ only for models with BatchNorm (not simple_cnn). Client
+    sampling is our extension: the authors' code trains every client every round.
 
     Malicious clients follow the procedure honestly unless the attack is ``adaptive``:
     then they skip the calibration term and report the Fisher of their clean samples.

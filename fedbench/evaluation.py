@@ -36,6 +36,7 @@ def evaluate(
     loss = MeanMetric(**local).to(device)
     asr = MeanMetric(**local).to(device)
     asr_all = MeanMetric(**local).to(device)
+    counted_non_target = False  # a test set of target-class images only has no non-target ASR
     backdoor = attack if isinstance(attack, BackdoorAttack) else None
     was_training = model.training
     model.eval()
@@ -57,10 +58,11 @@ def evaluate(
             non_target = labels != backdoor.target_label
             if non_target.any():
                 asr.update(hit[non_target])
+                counted_non_target = True
     model.train(was_training)
     return {
         "clean_acc": 100.0 * float(accuracy.compute()),
         "clean_loss": float(loss.compute()),
-        "asr": 100.0 * float(asr.compute()) if backdoor is not None else None,
+        "asr": 100.0 * float(asr.compute()) if backdoor is not None and counted_non_target else None,
         "asr_all": 100.0 * float(asr_all.compute()) if backdoor is not None else None,
     }

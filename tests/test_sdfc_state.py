@@ -115,14 +115,28 @@ def test_a_client_seen_in_the_previous_round_keeps_its_own_anchor():
     assert float(term().detach()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_under_client_sampling_each_client_stores_the_round_it_last_trained(tiny_root, tmp_path):
+def test_under_client_sampling_a_returning_client_reanchors_inside_the_engine(tiny_root, tmp_path):
     exp = tiny_experiment(tiny_root, tmp_path, defense=SDFC(),
-                          federation=FederationConfig(num_clients=5, rounds=4, final_rounds=1, client_fraction=0.4))
+                          federation=FederationConfig(num_clients=5, rounds=5, final_rounds=1, client_fraction=0.4))
     run = FederatedRun(exp)
+    hook, original = run.hook, run.hook.before_training
+    seen: dict[int, int] = {}
+    checked = {"stale": 0, "fresh": 0}
+
+    def spy(client, model, local_batches, server_batches):
+        before = hook.previous.get(client.client_id)
+        term = original(client, model, local_batches, server_batches)
+        anchor = torch.cat([p.reshape(-1) for p in hook.previous[client.client_id]])
+        if seen.get(client.client_id, -2) < client.round - 1:  # absent from the previous round
+            assert torch.equal(anchor, run.global_params), "a returning client anchors to the current global model"
+            checked["stale"] += 1
+        else:
+            assert hook.previous[client.client_id] is before, "a client seen last round keeps its own anchor"
+            checked["fresh"] += 1
+        seen[client.client_id] = client.round
+        return term
+
+    hook.before_training = spy
     run.run()
-    last_seen = {}
-    for record in run.records:
-        assert len(record["clients"]) == 2
-        for client in record["clients"]:
-            last_seen[client] = record["round"]
-    assert run.hook.stored_round == last_seen
+    assert checked["stale"] > 0 and checked["fresh"] > 0, checked
+    assert hook.stored_round == seen
