@@ -2,10 +2,17 @@
 
 User mistakes (a bad option, a value out of range, missing data) end with one clear
 message and exit status 2, never a traceback.
+
+Class paths (``--defense my_defenses.MyDefense``, ``class_path:`` in a config or grid
+file) are imported with the current working folder on the import path, as
+``python -m`` would find them: a module saved in the folder you run ``fedbench`` from
+works without PYTHONPATH. The folder is searched after installed packages, so it never
+shadows them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -103,8 +110,17 @@ def run_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def add_working_folder_to_path() -> None:
+    """Let class paths name modules in the current folder (the console script, unlike
+    ``python -m``, does not put it on ``sys.path``)."""
+    folder = os.getcwd()
+    if folder not in sys.path and "" not in sys.path:
+        sys.path.append(folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    add_working_folder_to_path()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -9,6 +9,7 @@ by registry name (``--defense krum``), by class name or by class path
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any, Sequence
 
@@ -43,12 +44,28 @@ CHOICES: dict[str, Registry] = {"attack": ATTACKS, "defense": DEFENSES}
 
 
 def _check_known(registry: Registry, value: str) -> None:
-    """A bare word must be a registered name or class name; jsonargparse's own message
-    for a typo lists union subtypes, not the names a user can type."""
+    """A bare word must be a registered name or class name, and a class path must import;
+    jsonargparse's own message for either lists union subtypes, not what a user can type."""
     known_classes = {registry.get(name).__name__ for name in registry.names()}
     if "." not in value and value not in known_classes and value not in registry:
         raise config_error(registry.kind, value,
                            f"one of: {', '.join(registry.names())}; or a class path such as my_module.MyClass")
+    if "." in value:
+        _check_importable(registry.kind, value)
+
+
+def _check_importable(field: str, class_path: str) -> None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except Exception as err:  # a user's module may fail in any way while importing
+        problem = f"{type(err).__name__}: {err}"
+    else:
+        if found is not None:
+            return
+        problem = f"module {module!r} has no attribute {name!r}"
+    raise config_error(field, class_path, f"an importable class ({problem}); put {module.split('.')[0]}.py in the "
+                       "folder you run fedbench from or on PYTHONPATH")
 
 
 def _check_choice(registry: Registry, value: Any) -> None:

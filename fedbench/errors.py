@@ -14,9 +14,11 @@ class ConfigError(FedbenchError):
 
     def __init__(self, problems: Iterable[tuple[str, Any, str]]) -> None:
         self.problems = list(problems)
-        lines = [f"  {field}={value!r}: {allowed}" for field, value, allowed in self.problems]
-        noun = "field" if len(self.problems) == 1 else "fields"
-        super().__init__(f"invalid configuration ({len(self.problems)} {noun}):\n" + "\n".join(lines))
+        lines = [f"{field}={value!r}: {allowed}" for field, value, allowed in self.problems]
+        if len(lines) == 1:  # one problem, one line
+            super().__init__(f"invalid configuration: {lines[0]}")
+        else:
+            super().__init__(f"invalid configuration ({len(lines)} fields):\n" + "\n".join(f"  {line}" for line in lines))
 
 
 class DataNotFoundError(FedbenchError):

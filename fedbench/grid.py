@@ -17,8 +17,10 @@ A grid file (YAML)::
     exclude:                     # combinations to leave out: every key given must match
       - {attack: none, defense: krum}
 
-Axes on ``attack.<arg>``/``defense.<arg>`` apply only to the classes that take that
-argument (``attack: none`` has no malicious fraction), and duplicate cells are merged.
+Axes and overrides on ``attack.<arg>``/``defense.<arg>`` apply only to the classes that
+take that argument (``attack: none`` has no malicious fraction; ``defense.estimator``
+reaches only SDFC cells), and duplicate cells are merged; an override that no cell's
+class takes is refused before any cell runs.
 The base config's attack/defense arguments carry over to each class on the axis that
 accepts them.
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import fnmatch
 import itertools
 import json
 import os
@@ -180,10 +183,13 @@ def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name:
             raise ConfigError([(f"axes.{key}", values, "a non-empty list of values")])
     check_exclude(exclude or [], axes)
     base = copy.deepcopy(base)
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    choice_overrides = {k: overrides.pop(k) for k in list(overrides) if _choice_argument(k)}
+    for key, value in overrides.items():
         _set_path(base, key, value)
     cells: dict[str, Cell] = {}
     keys = list(axes)
+    taken: set[str] = set()
     for combination in itertools.product(*(axes[k] for k in keys)):
         chosen = dict(zip(keys, combination))
         if _excluded(chosen, exclude or []):
@@ -194,16 +200,13 @@ def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name:
                 config[choice] = _pick(base.get(choice), chosen[choice])
             elif choice in config:
                 config[choice] = _choice_as_dict(config[choice])
+        taken |= {k for k, v in choice_overrides.items() if _set_choice_argument(config, k, v)}
         applied: dict[str, Any] = {}
         for key, value in chosen.items():
-            head, _, arg = key.partition(".")
-            if head in ("attack", "defense") and arg:
-                selected = config.get(head) or {"class_path": "none" if head == "attack" else "fedavg"}
-                config[head] = selected = _choice_as_dict(selected)
-                if arg not in accepted_arguments(selected["class_path"]):
+            if _choice_argument(key):
+                if not _set_choice_argument(config, key, value):
                     continue  # e.g. a malicious fraction for attack "none"
-                selected["init_args"][arg] = value
-            elif head not in ("attack", "defense"):
+            elif key not in ("attack", "defense"):  # those were picked above
                 _set_path(config, key, value)
             applied[key] = value
         cell_id = cell_id_for(applied)
@@ -213,14 +216,48 @@ def expand_cells(base: dict, axes: dict[str, list], checkpoint_every: int, name:
         config.setdefault("wandb", {})
         config["wandb"]["group"] = config["wandb"].get("group") or name
         cells.setdefault(cell_id, Cell(cell_id, applied, config))
+    unused = sorted(set(choice_overrides) - taken)
+    if unused:
+        raise ConfigError([(f"grid.overrides.{k}", choice_overrides[k], f"an argument of the grid's "
+                            f"{k.partition('.')[0]}s; none of them takes {k.partition('.')[2]!r}") for k in unused])
     return list(cells.values())
 
 
-def load_grid(path: str | Path, output: str | None = None) -> Grid:
+def _choice_argument(key: str) -> bool:
+    """``attack.<arg>`` / ``defense.<arg>``: an argument of the chosen attack or defense."""
+    head, _, arg = key.partition(".")
+    return head in ("attack", "defense") and bool(arg)
+
+
+def _set_choice_argument(config: dict, key: str, value: Any) -> bool:
+    """Set ``attack.<arg>``/``defense.<arg>`` in the cell's class_path/init_args when its
+    class takes that argument; False (nothing set) when it does not."""
+    head, _, arg = key.partition(".")
+    selected = config.get(head) or {"class_path": "none" if head == "attack" else "fedavg"}
+    config[head] = selected = _choice_as_dict(selected)
+    if arg not in accepted_arguments(selected["class_path"]):
+        return False
+    selected["init_args"][arg] = value
+    return True
+
+
+def load_grid(path: str | Path, output: str | None = None, settings: Sequence[str] = ()) -> Grid:
+    """A grid file, with ``settings`` (``KEY=VALUE``, from ``--set``) applied on top:
+    ``axes.<key>=[...]`` replaces an axis, any other key joins the overrides."""
     path = Path(path)
     if not path.exists():
         raise FedbenchError(f"grid file {path} not found")
     spec = yaml.safe_load(path.read_text()) or {}
+    spec.setdefault("overrides", {})
+    for setting in settings:
+        key, eq, text = setting.partition("=")
+        if not eq or not key:
+            raise ConfigError([("--set", setting, "KEY=VALUE, e.g. federation.rounds=2 or axes.seed=[0]")])
+        value = yaml.safe_load(text)
+        if key.startswith("axes."):
+            spec.setdefault("axes", {})[key[len("axes."):]] = value
+        elif isinstance(spec["overrides"], dict):
+            spec["overrides"][key] = value
     keys = {"name", "base", "overrides", "axes", "exclude", "output", "isolate", "jobs", "checkpoint_every",
             "description"}
     unknown = set(spec) - keys
@@ -245,6 +282,17 @@ def load_grid(path: str | Path, output: str | None = None) -> Grid:
         raise ConfigError([("grid.overrides", overrides, "a mapping of dotted config keys to values")])
     grid.cells = expand_cells(base, grid.axes, grid.checkpoint_every, name, out, overrides, spec.get("exclude"))
     return grid
+
+
+def select_cells(grid: Grid, patterns: Sequence[str]) -> None:
+    """Keep only the cells whose id matches one of the shell-style ``patterns``."""
+    if not patterns:
+        return
+    kept = [c for c in grid.cells if any(fnmatch.fnmatchcase(c.cell_id, p) for p in patterns)]
+    if not kept:
+        raise ConfigError([("--cells", ", ".join(patterns), "a pattern matching a cell id (see --dry-run), "
+                            "e.g. 'pixel_pattern-*-s0'")])
+    grid.cells = kept
 
 
 def check_jobs(jobs: Any, field_name: str) -> None:
@@ -499,12 +547,18 @@ def grid_command(argv: Sequence[str]) -> int:
                         help="run each cell in its own process (default: the grid file's choice)")
     parser.add_argument("--jobs", type=int | None, default=None,
                         help="cells at once, each in its own process (default: the grid file's jobs, else 1)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="repeatable; a config override for every cell (federation.rounds=2, "
+                             "defense.estimator=empirical) or an axis (axes.seed=[0])")
+    parser.add_argument("--cells", action="append", default=[], metavar="PATTERN",
+                        help="repeatable; run only cells whose id matches (shell pattern, e.g. '*-sdfc-*')")
     try:
         args = parser.parse_args(list(argv))
     except ArgumentError as err:
         return fail(str(err).strip(), "grid")
     try:
-        grid = load_grid(args.grid_file, args.out)
+        grid = load_grid(args.grid_file, args.out, args.settings)
+        select_cells(grid, args.cells)
         if args.dry_run:
             validate_cells(grid)
             for cell in grid.cells:

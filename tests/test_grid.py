@@ -205,3 +205,39 @@ def test_report_names_the_arguments_each_defense_ran_with():
                              cell("krum", {"f": None}), cell("krum", {"f": 2})], ["sdfc", "krum"])
     assert "- `sdfc`: calibration_lambda=1.0, estimator=published\n" in text
     assert "- `krum`: f=2; f=None (cells differ)" in text
+
+
+def test_an_override_inside_the_defense_reaches_every_cell_whose_defense_takes_it(tmp_path):
+    cells = expand_cells({}, {"defense": ["fedavg", "sdfc", {"class_path": "sdfc", "init_args": {"mode": "full"}}]},
+                         5, "g", tmp_path, overrides={"defense.estimator": "empirical", "federation.rounds": 3})
+    by_label = {value_label(c.axes["defense"]): c.config for c in cells}
+    assert by_label["fedavg"]["defense"] == {"class_path": "fedavg", "init_args": {}}
+    assert by_label["sdfc"]["defense"]["init_args"] == {"estimator": "empirical"}
+    assert by_label["sdfc_mode_full"]["defense"]["init_args"] == {"mode": "full", "estimator": "empirical"}
+    assert all(c["federation"]["rounds"] == 3 for c in by_label.values())
+
+
+def test_an_override_no_cell_can_take_is_refused_before_any_cell_runs(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        expand_cells({}, {"defense": ["fedavg", "krum"]}, 5, "g", tmp_path, overrides={"defense.estimator": "x"})
+    assert err.value.problems[0][0] == "grid.overrides.defense.estimator"
+    assert "none of them takes 'estimator'" in str(err.value)
+
+
+def test_set_and_cells_narrow_a_grid_from_the_command_line(tmp_path):
+    from fedbench.grid import select_cells
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "axes": {"attack": ["none", "badnets"], "defense": ["fedavg", "sdfc"],
+                                                          "seed": [0, 1, 2]}}))
+    grid = load_grid(path, str(tmp_path / "out"), ["axes.seed=[1]", "federation.rounds=2", "defense.estimator=empirical"])
+    assert sorted(c.cell_id for c in grid.cells) == ["badnets-fedavg-s1", "badnets-sdfc-s1", "none-fedavg-s1",
+                                                    "none-sdfc-s1"]
+    assert all(c.config["federation"]["rounds"] == 2 for c in grid.cells)
+    select_cells(grid, ["*-sdfc-*"])
+    assert [c.cell_id for c in grid.cells] == ["none-sdfc-s1", "badnets-sdfc-s1"]
+    assert grid.cells[0].config["defense"]["init_args"]["estimator"] == "empirical"
+    with pytest.raises(ConfigError):
+        select_cells(grid, ["nothing-*"])
+    with pytest.raises(ConfigError):
+        load_grid(path, None, ["no_equals_sign"])
