@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedbench.cli import main
 
@@ -41,12 +42,13 @@ def tiny_run(root: Path, name: str) -> list[str]:
             "--output.progress", "false", "--output.name", name]
 
 
-def tiny_grid(root: Path) -> list[str]:
+def tiny_grid(root: Path, argv: list[str]) -> list[str]:
+    """Tiny settings for every cell; one cell unless the command picks its own."""
     settings = [f"data.root={root}", "data.download=false", "data.train_subset=600",
                 "data.test_subset=200", "federation.rounds=1", "federation.final_rounds=1", "train.local_steps=2",
                 "wandb.mode=disabled", "axes.seed=[0]"]
-    return [part for s in settings for part in ("--set", s)] + ["--cells", "pixel_pattern-fedavg*", "--jobs", "1",
-                                                                 "--isolate", "false"]
+    cells = [] if "--cells" in argv else ["--cells", "pixel_pattern-fedavg*"]
+    return [part for s in settings for part in ("--set", s)] + cells + ["--jobs", "1", "--isolate", "false"]
 
 
 def call(argv: list[str]) -> tuple[int, str]:
@@ -79,7 +81,7 @@ def test_every_readme_command_runs_as_written(tiny_root, tmp_path, monkeypatch):
         if argv[0] == "run" and "--help" not in argv:
             argv += tiny_run(tiny_root, f"readme{index}")
         elif argv[0] == "grid" and "--dry-run" not in argv:
-            argv += tiny_grid(tiny_root)
+            argv += tiny_grid(tiny_root, argv)
         code, printed = call(argv)
         assert code == 0, f"README command failed: {line}"
         if redirect:
@@ -87,6 +89,10 @@ def test_every_readme_command_runs_as_written(tiny_root, tmp_path, monkeypatch):
         if argv[0] == "run" and "--help" not in argv and "--print_config" not in argv:
             for name in RUN_FILES:
                 assert (tmp_path / "runs" / f"readme{index}" / name).exists(), (line, name)
+        if argv[0] == "grid" and "--dry-run" not in argv:
+            out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else \
+                Path("runs") / yaml.safe_load(Path(argv[1]).read_text())["name"]
+            assert list((tmp_path / out).glob("cells/*/summary.json")), (line, "a finished cell")
         if argv[0] == "report":
             out = Path(argv[argv.index("--out") + 1])
             assert (out / "results.md").exists() and (out / "results.csv").exists(), line
