@@ -297,7 +297,8 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
             "same over every test image (how the published SDFC/FDCR code counts; R in their tables is "
             "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of the last rounds (mean±std over "
             "seeds). A defense label without arguments runs its defaults (sdfc: the published Fisher "
-            "estimator; Krum, Multi-Krum, trimmed mean: f = the expected number of attackers).\n"]
+            "estimator; Krum, Multi-Krum, trimmed mean: f = the expected number of attackers, which is 0 in "
+            "attack-free cells, where Multi-Krum and trimmed mean then average every update).\n"]
     if command:
         text.append(f"Made by: `{command}`\n")
     timed = [r.wall_time_s for r in results if r.wall_time_s is not None]
