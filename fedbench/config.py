@@ -51,10 +51,12 @@ def _check_known(registry: Registry, value: str) -> None:
         raise config_error(registry.kind, value,
                            f"one of: {', '.join(registry.names())}; or a class path such as my_module.MyClass")
     if "." in value:
-        _check_importable(registry.kind, value)
+        import_class(registry.kind, value)
 
 
-def _check_importable(field: str, class_path: str) -> None:
+def import_class(field: str, class_path: str) -> type:
+    """The class a class path names, or one clear message naming ``field``, the import
+    error and where the module must be."""
     module, _, name = class_path.rpartition(".")
     try:
         found = getattr(importlib.import_module(module), name, None)
@@ -62,7 +64,7 @@ def _check_importable(field: str, class_path: str) -> None:
         problem = f"{type(err).__name__}: {err}"
     else:
         if found is not None:
-            return
+            return found
         problem = f"module {module!r} has no attribute {name!r}"
     raise config_error(field, class_path, f"an importable class ({problem}); put {module.split('.')[0]}.py in the "
                        "folder you run fedbench from or on PYTHONPATH")

@@ -134,7 +134,7 @@ def accepted_arguments(choice: str) -> set[str]:
     path, inherited ones included (as jsonargparse sees them)."""
     from jsonargparse import ArgumentParser
 
-    from fedbench.config import CHOICES
+    from fedbench.config import CHOICES, import_class
 
     cls = None
     for registry in CHOICES.values():
@@ -143,11 +143,7 @@ def accepted_arguments(choice: str) -> set[str]:
         elif "." not in choice:
             cls = cls or next((registry.get(n) for n in registry.names() if registry.get(n).__name__ == choice), None)
     if cls is None:
-        module, _, name = choice.rpartition(".")
-        try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError, ValueError):
-            raise ConfigError([("axes", choice, "a registered name or an importable class path")]) from None
+        cls = import_class("axes", choice)
     parser = ArgumentParser()
     parser.add_class_arguments(cls)
     return set(parser.get_defaults().keys())
