@@ -11,6 +11,18 @@ Conventions (all attacks):
   rounds it trains honestly on clean data.
 - ``scale``: model replacement (Bagdasaryan et al., AISTATS 2020): an attacking client
   sends ``scale * update``; 1 is off.
+- ``adaptive``: the attacker knows the defense's client-side protocol and evades it
+  (:class:`attacks.evasion.EvadingProtocol`); the defense only sees what clients report.
+
+Hooks, at named points; the engine owns the order (``fedbench.engine``):
+- client side, on the process that trains the client, for attacking clients:
+  :meth:`Attack.poison_plan` (which samples carry a trigger), :meth:`Attack.before_training`
+  (may return an extra loss term), :meth:`Attack.step_hook` (runs after every optimizer
+  step), :meth:`Attack.after_training`, :meth:`Attack.craft_update` (what the client
+  sends); for every malicious client: :meth:`Attack.client_protocol` (what it runs of a
+  defense's client-side protocol, e.g. SDFC's score);
+- server side, omniscient, after the updates are gathered and before screening:
+  :meth:`Attack.craft_round` sees every row of the round and replaces its own.
 
 Backdoor conventions:
 - A fixed subset of exactly ``round(poison_ratio * n_k)`` of a malicious client's n_k
@@ -31,14 +43,18 @@ Backdoor conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from fedbench.data import ImagePipeline
 from fedbench.registry import Registry
 from fedbench.seeding import numpy_rng, torch_generator
+
+if TYPE_CHECKING:
+    from defenses.base import ClientHook
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
 
@@ -65,7 +81,38 @@ class ClientInfo:
     malicious: bool = False
     attacking: bool = False
     attacker_rank: int = -1
-    adaptive: bool = False
+
+
+@dataclass
+class ServerView:
+    """What a server-side attack sees: the whole round after the gather, before screening
+    (the omniscient attacker of the Byzantine literature). Every process holds every row,
+    so the attack gives the same rows on 1 and N processes.
+
+    Attributes:
+        round: 0-based round index.
+        updates: every selected client's update as sent, ``[n, d]`` (read only).
+        own: bool ``[n]``, the rows of this round's attacking clients.
+        client_ids: int64 ``[n]``.
+        num_samples: int64 ``[n]``, the clients' sample counts.
+        global_params: the global parameters the clients started from, ``[d]``.
+        expected_malicious: the f every defense is told (expected attackers per round).
+        generator: the attack's own random stream for this round, on the updates' device.
+    """
+
+    round: int
+    updates: Tensor
+    own: Tensor
+    client_ids: Tensor
+    num_samples: Tensor
+    global_params: Tensor
+    expected_malicious: int
+    generator: torch.Generator
+
+    @property
+    def benign(self) -> Tensor:
+        """The other clients' rows, ``[n - |own|, d]``."""
+        return self.updates[~self.own]
 
 
 class Attack:
@@ -78,7 +125,9 @@ class Attack:
         last_round: last round in which they attack; None = until the end.
         every: attack every k-th round from first_round; 1 = every round.
         scale: model-replacement factor applied to an attacking client's update; 1 = off.
-        adaptive: the attacker knows the defense and evades its client-side work (see SDFC).
+        adaptive: the attacker evades the defense's client-side protocol: it skips any loss
+            term the defense adds and reports what it computes on its clean samples only
+            (:class:`attacks.evasion.EvadingProtocol`; against SDFC: no calibration, a clean Fisher score).
     """
 
     def __init__(
@@ -143,9 +192,39 @@ class Attack:
             return False
         return (round_index - self.first_round) % self.every == 0
 
+    # ------------------------------------------------------------------ client side
+    def before_training(self, client: ClientInfo, model: nn.Module) -> Callable[[], Tensor] | None:
+        """An attacking client, global model loaded, before local training: may return an
+        extra loss term added to every local step's loss."""
+        return None
+
+    def step_hook(self, client: ClientInfo, model: nn.Module) -> Callable[[], None] | None:
+        """An attacking client, before local training: may return a callable run after every
+        optimizer step (a projection onto a norm ball, a coordinate mask)."""
+        return None
+
+    def after_training(self, client: ClientInfo, model: nn.Module) -> None:
+        """An attacking client, trained model loaded, before its update is taken."""
+
+    def client_protocol(self, client: ClientInfo, protocol: "ClientHook") -> "ClientHook":
+        """What a malicious client (attacking this round or not) runs of the defense's
+        client-side protocol: the defense's own (honest) unless the attack is ``adaptive``."""
+        if self.adaptive:
+            from attacks.evasion import EvadingProtocol
+
+            return EvadingProtocol(protocol)
+        return protocol
+
     def craft_update(self, update: Tensor, client: ClientInfo) -> Tensor:
         """The update an attacking client sends, from the one its local training produced."""
         return update * self.scale if self.scale != 1.0 else update
+
+    # ------------------------------------------------------------------ server side
+    def craft_round(self, view: ServerView) -> Tensor | None:
+        """Rows replacing the attacking clients' updates, ``[own.sum(), d]`` in row order,
+        or None to send them as they are. Called only in rounds with an attacking client;
+        the engine writes the rows into the attackers' places, so no other row can change."""
+        return None
 
     # Backdoor hooks; an attack without a trigger leaves training data alone.
     def poison_plan(self, client: ClientInfo, num_samples: int) -> "PoisonPlan | None":

@@ -15,7 +15,7 @@ class HugeUpdate(Attack):
     Args:
         malicious_fraction: share of all clients that send huge updates.
         factor: multiplier of the honest update.
-        **kwargs: the base Attack's arguments (selection, schedule).
+        **kwargs: the base Attack's arguments (selection, schedule, scale: multiplies on top).
     """
 
     def __init__(self, malicious_fraction: float = 0.1, factor: float = 1e8, **kwargs) -> None:
@@ -23,4 +23,4 @@ class HugeUpdate(Attack):
         self.factor = factor
 
     def craft_update(self, update: Tensor, client: ClientInfo) -> Tensor:
-        return update * self.factor
+        return super().craft_update(update, client) * self.factor

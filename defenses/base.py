@@ -11,7 +11,9 @@ detection metrics from the verdicts.
 
 Defenses that need data on the server set ``needs_server_data = True`` and get the
 server-held validation split in :class:`DefenseSetup`. Defenses that need work on the
-clients return a :class:`ClientHook` from :meth:`Defense.client_hook`.
+clients return a :class:`ClientHook` from :meth:`Defense.client_hook`: the protocol every
+client is asked to run. A malicious client runs what the attack makes of it
+(``Attack.client_protocol``); the defense sees only what clients report.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ SCORE = "sdfc_score"
 
 
 def fisher_difference(
-    model: nn.Module, local_batches: Batches, server_batches: Batches, estimator: FisherEstimator, clean: bool = False
+    model: nn.Module, local_batches: Batches, server_batches: Batches, estimator: FisherEstimator
 ) -> list[Tensor]:
     """``Delta = |F(w, D_local) - F(w, D_val)|`` per parameter tensor."""
-    local = diagonal_fisher(model, local_batches(clean=clean), estimator)
+    local = diagonal_fisher(model, local_batches(), estimator)
     validation = diagonal_fisher(model, server_batches(), estimator)
     return [(a - b).abs() for a, b in zip(local, validation)]
 
@@ -74,8 +74,7 @@ class SDFCClientHook(ClientHook):
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> Callable[[], Tensor] | None:
         defense = self.defense
-        evading = client.adaptive  # an adaptive attacker skips the calibration term
-        if defense.mode == "weights_only" or evading or defense.calibration_lambda == 0:
+        if defense.mode == "weights_only" or defense.calibration_lambda == 0:
             return None
         if not self.is_fresh(client):
             # First participation (round 0 in the paper) or stale state: Delta and theta_prev
@@ -96,8 +95,7 @@ class SDFCClientHook(ClientHook):
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
         assert server_batches is not None
-        # An adaptive attacker reports the Fisher of its clean samples only.
-        delta = fisher_difference(model, local_batches, server_batches, self.defense.estimator, clean=client.adaptive)
+        delta = fisher_difference(model, local_batches, server_batches, self.defense.estimator)
         self._store(client, model, delta)
         return {SCORE: difference_score(delta)}
 
@@ -144,8 +142,10 @@ class SDFC(Defense):
     SDFC weights. The two differ only for models with BatchNorm (not simple_cnn). Client
     sampling is our extension: the authors' code trains every client every round.
 
-    Malicious clients follow the procedure honestly unless the attack is ``adaptive``:
-    then they skip the calibration term and report the Fisher of their clean samples.
+    The defense sees only what clients report. Malicious clients follow the procedure
+    honestly unless the attack is ``adaptive``: then the attack runs
+    :class:`attacks.evasion.EvadingProtocol` instead (no calibration term, the score of
+    the clean samples).
 
     Args:
         calibration_lambda: lambda of the calibration term (paper: 1.0).

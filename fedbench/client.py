@@ -18,6 +18,7 @@ from torch import Tensor
 
 from attacks.base import PoisonPlan
 from fedbench.data import ImagePipeline, ImageSet
+from fedbench.errors import Problem, Problems
 
 
 @dataclass
@@ -46,17 +47,22 @@ class LocalTrainConfig:
     drop_last: bool = True
     channels_last: bool = True
 
+    def problems(self) -> list[Problem]:
+        found = Problems()
+        found.need(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
+        found.need(0 <= self.momentum < 1, "train.momentum", self.momentum, "a value in [0, 1)")
+        found.need(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a value >= 0")
+        found.need(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        found.need(self.local_epochs >= 1, "train.local_epochs", self.local_epochs, "an integer >= 1")
+        found.need(self.local_steps is None or self.local_steps >= 1, "train.local_steps", self.local_steps,
+                   "None (use local_epochs) or an integer >= 1")
+        return found
+
 
 def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool) -> int:
     if drop_last and num_samples >= batch_size:
         return num_samples // batch_size
     return -(-num_samples // batch_size)
-
-
-def planned_steps(num_samples: int, config: LocalTrainConfig) -> int:
-    if config.local_steps is not None:
-        return config.local_steps
-    return config.local_epochs * batches_per_epoch(num_samples, config.batch_size, config.drop_last)
 
 
 def iterate_batches(
@@ -123,7 +129,10 @@ class LocalTrainer:
         poison: PoisonPlan | None = None,
         regularizer: Callable[[], Tensor] | None = None,
         max_steps: int | None = None,
+        after_step: Callable[[], None] | None = None,
     ) -> LocalResult:
+        """Local SGD from the loaded model. ``regularizer()`` is added to every step's loss;
+        ``after_step()`` runs after every optimizer step (e.g. an attack's projection)."""
         model, config = self.model, self.config
         optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -141,6 +150,8 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             self.fabric.backward(loss)
             optimizer.step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.detach()
             steps += 1
             if limit is not None and steps >= limit:

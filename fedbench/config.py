@@ -22,8 +22,8 @@ from attacks.base import ATTACKS, Attack
 from defenses.base import DEFENSES, Defense
 from fedbench.client import LocalTrainConfig
 from fedbench.data import DataConfig
-from fedbench.engine import Experiment, FabricConfig, FederationConfig, OutputConfig
-from fedbench.errors import config_error
+from fedbench.experiment import Experiment, FabricConfig, FederationConfig, OutputConfig
+from fedbench.errors import ConfigError, config_error
 from fedbench.models import MODELS, ModelConfig
 from fedbench.partition import PartitionConfig
 from fedbench.registry import Registry
@@ -70,6 +70,88 @@ def import_class(field: str, class_path: str) -> type:
                        "folder you run fedbench from or on PYTHONPATH")
 
 
+def choice_class(choice: str) -> type:
+    """The attack/defense class a registry name, class name or class path names."""
+    for registry in CHOICES.values():
+        if choice in registry:
+            return registry.get(choice)
+    if "." not in choice:
+        for registry in CHOICES.values():
+            for name in registry.names():
+                if registry.get(name).__name__ == choice:
+                    return registry.get(name)
+    return import_class("class_path", choice)
+
+
+def accepted_arguments(choice: str) -> set[str]:
+    """Init arguments of an attack/defense given by registry name, class name or class
+    path, inherited ones included (as jsonargparse sees them)."""
+    parser = ArgumentParser()
+    parser.add_class_arguments(choice_class(choice))
+    return set(parser.get_defaults().keys())
+
+
+def _name_and_arguments(value: Any) -> tuple[str | None, dict]:
+    """``(class, init_args)`` of an attack/defense value: a name or a class_path mapping."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return None, {}
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict):
+        arguments = value.get("init_args") if isinstance(value.get("init_args"), dict) else {}
+        return value.get("class_path"), arguments
+    return None, {}
+
+
+def _chosen_and_options(argv: Sequence[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The attack/defense a command line chooses (config files first, then flags) and the
+    options it gives each: ``--attack.K V``, ``--attack.K=V`` and init_args in files."""
+    chosen = {"attack": "none", "defense": "fedavg"}
+    options: dict[str, dict[str, Any]] = {key: {} for key in CHOICES}
+    for config in _config_files(argv):
+        for key in CHOICES:
+            name, arguments = _name_and_arguments(config.get(key))
+            chosen[key] = name or chosen[key]
+            options[key].update(arguments)
+    for index, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        section, _, option = flag[2:].partition(".") if flag.startswith("--") else ("", "", "")
+        if section not in CHOICES:
+            continue
+        given = value if eq else (argv[index + 1] if index + 1 < len(argv) else None)
+        if not option:
+            name, arguments = _name_and_arguments(given)
+            chosen[section] = name or chosen[section]
+            options[section].update(arguments)
+        elif option not in ("help", "init_args", "class_path"):
+            options[section][option] = given
+    return chosen, options
+
+
+def check_choice_options(argv: Sequence[str]) -> None:
+    """Every ``attack.K``/``defense.K`` is an argument of the chosen class: one message
+    naming the field and the options that class takes (jsonargparse would list its union
+    types instead)."""
+    chosen, options = _chosen_and_options(argv)
+    problems = []
+    for key, given in options.items():
+        if not given:
+            continue
+        try:
+            accepted = accepted_arguments(chosen[key])
+        except ConfigError:
+            continue  # an unknown class is reported on its own
+        for option, value in given.items():
+            if option not in accepted:
+                takes = ", ".join(sorted(accepted)) or "no options"
+                problems.append((f"{key}.{option}", value, f"an option of {key} {chosen[key]!r}, which takes: {takes}"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def _check_choice(registry: Registry, value: Any) -> None:
     if isinstance(value, str) and value.startswith("{"):
         try:
@@ -103,18 +185,27 @@ def check_choices(config: dict) -> None:
             _check_choice(registry, config[key])
 
 
-def check_config_files(argv: Sequence[str]) -> None:
-    """Unknown attack/defense names in ``--config`` files, reported before jsonargparse
-    parses them (its loader cannot raise a message of ours)."""
+def _config_files(argv: Sequence[str]) -> list[dict]:
+    """The readable ``--config`` files of a command line, in order (jsonargparse reports
+    unreadable ones itself)."""
     paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
     paths += [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    configs = []
     for path in paths:
         try:
             config = yaml.safe_load(open(path))
         except (OSError, yaml.YAMLError):
-            continue  # jsonargparse reports unreadable files itself
+            continue
         if isinstance(config, dict):
-            check_choices(config)
+            configs.append(config)
+    return configs
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Unknown attack/defense names in ``--config`` files, reported before jsonargparse
+    parses them (its loader cannot raise a message of ours)."""
+    for config in _config_files(argv):
+        check_choices(config)
 
 
 def resolve_registry_names(config: Any) -> Any:
@@ -188,7 +279,9 @@ def build_parser(prog: str = "fedbench run") -> ArgumentParser:
 def parse_run_args(argv: Sequence[str], parser: ArgumentParser | None = None) -> Namespace:
     parser = parser or build_parser()
     check_config_files(argv)
-    return parser.parse_args(resolve_argv(argv))
+    resolved = resolve_argv(argv)
+    check_choice_options(argv)
+    return parser.parse_args(resolved)
 
 
 def parse_config_dict(config: dict, parser: ArgumentParser | None = None) -> Namespace:

@@ -22,21 +22,50 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable
 from urllib.error import URLError
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedbench.errors import DataNotFoundError
+from fedbench.errors import DataNotFoundError, Problem, Problems
+from fedbench.registry import Registry
 from fedbench.seeding import torch_generator
 
-DatasetName = Literal["fashion_mnist", "mnist", "cifar10", "cifar100"]
+
+@dataclass
+class LabelledImages:
+    """One split of a data set, as a registered data set function returns it.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]`` at the data set's own resolution.
+        labels: int64 ``[N]`` in ``[0, num_classes)``.
+        num_classes: classes of the task.
+        mean, std: per-channel normalisation of [0, 1] pixels (one value for grey images).
+        hflip: whether a horizontal flip is a label-preserving augmentation here.
+    """
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = False
+
+
+DataSetFunction = Callable[[Path, bool, bool], LabelledImages]
+DATASETS: Registry[DataSetFunction] = Registry("data set")
+"""``--data.name NAME``: a function ``(root, train, download) -> LabelledImages``. Your own
+data set is one such function; name it by its path (``--data.name my_data.my_set``: the
+module is imported from the folder you run fedbench from), or register it with
+``@DATASETS.register("my_set")`` in a module your code imports."""
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class TorchvisionSource:
+    """A data set torchvision reads, and the files it needs (checked before training)."""
+
     name: str
     torchvision_class: str
     num_classes: int
@@ -51,6 +80,10 @@ class DatasetSpec:
     @property
     def mnist_family(self) -> bool:
         return self.native_channels == 1
+
+    def read(self, root: Path, train: bool, download: bool) -> LabelledImages:
+        images = _as_uint8_nchw(_torchvision_dataset(self, root, train, download))
+        return LabelledImages(images.images, images.labels, self.num_classes, self.mean, self.std, self.hflip)
 
 
 def _mnist_files(folder: str, md5s: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
@@ -71,24 +104,42 @@ _MNIST_MD5 = (
 )
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
 
-DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec(
-        "fashion_mnist", "FashionMNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False,
-        _mnist_files("FashionMNIST", _FASHION_MD5), _FASHION_MD5,
-    ),
-    "mnist": DatasetSpec(
-        "mnist", "MNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False, _mnist_files("MNIST", _MNIST_MD5), _MNIST_MD5
-    ),
-    "cifar10": DatasetSpec(
-        "cifar10", "CIFAR10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615), True,
-        tuple(f"cifar-10-batches-py/{n}" for n in ["data_batch_1", "data_batch_2", "data_batch_3",
-                                                   "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]),
-    ),
-    "cifar100": DatasetSpec(
-        "cifar100", "CIFAR100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
-        ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-    ),
-}
+FASHION_MNIST = TorchvisionSource(
+    "fashion_mnist", "FashionMNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False,
+    _mnist_files("FashionMNIST", _FASHION_MD5), _FASHION_MD5,
+)
+MNIST = TorchvisionSource(
+    "mnist", "MNIST", 10, 1, 28, _MNIST_MEAN, _MNIST_STD, False, _mnist_files("MNIST", _MNIST_MD5), _MNIST_MD5
+)
+CIFAR10 = TorchvisionSource(
+    "cifar10", "CIFAR10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615), True,
+    tuple(f"cifar-10-batches-py/{n}" for n in ["data_batch_1", "data_batch_2", "data_batch_3",
+                                               "data_batch_4", "data_batch_5", "test_batch", "batches.meta"]),
+)
+CIFAR100 = TorchvisionSource(
+    "cifar100", "CIFAR100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+    ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+)
+
+
+def torchvision_data_set(source: TorchvisionSource, doc: str) -> DataSetFunction:
+    """A data set function reading ``source`` through torchvision; ``.source`` lets the
+    config check name missing files before any training."""
+
+    def read(root: Path, train: bool, download: bool) -> LabelledImages:
+        return read.source.read(root, train, download)
+
+    read.source = source  # type: ignore[attr-defined]
+    read.__doc__ = doc
+    return read
+
+
+fashion_mnist = DATASETS.register("fashion_mnist")(torchvision_data_set(
+    FASHION_MNIST, "Fashion-MNIST: 60k/10k grey 28x28, 10 classes; MNIST's mean/std as the published code."))
+mnist = DATASETS.register("mnist")(torchvision_data_set(MNIST, "MNIST: 60k/10k grey 28x28, 10 classes."))
+cifar10 = DATASETS.register("cifar10")(torchvision_data_set(CIFAR10, "CIFAR-10: 50k/10k colour 32x32, 10 classes."))
+cifar100 = DATASETS.register("cifar100")(torchvision_data_set(
+    CIFAR100, "CIFAR-100: 50k/10k colour 32x32, 100 (fine) classes."))
 
 
 @dataclass
@@ -96,7 +147,7 @@ class DataConfig:
     """Which data set, where it lives, and how it is split and transformed.
 
     Args:
-        name: fashion_mnist, mnist, cifar10 or cifar100.
+        name: a registered data set: fashion_mnist, mnist, cifar10, cifar100, or your own.
         root: folder in torchvision's layout; else $FEDBENCH_DATA; else ./data.
         download: let torchvision download missing files (needs internet).
         image_size: side of the model input; None = 32 (MNIST-family is resized to 32x32 as in the papers).
@@ -110,7 +161,7 @@ class DataConfig:
         test_subset: evaluate on this many (seeded choice) test images; None = the whole test set.
     """
 
-    name: DatasetName = "fashion_mnist"
+    name: str = "fashion_mnist"
     root: str | None = None
     download: bool = True
     image_size: int | None = None
@@ -122,6 +173,20 @@ class DataConfig:
     server_size: int | None = None
     train_subset: int | None = None
     test_subset: int | None = None
+
+    def problems(self) -> list[Problem]:
+        found = Problems(DATASETS.problems("data.name", self.name))
+        known = not found
+        found.need(0 < self.server_fraction < 1, "data.server_fraction", self.server_fraction, "a fraction in (0, 1)")
+        for name in ("server_size", "train_subset", "test_subset"):
+            value = getattr(self, name)
+            found.need(value is None or value >= 1, f"data.{name}", value, "None (all) or an integer >= 1")
+        found.need(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size, "None or >= 8")
+        found.need(self.channels in (None, 1, 3), "data.channels", self.channels, "None, 1 or 3")
+        found.need(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "an integer >= 0")
+        if known:
+            found.extend(data_problems(self))
+        return found
 
 
 @dataclass
@@ -145,15 +210,11 @@ class ImageSet:
 class FederatedData:
     """What the engine needs: the clients' pool, the server's split, the test set."""
 
-    spec: DatasetSpec
+    num_classes: int
     client_pool: ImageSet
     server: ImageSet
     test: ImageSet
     pipeline: "ImagePipeline"
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
 
 
 def resolve_root(root: str | None) -> Path:
@@ -165,7 +226,7 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FEDBENCH_CACHE", "~/.cache/fedbench")).expanduser() / "data"
 
 
-def _missing_message(spec: DatasetSpec, root: Path, reason: str) -> str:
+def _missing_message(spec: TorchvisionSource, root: Path, reason: str) -> str:
     files = "\n".join(f"  {root / f}" for f in spec.files)
     alternative = ""
     if spec.name == "cifar10":
@@ -182,9 +243,9 @@ def _missing_message(spec: DatasetSpec, root: Path, reason: str) -> str:
 def data_problems(config: DataConfig) -> list[tuple[str, object, str]]:
     """Missing data found before any training: only when downloading is off (with it on,
     a failed download is reported when loading)."""
-    if config.download:
+    spec = getattr(DATASETS.resolve(config.name), "source", None)
+    if config.download or spec is None:  # a user's data set checks its own files when read
         return []
-    spec = DATASETS[config.name]
     root = resolve_root(config.root)
     cached = _cache_root()
 
@@ -208,7 +269,7 @@ def _writable(path: Path) -> bool:
     return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & 0o222)
 
 
-def _extract_mnist_archives(spec: DatasetSpec, root: Path) -> Path | None:
+def _extract_mnist_archives(spec: TorchvisionSource, root: Path) -> Path | None:
     """Unpack the .gz files torchvision's MNIST reader needs, without any network.
 
     torchvision reads the unpacked idx files. When ``root`` holds only the .gz files
@@ -235,7 +296,7 @@ def _extract_mnist_archives(spec: DatasetSpec, root: Path) -> Path | None:
     return target_root
 
 
-def _torchvision_dataset(spec: DatasetSpec, root: Path, train: bool, download: bool):
+def _torchvision_dataset(spec: TorchvisionSource, root: Path, train: bool, download: bool):
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, spec.torchvision_class)
@@ -279,10 +340,10 @@ def _resize(images: Tensor, size: int) -> Tensor:
     return resized.round().clamp_(0, 255).to(torch.uint8)
 
 
-def load_split(spec: DatasetSpec, root: Path, train: bool, download: bool, image_size: int) -> ImageSet:
-    dataset = _torchvision_dataset(spec, root, train, download)
-    images = _as_uint8_nchw(dataset)
-    return ImageSet(_resize(images.images, image_size), images.labels)
+def load_split(name: str, root: Path, train: bool, download: bool, image_size: int) -> LabelledImages:
+    split = DATASETS.resolve(name)(root, train, download)
+    split.images = _resize(split.images, image_size)
+    return split
 
 
 def _seeded_subset(n: int, size: int | None, seed: int, key: int) -> Tensor | None:
@@ -294,11 +355,12 @@ def _seeded_subset(n: int, size: int | None, seed: int, key: int) -> Tensor | No
 
 def load_federated_data(config: DataConfig, seed: int, device: torch.device | str = "cpu") -> FederatedData:
     """Read a data set once, split it as the papers do, and put it on ``device``."""
-    spec = DATASETS[config.name]
     root = resolve_root(config.root)
     size = config.image_size or 32
-    train = load_split(spec, root, True, config.download, size)
-    test = load_split(spec, root, False, config.download, size)
+    train_split = load_split(config.name, root, True, config.download, size)
+    test_split = load_split(config.name, root, False, config.download, size)
+    train = ImageSet(train_split.images, train_split.labels)
+    test = ImageSet(test_split.images, test_split.labels)
 
     n_server = int(round(len(train) * config.server_fraction))
     n_clients = len(train) - n_server
@@ -312,15 +374,15 @@ def load_federated_data(config: DataConfig, seed: int, device: torch.device | st
         test = test.subset(index)
 
     pipeline = ImagePipeline(
-        mean=spec.mean,
-        std=spec.std,
+        mean=train_split.mean,
+        std=train_split.std,
         channels=config.channels or 3,
         augment=config.augment,
-        hflip=spec.hflip if config.hflip is None else config.hflip,
+        hflip=train_split.hflip if config.hflip is None else config.hflip,
         crop_padding=config.crop_padding,
         device=device,
     )
-    return FederatedData(spec, client_pool.to(device), server.to(device), test.to(device), pipeline)
+    return FederatedData(train_split.num_classes, client_pool.to(device), server.to(device), test.to(device), pipeline)
 
 
 class ImagePipeline:
@@ -366,9 +428,6 @@ class ImagePipeline:
     def normalize(self, raw: Tensor) -> Tensor:
         """Raw [0, 1] pixel values -> model-input space, per channel."""
         return (raw - self.mean) / self.std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        return x * self.std + self.mean
 
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None) -> Tensor:

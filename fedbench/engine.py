@@ -1,17 +1,21 @@
 """The federated round loop.
 
-Each round, top to bottom (:meth:`FederatedRun.run_round`):
-1. sample clients (all by default);
-2. each selected client loads the global model and trains locally (a malicious client
-   in an attack round poisons its batches and crafts its update); a defense's client
-   hook may add a loss term and an upload;
-3. the updates are screened (size, NaN/Inf, norm) and the defense aggregates the rest;
-4. ``global += server_lr * aggregate``; buffers are averaged over non-excluded clients;
-5. the global model is evaluated on the clean and the triggered test set;
-6. the round's record is appended to ``metrics.jsonl`` and sent to the loggers.
+A round (:meth:`FederatedRun.run_round`) reads as its steps, each a short method:
+1. ``select_clients``: all clients, or a seeded sample;
+2. ``train_clients``: each selected client loads the global model and trains locally on
+   the process that owns it; a malicious client runs the attack's client-side hooks
+   (poisoned batches, extra loss term, per-step hook, crafted update) and whatever the
+   attack makes of the defense's client-side protocol;
+3. ``gather``: every process receives every client's :class:`ClientResult`, field by field;
+4. ``attack_server_side``: the attack sees the whole round and may replace its own rows;
+5. ``screen``: wrong-size and NaN/Inf updates (and, if set, too large ones) are rejected;
+6. ``aggregate``: the defense aggregates the rest and gives its verdicts;
+7. ``server_step``: ``global += server_lr * aggregate``; buffers averaged over kept clients;
+8. ``evaluate``: the global model on the clean and the triggered test set;
+9. ``record``: the round's record, appended to ``metrics.jsonl`` and sent to the loggers.
 
 With several processes (``--fabric.devices N``) client ``c`` trains on rank
-``c % world_size``; updates are gathered with Fabric's collectives and every process
+``c % world_size``; results are gathered with Fabric's collectives and every process
 applies the same aggregation. Every random draw is keyed by (seed, stream, round,
 client), so the result equals the single-process run.
 """
@@ -23,203 +27,78 @@ import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from statistics import fmean
-from typing import Any, Literal
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from attacks.base import Attack, AttackSetup, ClientInfo
-from defenses.base import Defense, DefenseSetup, RoundContext
+from attacks.base import AttackSetup, ClientInfo, ServerView
+from defenses.base import Aggregate, ClientHook, RoundContext
 from fedbench import __version__
-from fedbench.client import LocalTrainConfig, LocalTrainer, iterate_batches, planned_steps
-from fedbench.data import DataConfig, FederatedData, ImageSet, data_problems, load_federated_data
+from fedbench.checkpoint import Checkpoints
+from fedbench.client import LocalTrainer, iterate_batches
+from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
 from fedbench.evaluation import evaluate
-from fedbench.models import MODELS, ModelConfig, build_model
+from fedbench.experiment import Experiment, defense_setup, expected_malicious, validate
+from fedbench.metrics import final_numbers, flat_metrics
+from fedbench.models import build_model
 from fedbench.params import ParameterLayout
-from fedbench.partition import PartitionConfig, class_counts, partition_clients
-from fedbench.results import METRICS, SUMMARY, append_jsonl, read_jsonl, write_json_atomic, write_jsonl
+from fedbench.partition import class_counts, partition_clients
+from fedbench.results import METRICS, SUMMARY, append_jsonl, write_json_atomic, write_jsonl
 from fedbench.screening import check_size, screen_updates
 from fedbench.seeding import derive_seed, numpy_rng, seed_table, torch_generator
-from fedbench.tracking import WandbConfig
-
-Precision = Literal["32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true"]
 
 
 @dataclass
-class FederationConfig:
-    """The federation and the server.
+class ClientResult:
+    """What one client hands back after local training, on the process that trained it."""
 
-    Args:
-        num_clients: clients in the federation (papers: 10).
-        rounds: communication rounds T (papers: 50).
-        client_fraction: share of clients selected per round (papers: all).
-        server_lr: the server applies ``global += server_lr * aggregate`` for every defense.
-        max_update_norm: None (default: FedAvg stays plain FedAvg) or a limit: updates with a
-            larger L2 norm are rejected before aggregation. Updates with NaN/Inf or the wrong
-            size are always rejected: a crash guard, not a defense (see fedbench.screening).
-        eval_every: evaluate every k rounds (and always in the last ``final_rounds``).
-        eval_batch_size: batch size of evaluation.
-        final_rounds: the final numbers are the mean over the last this many evaluated rounds (papers: 5).
-    """
-
-    num_clients: int = 10
-    rounds: int = 50
-    client_fraction: float = 1.0
-    server_lr: float = 1.0
-    max_update_norm: float | None = None
-    eval_every: int = 1
-    eval_batch_size: int = 1024
-    final_rounds: int = 5
+    update: Tensor
+    """``[d]`` float32: trained minus global parameters (as the attack crafted it)."""
+    buffers: Tensor
+    """``[b]`` float32: the client's buffers after training (BatchNorm statistics)."""
+    steps: int
+    loss: float
+    """Mean training loss over the local steps."""
+    uploads: dict[str, Tensor] = field(default_factory=dict)
+    """Scalar uploads of the defense's client-side protocol, by name."""
+    time_train: float = 0.0
+    time_hook: float = 0.0
+    wrong_size: bool = False
+    """The update had the wrong size (it is replaced by zeros and rejected)."""
 
 
 @dataclass
-class FabricConfig:
-    """Lightning Fabric: where and in which precision clients train.
+class GatheredRound:
+    """Every selected client's result, stacked in selection order on every process."""
 
-    Args:
-        accelerator: cpu, cuda, mps, gpu or auto.
-        devices: devices (processes) per node; clients of a round are split across them.
-        num_nodes: nodes (with torchrun/SLURM).
-        strategy: auto, or ddp for several processes (only collectives are used; models are not wrapped).
-        precision: 32-true (default; bit-for-bit reproducible on CPU), bf16-mixed, 16-mixed, bf16-true, 64-true.
-        cpu_threads: intra-op threads per process. CPU kernels split their sums by thread, so fp32 results
-            are bit-identical only between runs with the same count; None keeps torch's default (all cores
-            for one process; cores / processes when Fabric launches several).
-    """
-
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: Precision = "32-true"
-    cpu_threads: int | None = None
-
-
-@dataclass
-class OutputConfig:
-    """Where results go.
-
-    Args:
-        dir: parent folder of run folders.
-        name: run folder name; None = ``<data>-<attack>-<defense>-s<seed>``.
-        checkpoint_every: save the global model (and defense state) every k rounds; 0 = never.
-        resume: continue from the run folder's last checkpoint if there is one.
-        progress: show a progress bar.
-    """
-
-    dir: str = "runs"
-    name: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
-
-
-@dataclass
-class Experiment:
-    """Everything one run needs; what the CLI builds from its config."""
-
-    attack: Attack
-    defense: Defense
-    data: DataConfig = field(default_factory=DataConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: LocalTrainConfig = field(default_factory=LocalTrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    fabric: FabricConfig = field(default_factory=FabricConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    seed: int = 0
-    config: dict | None = None
+    clients: list[ClientInfo]
+    updates: Tensor
+    buffers: Tensor | None
+    steps: Tensor
+    loss: Tensor
+    wrong_size: Tensor
+    uploads: dict[str, Tensor]
+    time_train: float
+    time_hook: float
 
     @property
-    def run_name(self) -> str:
-        return self.output.name or f"{self.data.name}-{self.attack.name}-{self.defense.name}-s{self.seed}"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output.dir) / self.run_name
-
-    @property
-    def clients_per_round(self) -> int:
-        return max(1, int(round(self.federation.client_fraction * self.federation.num_clients)))
+    def client_ids(self) -> Tensor:
+        return torch.tensor([c.client_id for c in self.clients], dtype=torch.int64)
 
 
-def experiment_problems(exp: Experiment) -> list[tuple[str, object, str]]:
-    """Every invalid field found without loading data."""
-    found: list[tuple[str, object, str]] = []
+@dataclass
+class Verdict:
+    """The screening's and the defense's answer for one round (CPU tensors, ``[n]``)."""
 
-    def need(ok: bool, field_name: str, value: object, allowed: str) -> None:
-        if not ok:
-            found.append((field_name, value, allowed))
-
-    fed, train, data, part = exp.federation, exp.train, exp.data, exp.partition
-    need(fed.num_clients >= 1, "federation.num_clients", fed.num_clients, "an integer >= 1")
-    need(fed.rounds >= 1, "federation.rounds", fed.rounds, "an integer >= 1")
-    need(0 < fed.client_fraction <= 1, "federation.client_fraction", fed.client_fraction, "a fraction in (0, 1]")
-    need(fed.server_lr > 0, "federation.server_lr", fed.server_lr, "a number > 0")
-    need(fed.max_update_norm is None or fed.max_update_norm > 0, "federation.max_update_norm", fed.max_update_norm,
-         "None (no norm limit) or a norm > 0")
-    need(fed.eval_every >= 1, "federation.eval_every", fed.eval_every, "an integer >= 1")
-    need(fed.eval_batch_size >= 1, "federation.eval_batch_size", fed.eval_batch_size, "an integer >= 1")
-    need(fed.final_rounds >= 1, "federation.final_rounds", fed.final_rounds, "an integer >= 1")
-    need(train.lr > 0, "train.lr", train.lr, "a learning rate > 0")
-    need(0 <= train.momentum < 1, "train.momentum", train.momentum, "a value in [0, 1)")
-    need(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "a value >= 0")
-    need(train.batch_size >= 1, "train.batch_size", train.batch_size, "an integer >= 1")
-    need(train.local_epochs >= 1, "train.local_epochs", train.local_epochs, "an integer >= 1")
-    need(train.local_steps is None or train.local_steps >= 1, "train.local_steps", train.local_steps,
-         "None (use local_epochs) or an integer >= 1")
-    need(0 < data.server_fraction < 1, "data.server_fraction", data.server_fraction, "a fraction in (0, 1)")
-    for name in ("server_size", "train_subset", "test_subset"):
-        value = getattr(data, name)
-        need(value is None or value >= 1, f"data.{name}", value, "None (all) or an integer >= 1")
-    need(data.image_size is None or data.image_size >= 8, "data.image_size", data.image_size, "None or >= 8")
-    need(data.channels in (None, 1, 3), "data.channels", data.channels, "None, 1 or 3")
-    need(data.crop_padding >= 0, "data.crop_padding", data.crop_padding, "an integer >= 0")
-    need(part.beta > 0, "partition.beta", part.beta, "a concentration > 0")
-    need(part.min_size >= 0, "partition.min_size", part.min_size, "an integer >= 0")
-    need(part.shards_per_client >= 1, "partition.shards_per_client", part.shards_per_client, "an integer >= 1")
-    need(exp.model.name in MODELS, "model.name", exp.model.name, f"one of: {', '.join(MODELS.names())}")
-    need(exp.fabric.cpu_threads is None or exp.fabric.cpu_threads >= 1, "fabric.cpu_threads", exp.fabric.cpu_threads,
-         "None (torch's default) or an integer >= 1")
-    need(exp.output.checkpoint_every >= 0, "output.checkpoint_every", exp.output.checkpoint_every, "an integer >= 0")
-    found.extend(exp.attack.problems())
-    if exp.attack.num_malicious(fed.num_clients) >= fed.num_clients and fed.num_clients >= 1:
-        found.append(("attack.malicious_fraction", exp.attack.malicious_fraction, "leaves at least one benign client"))
-    if fed.num_clients >= 1 and 0 < fed.client_fraction <= 1:
-        found.extend(exp.defense.problems(defense_setup(exp, layout=None)))
-    found.extend(data_problems(data))
-    return found
-
-
-def expected_malicious(exp: Experiment) -> int:
-    """Expected malicious clients among the clients selected in a round."""
-    num_clients = exp.federation.num_clients
-    return int(round(exp.attack.num_malicious(num_clients) * exp.clients_per_round / num_clients))
-
-
-def defense_setup(exp: Experiment, layout, data: FederatedData | None = None, **kwargs) -> DefenseSetup:
-    """What a defense is told; without ``data`` (validation before loading) server data is unknown."""
-    needs = exp.defense.needs_server_data
-    return DefenseSetup(
-        num_clients=exp.federation.num_clients,
-        clients_per_round=exp.clients_per_round,
-        expected_malicious=expected_malicious(exp),
-        layout=layout,
-        server_data=data.server if (needs and data is not None) else None,
-        seed=exp.seed,
-        **kwargs,
-    )
-
-
-def validate(exp: Experiment) -> None:
-    problems = experiment_problems(exp)
-    if problems:
-        raise ConfigError(problems)
+    accepted: Tensor
+    reasons: list[str | None]
+    weights: Tensor
+    excluded: Tensor
+    aggregate: Aggregate | None = None
 
 
 def versions() -> dict[str, str]:
@@ -242,23 +121,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def final_numbers(records: list[dict], final_rounds: int) -> dict[str, float | None]:
-    """Each the mean over the last ``final_rounds`` evaluated rounds, as the SDFC/FDCR papers
-    report: A (clean accuracy); ASR over non-target test images (the headline), R = 100 - ASR
-    and V = (A + R) / 2; and the same over all test images (``ASR_all``, ``R_all``,
-    ``V_all``: the published SDFC/FDCR code's count, what their tables' R means)."""
-    evaluated = [r for r in records if r.get("clean_acc") is not None][-final_rounds:]
-    numbers: dict[str, float | None] = dict.fromkeys(("A", "ASR", "R", "V", "ASR_all", "R_all", "V_all"))
-    if not evaluated:
-        return numbers
-    accuracy = numbers["A"] = fmean(r["clean_acc"] for r in evaluated)
-    for key, suffix in (("asr", ""), ("asr_all", "_all")):
-        values = [r[key] for r in evaluated if r.get(key) is not None]
-        if values:
-            asr = fmean(values)
-            numbers[f"ASR{suffix}"], numbers[f"R{suffix}"] = asr, 100.0 - asr
-            numbers[f"V{suffix}"] = (accuracy + 100.0 - asr) / 2
-    return numbers
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def sum_of_terms(first: Callable[[], Tensor] | None, second: Callable[[], Tensor] | None):
+    """One extra loss term from a defense's and an attack's (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda: first() + second()
 
 
 class FederatedRun:
@@ -280,26 +153,32 @@ class FederatedRun:
         self.seed = exp.seed
         self.run_dir = exp.run_dir
         self.records: list[dict] = []
+        self.checkpoints = Checkpoints(self.run_dir, fabric)
         self._progress = None
-        self._setup()
+        self.start_round = 0
+        self._setup_data()
+        self._setup_model()
+        self._setup_attack_and_defense()
+        if exp.output.resume:
+            self._resume()
 
     # ------------------------------------------------------------------ setup
-    def _setup(self) -> None:
-        exp, seed = self.exp, self.seed
+    def _setup_data(self) -> None:
+        exp = self.exp
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
-        self.data: FederatedData = load_federated_data(exp.data, seed, self.device)
+        self.data: FederatedData = load_federated_data(exp.data, self.seed, self.device)
         pool = self.data.client_pool
-        num_clients = exp.federation.num_clients
-        self.parts = partition_clients(pool.labels, num_clients, exp.partition, seed)
+        self.parts = partition_clients(pool.labels, exp.federation.num_clients, exp.partition, self.seed)
         self.client_sets: list[ImageSet] = [pool.subset(p.to(self.device)) for p in self.parts]
         self.num_samples = torch.tensor([len(s) for s in self.client_sets], dtype=torch.int64)
         self.partition_summary = class_counts(pool.labels, self.parts, self.data.num_classes)
+        self.image_size = int(pool.images.shape[-1])
 
-        pipeline = self.data.pipeline
-        image_size = int(pool.images.shape[-1])
-        torch.manual_seed(derive_seed(seed, "model_init"))
-        model = build_model(exp.model.name, self.data.num_classes, pipeline.channels, image_size)
+    def _setup_model(self) -> None:
+        exp, pipeline = self.exp, self.data.pipeline
+        torch.manual_seed(derive_seed(self.seed, "model_init"))
+        model = build_model(exp.model.name, self.data.num_classes, pipeline.channels, self.image_size)
         model = self.fabric.to_device(model)
         if exp.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -309,11 +188,12 @@ class FederatedRun:
         self.global_buffers = self.layout.flatten_buffers(model).clone()
         self.trainer = LocalTrainer(model, exp.train, pipeline, self.fabric)
 
-        self.malicious = exp.attack.malicious_clients(num_clients, seed)
+    def _setup_attack_and_defense(self) -> None:
+        exp, num_clients, pipeline = self.exp, self.exp.federation.num_clients, self.data.pipeline
+        self.malicious = exp.attack.malicious_clients(num_clients, self.seed)
         self.attacker_rank = {cid: i for i, cid in enumerate(self.malicious)}
-        exp.attack.setup(AttackSetup(num_clients, self.data.num_classes, pipeline.channels, image_size,
-                                     pipeline, self.device, seed))
-
+        exp.attack.setup(AttackSetup(num_clients, self.data.num_classes, pipeline.channels, self.image_size,
+                                     pipeline, self.device, self.seed))
         defense = exp.defense
         env = defense_setup(exp, self.layout, self.data, device=self.device,
                             server_train=self.server_train if defense.needs_server_data else None)
@@ -321,18 +201,17 @@ class FederatedRun:
         if problems:
             raise ConfigError(problems)
         defense.setup(env)
-        self.hook = defense.client_hook()
-        self.start_round = 0
-        if exp.output.resume:
-            self._load_checkpoint()
+        self.hook: ClientHook | None = defense.client_hook()
 
-    # ------------------------------------------------------------------ clients
-    def sample_clients(self, round_index: int) -> list[int]:
+    # ------------------------------------------------------------------ 1. select
+    def select_clients(self, round_index: int) -> list[ClientInfo]:
         n, k = self.exp.federation.num_clients, self.exp.clients_per_round
         if k == n:
-            return list(range(n))
-        chosen = numpy_rng(self.seed, "sampling", round_index).choice(n, size=k, replace=False)
-        return sorted(int(c) for c in chosen)
+            chosen = list(range(n))
+        else:
+            draw = numpy_rng(self.seed, "sampling", round_index).choice(n, size=k, replace=False)
+            chosen = sorted(int(c) for c in draw)
+        return [self.client_info(c, round_index) for c in chosen]
 
     def client_info(self, client_id: int, round_index: int) -> ClientInfo:
         malicious = client_id in self.attacker_rank
@@ -342,43 +221,66 @@ class FederatedRun:
             malicious=malicious,
             attacking=malicious and self.exp.attack.is_active(round_index),
             attacker_rank=self.attacker_rank.get(client_id, -1),
-            adaptive=malicious and self.exp.attack.adaptive,
         )
 
-    def train_client(self, client: ClientInfo) -> dict[str, Any]:
-        """Local training of one client from the global model; returns its upload."""
-        data = self.client_sets[client.client_id]
-        attack = self.exp.attack
+    # ------------------------------------------------------------------ 2. train
+    def train_clients(self, clients: list[ClientInfo]) -> list[ClientResult]:
+        """Local training of the selected clients this process owns."""
+        mine = [c for c in clients if c.client_id % self.world == self.rank]
+        results = []
+        for position, client in enumerate(mine, 1):
+            if self._progress is not None:
+                self._progress.set_postfix_str(f"client {position}/{len(mine)} (id {client.client_id})")
+            results.append(self.train_client(client))
+        return results
+
+    def train_client(self, client: ClientInfo) -> ClientResult:
+        """One client's local training from the global model, with the attack's and the
+        defense's client-side hooks; returns what it sends."""
+        attack, data = self.exp.attack, self.client_sets[client.client_id]
         plan = attack.poison_plan(client, len(data))
         self.layout.load(self.model, self.global_params)
         self.layout.load_buffers(self.model, self.global_buffers)
         generator = torch_generator(self.seed, "train", client.round, client.client_id, device=self.device)
-        local_batches, server_batches = self._hook_batches(client, data, plan)
+        protocol = self.protocol_of(client)
+        batches = self._hook_batches(client, data, plan)
 
         started = time.perf_counter()
-        regularizer = None
-        if self.hook is not None:
-            regularizer = self.hook.before_training(client, self.model, local_batches, server_batches)
+        defense_term = protocol.before_training(client, self.model, *batches) if protocol else None
         prepared = time.perf_counter()
-        result = self.trainer.train(data, generator, plan, regularizer)
+        attack_term, after_step = self._attack_training_hooks(client)
+        result = self.trainer.train(data, generator, plan, regularizer=sum_of_terms(defense_term, attack_term),
+                                    after_step=after_step)
+        if client.attacking:
+            attack.after_training(client, self.model)
         trained = time.perf_counter()
-        uploads: dict[str, Tensor] = {}
-        if self.hook is not None:
-            uploads = self.hook.after_training(client, self.model, local_batches, server_batches)
+        uploads = protocol.after_training(client, self.model, *batches) if protocol else {}
         hooked = time.perf_counter()
 
         update = self.layout.flatten(self.model) - self.global_params
         if client.attacking:
             update = attack.craft_update(update, client)
-        return {
-            "update": update,
-            "buffers": self.layout.flatten_buffers(self.model),
-            "steps": result.steps,
-            "loss": result.mean_loss,
-            "uploads": uploads,
-            "time_train": trained - prepared,
-            "time_hook": (prepared - started) + (hooked - trained),
-        }
+        wrong_size = check_size(update, self.layout.dim) is not None
+        return ClientResult(
+            update=torch.zeros(self.layout.dim, device=self.device) if wrong_size else update,
+            buffers=self.layout.flatten_buffers(self.model), steps=result.steps, loss=result.mean_loss,
+            uploads=uploads, time_train=trained - prepared, time_hook=(prepared - started) + (hooked - trained),
+            wrong_size=wrong_size,
+        )
+
+    def protocol_of(self, client: ClientInfo) -> ClientHook | None:
+        """The defense's client-side protocol as this client runs it: honestly, or as the
+        attack makes a malicious client run it."""
+        if self.hook is None or not client.malicious:
+            return self.hook
+        return self.exp.attack.client_protocol(client, self.hook)
+
+    def _attack_training_hooks(self, client: ClientInfo):
+        """``(extra loss term, after-step hook)`` of the attack for an attacking client."""
+        if not client.attacking:
+            return None, None
+        attack = self.exp.attack
+        return attack.before_training(client, self.model), attack.step_hook(client, self.model)
 
     def _hook_batches(self, client: ClientInfo, data: ImageSet, plan):
         """Batch iterators a client hook may use, each call drawing the same seeded batches."""
@@ -406,7 +308,30 @@ class FederatedRun:
         self.trainer.train(data, generator, max_steps=steps)
         return self.layout.flatten(self.model) - params
 
-    # ------------------------------------------------------------------ gathering
+    # ------------------------------------------------------------------ 3. gather
+    def gather(self, clients: list[ClientInfo], results: list[ClientResult]) -> GatheredRound:
+        """Every client's result on every process, field by field, in selection order."""
+        selected = [c.client_id for c in clients]
+
+        def scalars(values: list[float]) -> Tensor:
+            rows = [torch.tensor(float(v), device=self.device, dtype=torch.float64) for v in values]
+            return self._gather(selected, rows, (), torch.float64)
+
+        dim, buffer_dim = self.layout.dim, self.layout.buffer_dim
+        upload_keys = self.hook.upload_keys if self.hook else ()
+        return GatheredRound(
+            clients=clients,
+            updates=self._gather(selected, [r.update for r in results], (dim,), torch.float32),
+            buffers=self._gather(selected, [r.buffers for r in results], (buffer_dim,), torch.float32)
+            if buffer_dim else None,
+            steps=scalars([r.steps for r in results]).round().to(torch.int64),
+            loss=scalars([r.loss for r in results]),
+            wrong_size=scalars([r.wrong_size for r in results]).cpu() > 0,
+            uploads={key: scalars([r.uploads[key].reshape(()) for r in results]) for key in upload_keys},
+            time_train=float(scalars([r.time_train for r in results]).sum()),
+            time_hook=float(scalars([r.time_hook for r in results]).sum()),
+        )
+
     def _gather(self, selected: list[int], rows: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """Stack per-client rows in ``selected`` order across all processes.
 
@@ -428,115 +353,67 @@ class FederatedRun:
             slots[owner] += 1
         return torch.stack(out)
 
-    # ------------------------------------------------------------------ one round
-    def run_round(self, round_index: int) -> dict:
-        exp = self.exp
-        round_started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        selected = self.sample_clients(round_index)
-        infos = [self.client_info(c, round_index) for c in selected]
-        mine = [info for info in infos if info.client_id % self.world == self.rank]
+    # ------------------------------------------------------------------ 4. attack (server side)
+    def attack_server_side(self, round_: GatheredRound) -> None:
+        """The attack may replace its own rows, knowing the whole round; no other row changes."""
+        own = torch.tensor([c.attacking for c in round_.clients], dtype=torch.bool)
+        if not own.any():
+            return
+        client_ids = round_.client_ids
+        round_index = round_.clients[0].round
+        view = ServerView(
+            round=round_index, updates=round_.updates, own=own.to(self.device), client_ids=client_ids,
+            num_samples=self.num_samples[client_ids], global_params=self.global_params,
+            expected_malicious=expected_malicious(self.exp),
+            generator=torch_generator(self.seed, "attack", round_index, device=self.device),
+        )
+        rows = self.exp.attack.craft_round(view)
+        if rows is None:
+            return
+        expected = (int(own.sum()), self.layout.dim)
+        if tuple(rows.shape) != expected:
+            raise ValueError(f"attack {self.exp.attack.name}: craft_round returned rows of shape "
+                             f"{tuple(rows.shape)}, expected {expected} (one row per attacking client)")
+        updates = round_.updates.clone()
+        updates[view.own] = rows.to(updates.dtype)
+        round_.updates = updates
 
-        # 2. local training
-        results = []
-        for position, info in enumerate(mine, 1):
-            if self._progress is not None:
-                self._progress.set_postfix_str(f"client {position}/{len(mine)} (id {info.client_id})")
-            results.append(self.train_client(info))
-        size_faults = {info.client_id: check_size(r["update"], self.layout.dim) for info, r in zip(mine, results)}
-        for info, r in zip(mine, results):
-            if size_faults[info.client_id]:
-                r["update"] = torch.zeros(self.layout.dim, device=self.device)
-        updates = self._gather(selected, [r["update"] for r in results], (self.layout.dim,), torch.float32)
-        buffers = self._gather(selected, [r["buffers"] for r in results], (self.layout.buffer_dim,),
-                               torch.float32) if self.layout.buffer_dim else None
-        scalars = self._gather(selected, [
-            torch.tensor([r["steps"], r["loss"], r["time_train"], r["time_hook"],
-                          1.0 if size_faults[i.client_id] else 0.0], device=self.device, dtype=torch.float64)
-            for i, r in zip(mine, results)], (5,), torch.float64)
-        upload_keys = self.hook.upload_keys if self.hook else ()
-        uploads = {key: self._gather(selected, [r["uploads"][key].reshape(()).to(torch.float64) for r in results],
-                                     (), torch.float64) for key in upload_keys}
-        steps = scalars[:, 0].round().to(torch.int64)
-        time_train, time_hook = float(scalars[:, 2].sum()), float(scalars[:, 3].sum())
+    # ------------------------------------------------------------------ 5. screen, 6. aggregate
+    def screen(self, round_: GatheredRound) -> Verdict:
+        accepted, reasons = screen_updates(round_.updates, self.exp.federation.max_update_norm,
+                                           round_.wrong_size.tolist())
+        n = len(round_.clients)
+        return Verdict(accepted, reasons, torch.zeros(n, dtype=torch.float64), ~accepted.cpu())
 
-        # 3. screening, then the defense
-        aggregation_started = time.perf_counter()
-        accepted, reasons = screen_updates(updates, exp.federation.max_update_norm)
-        for j, wrong_size in enumerate(scalars[:, 4].tolist()):
-            if wrong_size:
-                accepted[j], reasons[j] = False, "wrong_size"
-        n = len(selected)
-        weights = torch.zeros(n, dtype=torch.float64)
-        excluded = ~accepted.cpu()
-        info: dict[str, Any] = {}
-        client_ids = torch.tensor(selected, dtype=torch.int64)
-        if accepted.any():
-            kept = accepted.nonzero().squeeze(1)
-            ctx = RoundContext(
-                round=round_index,
-                client_ids=client_ids[kept.cpu()],
-                global_params=self.global_params,
-                local_steps=steps[kept.cpu()],
-                uploads={k: v[kept] for k, v in uploads.items()},
-                generator=torch_generator(self.seed, "defense", round_index, device=self.device),
-            )
-            sample_counts = self.num_samples[client_ids[kept.cpu()]].to(self.device)
-            aggregate = exp.defense.aggregate(updates[kept], sample_counts, ctx)
-            if not torch.isfinite(aggregate.update).all():
-                raise FloatingPointError(f"defense {exp.defense.name} returned a non-finite aggregate")
-            weights[kept.cpu()] = aggregate.weights.detach().double().cpu()
-            excluded[kept.cpu()] = aggregate.excluded.cpu()
-            info = aggregate.info
+    def aggregate(self, round_: GatheredRound, verdict: Verdict) -> None:
+        """The defense aggregates the screened-in updates; its verdicts fill ``verdict``."""
+        if not verdict.accepted.any():
+            return
+        kept = verdict.accepted.nonzero().squeeze(1)
+        kept_cpu = kept.cpu()
+        client_ids = round_.client_ids[kept_cpu]
+        ctx = RoundContext(
+            round=round_.clients[0].round,
+            client_ids=client_ids,
+            global_params=self.global_params,
+            local_steps=round_.steps[kept_cpu],
+            uploads={k: v[kept] for k, v in round_.uploads.items()},
+            generator=torch_generator(self.seed, "defense", round_.clients[0].round, device=self.device),
+        )
+        aggregate = self.exp.defense.aggregate(round_.updates[kept], self.num_samples[client_ids].to(self.device), ctx)
+        if not torch.isfinite(aggregate.update).all():
+            raise FloatingPointError(f"defense {self.exp.defense.name} returned a non-finite aggregate")
+        verdict.weights[kept_cpu] = aggregate.weights.detach().double().cpu()
+        verdict.excluded[kept_cpu] = aggregate.excluded.cpu()
+        verdict.aggregate = aggregate
 
-            # 4. server step
-            self.global_params = self.global_params + exp.federation.server_lr * aggregate.update
-            if buffers is not None:
-                self._update_buffers(buffers, ~excluded, client_ids)
-        time_aggregation = time.perf_counter() - aggregation_started
-
-        # 5. evaluation
-        evaluation_started = time.perf_counter()
-        metrics: dict[str, Any] = {"clean_acc": None, "clean_loss": None, "asr": None, "asr_all": None}
-        if self._evaluate_this_round(round_index) and self.rank == 0:
-            self.layout.load(self.model, self.global_params)
-            self.layout.load_buffers(self.model, self.global_buffers)
-            metrics = evaluate(self.model, self.data.test, self.data.pipeline, exp.attack, self.data.num_classes,
-                               exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last)
-        time_evaluation = time.perf_counter() - evaluation_started
-
-        attacking = [i.attacking for i in infos]
-        weight_list = weights.tolist()
-        excluded_list = excluded.tolist()
-        # Detection judges the defense: only the updates that passed the screening count.
-        seen = accepted.cpu().tolist()
-        detection = detection_metrics(*([v for v, s in zip(values, seen) if s]
-                                        for values in (attacking, excluded_list, weight_list)))
-        return {
-            "round": round_index,
-            **metrics,
-            "train_loss": float(scalars[:, 1].mean()),
-            "time": {
-                "local_training": time_train,
-                "client_hook": time_hook,
-                "aggregation": time_aggregation,
-                "evaluation": time_evaluation,
-                "round": time.perf_counter() - round_started,
-            },
-            "peak_memory_mb": peak_memory_mb(self.device),
-            "clients": selected,
-            "malicious": [i.malicious for i in infos],
-            "attacking": attacking,
-            "local_steps": steps.tolist(),
-            "update_norms": torch.linalg.vector_norm(torch.nan_to_num(updates, nan=0.0, posinf=0.0, neginf=0.0),
-                                                     dim=1).tolist(),
-            "weights": weight_list,
-            "excluded": excluded_list,
-            "rejected": {str(c): r for c, r in zip(selected, reasons) if r is not None},
-            "detection": detection,
-            "defense": info,
-        }
+    # ------------------------------------------------------------------ 7. server step
+    def server_step(self, round_: GatheredRound, verdict: Verdict) -> None:
+        if verdict.aggregate is None:  # every update was rejected: the model does not move
+            return
+        self.global_params = self.global_params + self.exp.federation.server_lr * verdict.aggregate.update
+        if round_.buffers is not None:
+            self._update_buffers(round_.buffers, ~verdict.excluded, round_.client_ids)
 
     def _update_buffers(self, buffers: Tensor, kept: Tensor, client_ids: Tensor) -> None:
         """Sample-count weighted mean of non-excluded clients' buffers (see fedbench.params)."""
@@ -546,96 +423,110 @@ class FederatedRun:
         weights = (counts / counts.sum()).to(self.device, torch.float32)
         self.global_buffers = weights @ buffers[kept.to(self.device)]
 
+    # ------------------------------------------------------------------ 8. evaluate
+    def evaluate(self, round_index: int) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"clean_acc": None, "clean_loss": None, "asr": None, "asr_all": None}
+        if not self._evaluate_this_round(round_index) or self.rank != 0:
+            return metrics
+        exp = self.exp
+        self.layout.load(self.model, self.global_params)
+        self.layout.load_buffers(self.model, self.global_buffers)
+        return evaluate(self.model, self.data.test, self.data.pipeline, exp.attack, self.data.num_classes,
+                        exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last)
+
     def _evaluate_this_round(self, round_index: int) -> bool:
         fed = self.exp.federation
         return (round_index + 1) % fed.eval_every == 0 or round_index >= fed.rounds - fed.final_rounds
 
+    # ------------------------------------------------------------------ one round
+    def run_round(self, round_index: int) -> dict:
+        times: dict[str, float] = {}
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        clients = self.select_clients(round_index)
+        round_ = self.gather(clients, self.train_clients(clients))
+        attack_started = time.perf_counter()
+        self.attack_server_side(round_)
+        times["server_attack"] = time.perf_counter() - attack_started
+        aggregation_started = time.perf_counter()
+        verdict = self.screen(round_)
+        self.aggregate(round_, verdict)
+        self.server_step(round_, verdict)
+        times["aggregation"] = time.perf_counter() - aggregation_started
+        evaluation_started = time.perf_counter()
+        metrics = self.evaluate(round_index)
+        times["evaluation"] = time.perf_counter() - evaluation_started
+        times["round"] = time.perf_counter() - started
+        return self.record(round_index, round_, verdict, metrics, times)
+
+    def record(self, round_index: int, round_: GatheredRound, verdict: Verdict, metrics: dict,
+               times: dict[str, float]) -> dict:
+        """The round's record (one line of metrics.jsonl)."""
+        attacking = [c.attacking for c in round_.clients]
+        weights, excluded = verdict.weights.tolist(), verdict.excluded.tolist()
+        # Detection judges the defense: only the updates that passed the screening count.
+        seen = verdict.accepted.cpu().tolist()
+        detection = detection_metrics(*([v for v, s in zip(values, seen) if s]
+                                        for values in (attacking, excluded, weights)))
+        finite_updates = torch.nan_to_num(round_.updates, nan=0.0, posinf=0.0, neginf=0.0)
+        selected = [c.client_id for c in round_.clients]
+        return {
+            "round": round_index,
+            **metrics,
+            "train_loss": float(round_.loss.mean()),
+            "time": {"local_training": round_.time_train, "client_hook": round_.time_hook, **times},
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "clients": selected,
+            "malicious": [c.malicious for c in round_.clients],
+            "attacking": attacking,
+            "local_steps": round_.steps.tolist(),
+            "update_norms": torch.linalg.vector_norm(finite_updates, dim=1).tolist(),
+            "weights": weights,
+            "excluded": excluded,
+            "rejected": {str(c): r for c, r in zip(selected, verdict.reasons) if r is not None},
+            "detection": detection,
+            "defense": verdict.aggregate.info if verdict.aggregate is not None else {},
+        }
+
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+    def save_checkpoint(self, round_index: int) -> None:
+        """Every process: each holds the client-side state of the clients it trains."""
+        self.checkpoints.save(round_index, server={
+            "global_params": self.global_params.cpu(),
+            "global_buffers": self.global_buffers.cpu(),
+            "records": self.records,
+            "defense": self.exp.defense.state_dict(),
+        }, clients={"hook": self.hook.state_dict() if self.hook else {}})
 
-    def _save_checkpoint(self, round_index: int) -> None:
-        # Each process keeps the client-side state of the clients it trains, one file per
-        # round until the main checkpoint of that round is on disk.
-        self._save_atomic({"round": round_index, "hook": self.hook.state_dict() if self.hook else {}},
-                          self._hook_checkpoint_path(self.rank, round_index))
-        self.fabric.barrier()
-        if self.rank == 0:
-            self._save_atomic({
-                "round": round_index,
-                "world_size": self.world,
-                "global_params": self.global_params.cpu(),
-                "global_buffers": self.global_buffers.cpu(),
-                "records": self.records,
-                "defense": self.exp.defense.state_dict(),
-            }, self.checkpoint_path)
-        self.fabric.barrier()
-        for old in self.checkpoint_path.parent.glob(f"clients.rank{self.rank}.round*.pt"):
-            if old != self._hook_checkpoint_path(self.rank, round_index):
-                old.unlink(missing_ok=True)
-
-    def _hook_checkpoint_path(self, rank: int, round_index: int) -> Path:
-        return self.checkpoint_path.with_name(f"clients.rank{rank}.round{round_index}.pt")
-
-    @staticmethod
-    def _save_atomic(state: dict, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-
-    def _load_checkpoint(self) -> None:
-        if not self.checkpoint_path.exists():
+    def _resume(self) -> None:
+        loaded = self.checkpoints.load(self.device)
+        if loaded is None:
             return
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        if state["world_size"] != self.world:
-            raise ConfigError([("fabric.devices", self.world,
-                                f"the checkpoint's {state['world_size']} processes to resume it")])
-        clients = torch.load(self._hook_checkpoint_path(self.rank, int(state["round"])), map_location=self.device,
-                             weights_only=True)
-        self.global_params = state["global_params"].to(self.device)
-        self.global_buffers = state["global_buffers"].to(self.device)
-        self.records = list(state["records"])
-        self.exp.defense.load_state_dict(state["defense"])
+        server, clients = loaded
+        self.global_params = server["global_params"].to(self.device)
+        self.global_buffers = server["global_buffers"].to(self.device)
+        self.records = list(server["records"])
+        self.exp.defense.load_state_dict(server["defense"])
         if self.hook:
             self.hook.load_state_dict(clients["hook"])
-        self.start_round = int(state["round"]) + 1
+        self.start_round = int(server["round"]) + 1
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         exp = self.exp
         started = time.perf_counter()
-        is_main = self.rank == 0
-        metrics_path = self.run_dir / METRICS
-        if is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.run_dir / "partition.json", {
-                "scheme": exp.partition.scheme,
-                "class_counts": self.partition_summary,
-                "num_samples": self.num_samples.tolist(),
-                "server_split": len(self.data.server),
-                "malicious": self.malicious,
-            })
-            # Whatever a killed earlier attempt left is replaced by what the checkpoint holds.
-            write_jsonl(metrics_path, self.records)
-            counts = self.num_samples.tolist()
-            for logger in self.fabric.loggers:
-                logger.log_hyperparams({"partition_class_counts": self.partition_summary,
-                                        "partition_num_samples": counts, "malicious_clients": self.malicious})
-            if exp.output.progress:
-                print(f"{exp.run_name}: {len(counts)} clients, {min(counts)}-{max(counts)} samples each "
-                      f"(class counts in {self.run_dir / 'partition.json'}), malicious: {self.malicious}")
-
-        progress = self._progress = self._progress_bar() if is_main and exp.output.progress else None
+        if self.rank == 0:
+            self._write_run_start()
+        progress = self._progress = self._progress_bar() if self.rank == 0 and exp.output.progress else None
         for round_index in range(self.start_round, exp.federation.rounds):
             record = self.run_round(round_index)
             self.records.append(record)
-            if is_main:
-                append_jsonl(metrics_path, record)
+            if self.rank == 0:
+                append_jsonl(self.run_dir / METRICS, record)
                 self.fabric.log_dict(flat_metrics(record), step=round_index)
             if exp.output.checkpoint_every and (round_index + 1) % exp.output.checkpoint_every == 0:
-                self._save_checkpoint(round_index)  # every process: each holds its clients' state
+                self.save_checkpoint(round_index)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(acc=record["clean_acc"], asr=record["asr"])
@@ -643,11 +534,32 @@ class FederatedRun:
             progress.close()
 
         summary = self.summary(time.perf_counter() - started)
-        if is_main:
+        if self.rank == 0:
             self.fabric.log_dict({f"final/{k}": v for k, v in summary["final"].items() if v is not None},
                                  step=exp.federation.rounds)
             write_json_atomic(self.run_dir / SUMMARY, summary)
         return summary
+
+    def _write_run_start(self) -> None:
+        """partition.json, the metrics file as the checkpoint has it, the loggers' hyperparameters."""
+        exp = self.exp
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "partition.json", {
+            "scheme": exp.partition.scheme,
+            "class_counts": self.partition_summary,
+            "num_samples": self.num_samples.tolist(),
+            "server_split": len(self.data.server),
+            "malicious": self.malicious,
+        })
+        # Whatever a killed earlier attempt left is replaced by what the checkpoint holds.
+        write_jsonl(self.run_dir / METRICS, self.records)
+        counts = self.num_samples.tolist()
+        for logger in self.fabric.loggers:
+            logger.log_hyperparams({"partition_class_counts": self.partition_summary,
+                                    "partition_num_samples": counts, "malicious_clients": self.malicious})
+        if exp.output.progress:
+            print(f"{exp.run_name}: {len(counts)} clients, {min(counts)}-{max(counts)} samples each "
+                  f"(class counts in {self.run_dir / 'partition.json'}), malicious: {self.malicious}")
 
     def _progress_bar(self):
         from tqdm.auto import tqdm
@@ -677,29 +589,6 @@ class FederatedRun:
             "world_size": self.world,
             "config": exp.config,
         }
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def flat_metrics(record: dict) -> dict[str, float]:
-    """The scalar part of a round record, for loggers (W&B)."""
-    flat: dict[str, float] = {}
-    for key in ("clean_acc", "clean_loss", "asr", "asr_all", "train_loss", "peak_memory_mb"):
-        if record.get(key) is not None:
-            flat[key] = record[key]
-    for key, value in record["time"].items():
-        flat[f"time/{key}"] = value
-    flat["rejected"] = len(record["rejected"])
-    detection = record.get("detection")
-    if detection:
-        for key, value in detection.items():
-            if value is not None:
-                flat[f"detection/{key}"] = value
-    return flat
 
 
 def run_experiment(exp: Experiment, fabric=None) -> dict:

@@ -27,3 +27,14 @@ class DataNotFoundError(FedbenchError):
 
 def config_error(field: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError([(field, value, allowed)])
+
+
+Problem = tuple[str, Any, str]
+
+
+class Problems(list):
+    """Invalid fields collected by a config's ``problems()``: (field, value, allowed)."""
+
+    def need(self, ok: bool, field: str, value: Any, allowed: str) -> None:
+        if not ok:
+            self.append((field, value, allowed))

@@ -129,29 +129,11 @@ def cell_id_for(axes: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def accepted_arguments(choice: str) -> set[str]:
-    """Init arguments of an attack/defense given by registry name, class name or class
-    path, inherited ones included (as jsonargparse sees them)."""
-    from jsonargparse import ArgumentParser
-
-    from fedbench.config import CHOICES, import_class
-
-    cls = None
-    for registry in CHOICES.values():
-        if choice in registry:
-            cls = registry.get(choice)
-        elif "." not in choice:
-            cls = cls or next((registry.get(n) for n in registry.names() if registry.get(n).__name__ == choice), None)
-    if cls is None:
-        cls = import_class("axes", choice)
-    parser = ArgumentParser()
-    parser.add_class_arguments(cls)
-    return set(parser.get_defaults().keys())
-
-
 def _pick(base_choice: Any, chosen: Any) -> dict:
     """The chosen attack/defense, with the base config's arguments that it accepts
     (e.g. a base poison_ratio applies to every attack on the axis)."""
+    from fedbench.config import accepted_arguments
+
     picked = _choice_as_dict(chosen)
     if base_choice is not None:
         accepted = accepted_arguments(picked["class_path"])
@@ -228,6 +210,8 @@ def _choice_argument(key: str) -> bool:
 def _set_choice_argument(config: dict, key: str, value: Any) -> bool:
     """Set ``attack.<arg>``/``defense.<arg>`` in the cell's class_path/init_args when its
     class takes that argument; False (nothing set) when it does not."""
+    from fedbench.config import accepted_arguments
+
     head, _, arg = key.partition(".")
     selected = config.get(head) or {"class_path": "none" if head == "attack" else "fedavg"}
     config[head] = selected = _choice_as_dict(selected)
@@ -301,7 +285,7 @@ def validate_cells(grid: Grid) -> None:
     from jsonargparse import ArgumentError
 
     from fedbench.config import build_experiment, build_parser, parse_config_dict
-    from fedbench.engine import validate
+    from fedbench.experiment import validate
 
     parser = build_parser()
     problems = []
@@ -337,7 +321,7 @@ def _set_parent_death_signal() -> None:
 
 
 def run_cell_in_process(cell: Cell, cell_dir: Path) -> None:
-    from fedbench.cli import execute
+    from fedbench.execution import execute
     from fedbench.config import build_experiment, build_parser, parse_config_dict
 
     parser = build_parser()
@@ -531,7 +515,7 @@ def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: in
 def grid_command(argv: Sequence[str]) -> int:
     from jsonargparse import ArgumentError, ArgumentParser
 
-    from fedbench.cli import fail
+    from fedbench.execution import fail
 
     parser = ArgumentParser(prog="fedbench grid", description="Run every cell of a grid file; finished cells "
                             "are skipped, so running it again resumes.", exit_on_error=False, default_env=False)

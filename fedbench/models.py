@@ -25,6 +25,9 @@ class ModelConfig:
 
     name: str = "simple_cnn"
 
+    def problems(self) -> list[tuple[str, object, str]]:
+        return MODELS.problems("model.name", self.name)
+
 
 class SimpleCNN(nn.Module):
     """The backbone of the published SDFC/FDCR code.
@@ -73,4 +76,4 @@ def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return MODELS.get(name)(num_classes, in_channels, image_size)
+    return MODELS.resolve(name)(num_classes, in_channels, image_size)

@@ -7,6 +7,7 @@ outside the suite is chosen.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -31,8 +32,32 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._entries[name]
 
+    def resolve(self, name: str) -> T:
+        """A registered name, or a dotted path ``module.attribute`` to a user's own entry
+        (the module is imported; the working folder is on the import path for the CLI)."""
+        if name in self._entries or "." not in name:
+            return self.get(name)
+        module, _, attribute = name.rpartition(".")
+        found = getattr(importlib.import_module(module), attribute, None)
+        if found is None:
+            raise KeyError(f"module {module!r} has no {self.kind} {attribute!r}")
+        return found
+
+    def problems(self, field: str, name: str) -> list[tuple[str, object, str]]:
+        """``[(field, name, allowed)]`` when ``name`` resolves to nothing, else ``[]``."""
+        try:
+            self.resolve(name)
+        except Exception as err:  # a user's module may fail in any way while importing
+            detail = f" ({type(err).__name__}: {err})" if "." in name else ""
+            return [(field, name, f"one of: {', '.join(self.names())}; or module.name of your own{detail}")]
+        return []
+
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` in registration order."""
+        return list(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from fedbench.errors import FedbenchError
 from fedbench.grid import CELLS, value_label
+from fedbench.metrics import headline
 from fedbench.results import METRICS, SUMMARY, read_jsonl, write_atomic
 
 
@@ -146,7 +147,7 @@ def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str
                     continue
                 row: dict[str, Any] = {"setting": setting_label(setting, dataset), "defense": defense,
                                        "attack": attack, "seeds": len(cells)}
-                for key in ("A", "ASR", "ASR_all", "R", "R_all", "V", "V_all"):
+                for key in headline():
                     row[f"{key}_mean"], row[f"{key}_std"] = mean_std([c.final.get(key) for c in cells])
                 for key in ("tpr", "fpr", "malicious_weight"):
                     row[f"{key}_mean"], _ = mean_std([(c.detection or {}).get(key) for c in cells])
@@ -318,7 +319,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
 def report_command(argv: Sequence[str]) -> int:
     from jsonargparse import ArgumentError, ArgumentParser
 
-    from fedbench.cli import fail
+    from fedbench.execution import fail
 
     parser = ArgumentParser(prog="fedbench report", description="Markdown table, CSV and PNG plots from a grid's "
                             "finished cells.", exit_on_error=False, default_env=False)

@@ -15,18 +15,26 @@ import torch
 from torch import Tensor
 
 
-def screen_updates(updates: Tensor, max_norm: float | None) -> tuple[Tensor, list[str | None]]:
-    """``(accepted [n] bool, reason per client or None)`` for stacked ``[n, d]`` updates."""
+def screen_updates(
+    updates: Tensor, max_norm: float | None, wrong_size: list[bool] | None = None
+) -> tuple[Tensor, list[str | None]]:
+    """``(accepted [n] bool, reason per client or None)`` for stacked ``[n, d]`` updates;
+    ``wrong_size[j]`` marks a client whose update had the wrong size (:func:`check_size`
+    runs where the update is made: a wrong-size row cannot be stacked, so it arrives as zeros)."""
     finite = torch.isfinite(updates).all(dim=1)
     if max_norm is None:
         within = torch.ones_like(finite)
     else:
         norms = torch.linalg.vector_norm(torch.where(finite.unsqueeze(1), updates, 0.0), dim=1)
         within = norms <= max_norm
+    accepted = finite & within
     reasons: list[str | None] = []
     for ok_finite, ok_norm in zip(finite.tolist(), within.tolist()):
         reasons.append(None if ok_finite and ok_norm else ("non_finite" if not ok_finite else "norm_above_limit"))
-    return finite & within, reasons
+    for j, wrong in enumerate(wrong_size or []):
+        if wrong:
+            accepted[j], reasons[j] = False, "wrong_size"
+    return accepted, reasons
 
 
 def check_size(update: Tensor, dim: int) -> str | None:

@@ -18,12 +18,12 @@ STREAMS = (
     "server_split",
     "malicious",
     "poison",
-    "trigger",
     "model_init",
     "sampling",
     "train",
     "server",
     "defense",
+    "attack",
 )
 
 

@@ -105,7 +105,7 @@ def tiny_experiment(root: Path, out: Path, **sections):
     from defenses.fedavg import FedAvg
     from fedbench.client import LocalTrainConfig
     from fedbench.data import DataConfig
-    from fedbench.engine import Experiment, FederationConfig, OutputConfig
+    from fedbench.experiment import Experiment, FederationConfig, OutputConfig
     from fedbench.partition import PartitionConfig
     from fedbench.tracking import WandbConfig
 

@@ -6,6 +6,7 @@ from attacks.badnets import BadNets
 from attacks.base import AttackSetup, ClientInfo
 from attacks.blended import Blended
 from attacks.dba import DBA
+from attacks.huge_update import HugeUpdate
 from attacks.none import NoAttack
 from attacks.pixel_pattern import PIXEL_PATTERN, PixelPattern
 from fedbench.data import ImagePipeline, ImageSet
@@ -131,6 +132,8 @@ def test_malicious_clients_last_or_random_are_recorded_choices():
 def test_model_replacement_scales_the_update():
     update = torch.tensor([1.0, -2.0])
     assert torch.equal(BadNets(scale=5).craft_update(update, ClientInfo(0, 0)), torch.tensor([5.0, -10.0]))
+    assert torch.equal(HugeUpdate(factor=10.0, scale=2.0).craft_update(update, ClientInfo(0, 0)),
+                       torch.tensor([20.0, -40.0])), "a huge update takes scale too"
 
 
 class LabelReader(torch.nn.Module):

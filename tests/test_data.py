@@ -1,5 +1,4 @@
 import dataclasses
-import os
 import stat
 import urllib.request
 from pathlib import Path
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 from conftest import md5, patch_cifar_md5, real_data_root, write_cifar, write_mnist_like
-from fedbench import data as data_module
 from fedbench.data import DATASETS, DataConfig, ImagePipeline, load_federated_data, random_crop, resolve_root
 from fedbench.errors import DataNotFoundError
 
@@ -67,9 +65,10 @@ def test_gz_only_read_only_root_is_unpacked_into_the_cache(tmp_path, monkeypatch
     root = tmp_path / "readonly"
     write_mnist_like(root, "FashionMNIST", 200, 50, gz=True)
     raw = root / "FashionMNIST" / "raw"
-    spec = dataclasses.replace(DATASETS["fashion_mnist"], archive_md5=tuple(
-        (name, md5(raw / name)) for name, _ in DATASETS["fashion_mnist"].archive_md5))
-    monkeypatch.setitem(DATASETS, "fashion_mnist", spec)
+    read = DATASETS.get("fashion_mnist")
+    spec = dataclasses.replace(read.source, archive_md5=tuple(
+        (name, md5(raw / name)) for name, _ in read.source.archive_md5))
+    monkeypatch.setattr(read, "source", spec)
     monkeypatch.setenv("FEDBENCH_CACHE", str(tmp_path / "cache"))
     for path in [raw, *raw.iterdir()]:
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))

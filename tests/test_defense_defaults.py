@@ -10,7 +10,7 @@ from defenses.base import DefenseSetup, RoundContext
 from defenses.krum import Krum
 from defenses.multi_krum import MultiKrum
 from defenses.trimmed_mean import TrimmedMean
-from fedbench.engine import Experiment, FederationConfig, defense_setup, expected_malicious
+from fedbench.experiment import Experiment, FederationConfig, defense_setup, expected_malicious
 
 # Column 0: 1 2 3 4 100 5 6; column 1: -50 0 1 2 3 -40 60.
 CASE = [[1, -50], [2, 0], [3, 1], [4, 2], [100, 3], [5, -40], [6, 60]]

@@ -12,7 +12,8 @@ from conftest import endless_training_batches, flat_params, load_flat, sgd_by_ha
 from defenses import DEFENSES
 from defenses.fltrust import FLTrust
 from defenses.multi_krum import MultiKrum
-from fedbench.engine import FederatedRun, FederationConfig
+from fedbench.engine import FederatedRun
+from fedbench.experiment import FederationConfig
 from fedbench.models import build_model
 from fedbench.seeding import torch_generator
 
@@ -146,7 +147,7 @@ def spy_on_clients(run: FederatedRun) -> dict[int, torch.Tensor]:
 
     def recording(client):
         result = train_client(client)
-        sent[client.client_id] = result["update"].detach().clone()
+        sent[client.client_id] = result.update.detach().clone()
         return result
 
     run.train_client = recording

@@ -8,7 +8,9 @@ import torch
 from conftest import endless_training_batches, flat_params, load_flat, real_data_root, sgd_by_hand, tiny_experiment
 from fedbench.client import LocalTrainConfig
 from fedbench.data import DataConfig
-from fedbench.engine import FederatedRun, FederationConfig, final_numbers, run_experiment
+from fedbench.engine import FederatedRun, run_experiment
+from fedbench.experiment import FederationConfig
+from fedbench.metrics import final_numbers
 from fedbench.models import build_model
 from fedbench.results import read_jsonl
 from fedbench.seeding import derive_seed, torch_generator
@@ -23,7 +25,8 @@ def test_short_run_writes_per_round_metrics_and_a_summary(tiny_root, tmp_path):
     assert [r["round"] for r in records] == [0, 1, 2]
     for record in records:
         assert 0 <= record["clean_acc"] <= 100 and record["clean_loss"] > 0
-        assert set(record["time"]) == {"local_training", "client_hook", "aggregation", "evaluation", "round"}
+        assert set(record["time"]) == {"local_training", "client_hook", "server_attack", "aggregation", "evaluation",
+                                       "round"}
         assert record["clients"] == [0, 1, 2, 3, 4] and record["local_steps"] == [4] * 5
         assert abs(sum(record["weights"]) - 1) < 1e-6 and record["peak_memory_mb"] > 0
     on_disk = json.loads((exp.run_dir / "summary.json").read_text())
@@ -112,3 +115,13 @@ def test_real_fashion_mnist_fedavg_learns_within_a_few_rounds(tmp_path, monkeypa
     )
     summary = run_experiment(exp)
     assert summary["final"]["A"] > 30, "10 classes: chance is 10%"
+
+
+def test_a_registered_final_metric_reaches_the_final_numbers(monkeypatch):
+    from fedbench.metrics import FINAL_METRICS, headline
+
+    monkeypatch.setitem(FINAL_METRICS._entries, "worst_asr", lambda records: max(r["asr"] for r in records))
+    records = [{"clean_acc": 50.0, "asr": a, "asr_all": a} for a in (10.0, 70.0, 40.0)]
+    final = final_numbers(records, 2)
+    assert final["worst_asr"] == 70.0 and headline()[-1] == "worst_asr"
+    assert final["A"] == 50.0 and final["V"] == (50.0 + 100.0 - 55.0) / 2

@@ -2,7 +2,6 @@
 matrix fails: updates sharing an offset 1000x larger than their spread."""
 
 import numpy as np
-import pytest
 import torch
 
 from defenses.base import DefenseSetup, RoundContext

@@ -3,14 +3,15 @@ import pytest
 import torch
 
 from fedbench.errors import FedbenchError
-from fedbench.partition import PartitionConfig, class_counts, dirichlet_partition, partition_clients
+from fedbench.seeding import derive_seed
+from fedbench.partition import PARTITIONS, PartitionConfig, class_counts, dirichlet_partition, partition_clients
 
 
 def labels_of(n: int = 3000, classes: int = 10, seed: int = 0) -> torch.Tensor:
     return torch.as_tensor(np.random.default_rng(seed).integers(0, classes, n))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+@pytest.mark.parametrize("scheme", PARTITIONS.names())
 def test_every_sample_used_at_most_once_and_sizes_add_up(scheme):
     labels = labels_of()
     parts = partition_clients(labels, 10, PartitionConfig(scheme=scheme), seed=3)
@@ -70,3 +71,37 @@ def test_partition_is_seeded():
     c = partition_clients(labels, 10, PartitionConfig(), seed=8)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(len(x) == len(y) and torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_quantity_skew_draws_sizes_from_a_dirichlet_and_keeps_labels_iid():
+    labels = labels_of(20000)
+    parts = partition_clients(labels, 10, PartitionConfig(scheme="quantity_skew", beta=0.5, min_size=50), seed=1)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.min() >= 50 and sizes.max() > 3 * sizes.min(), "sizes differ widely at beta 0.5"
+    # The sizes are floor-cut shares of Dir(0.5): the same numpy draw, made by hand, gives them.
+    rng = np.random.default_rng(derive_seed(1, "partition"))
+    while True:
+        shares = rng.dirichlet(np.full(10, 0.5))
+        cuts = (np.cumsum(shares) * 20000).astype(int)[:-1]
+        by_hand = np.diff(np.concatenate([[0], cuts, [20000]]))
+        if by_hand.min() >= 50:  # else the draw is repeated
+            break
+    assert sizes.tolist() == by_hand.tolist()
+    overall = np.bincount(labels.numpy(), minlength=10) / len(labels)
+    for part in parts:
+        if len(part) >= 1000:
+            share = np.bincount(labels.numpy()[part.numpy()], minlength=10) / len(part)
+            assert np.abs(share - overall).max() < 0.05, "labels stay IID within a client"
+
+
+def test_a_users_own_scheme_is_one_function_named_by_its_path(tmp_path, monkeypatch):
+    (tmp_path / "my_schemes.py").write_text(
+        "import numpy as np\n"
+        "def halves(labels, num_clients, config, rng):\n"
+        "    return np.array_split(np.arange(len(labels)), num_clients)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parts = partition_clients(labels_of(100), 4, PartitionConfig(scheme="my_schemes.halves"), seed=0)
+    assert [p.tolist() for p in parts] == [list(range(0, 25)), list(range(25, 50)), list(range(50, 75)),
+                                           list(range(75, 100))]
+    assert PartitionConfig(scheme="my_schemes.nothing").problems()[0][0] == "partition.scheme"
+    assert PartitionConfig(scheme="zipf").problems()[0][2].startswith("one of: dirichlet, iid, quantity_skew, shards")

@@ -61,20 +61,27 @@ def call(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def example_files() -> dict[str, str]:
+    """The README's python blocks that start with ``# <file>.py``: the own-X examples."""
+    blocks = code_blocks("python")
+    return {block.splitlines()[0][2:].strip(): block for block in blocks if re.match(r"# \w+\.py\n", block)}
+
+
 def test_the_readme_has_the_commands_this_test_runs():
     commands = fedbench_commands()
     assert {c.split()[1] for c in commands} == {"run", "grid", "report"}
-    assert any("my_defenses." in c for c in commands), "the own-defense example has its command in a bash block"
-    assert any(block.startswith("# my_defenses.py") for block in code_blocks("python"))
+    assert set(example_files()) == {"my_defenses.py", "my_attacks.py", "my_data.py"}
+    for module in ("my_defenses.", "my_attacks.CornerSquare", "my_attacks.NegatedMean", "my_data."):
+        assert any(module in c for c in commands), f"the example {module} has its command in a bash block"
 
 
 def test_every_readme_command_runs_as_written(tiny_root, tmp_path, monkeypatch):
     shutil.copytree(REPO / "benchmarks", tmp_path / "benchmarks")
-    own = next(block for block in code_blocks("python") if block.startswith("# my_defenses.py"))
-    (tmp_path / "my_defenses.py").write_text(own)
+    for name, text in example_files().items():
+        (tmp_path / name).write_text(text)
+        monkeypatch.delitem(sys.modules, name[: -len(".py")], raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # main() adds the working folder
-    monkeypatch.delitem(sys.modules, "my_defenses", raising=False)
     for index, line in enumerate(fedbench_commands()):
         command, _, redirect = line.partition(" > ")
         argv = shlex.split(command)[1:]
@@ -103,8 +110,7 @@ def test_every_readme_command_runs_as_written(tiny_root, tmp_path, monkeypatch):
 
 
 def test_the_console_script_finds_a_defense_saved_in_the_working_folder(tiny_root, tmp_path):
-    own = next(block for block in code_blocks("python") if block.startswith("# my_defenses.py"))
-    (tmp_path / "my_defenses.py").write_text(own)
+    (tmp_path / "my_defenses.py").write_text(example_files()["my_defenses.py"])
     script = Path(sys.executable).with_name("fedbench")
     if not script.exists():
         pytest.skip(f"no fedbench console script next to {sys.executable}: install the package (make install)")

@@ -1,7 +1,6 @@
 """Faults a long grid meets: broken updates, kills at any moment, and the same numbers every time."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from attacks.base import Attack
 from attacks.huge_update import HugeUpdate
@@ -17,7 +15,8 @@ from attacks.nan_update import NaNUpdate
 from conftest import tiny_experiment
 from defenses.krum import Krum
 from defenses.sdfc import SDFC
-from fedbench.engine import FederatedRun, FederationConfig, OutputConfig
+from fedbench.engine import FederatedRun
+from fedbench.experiment import FederationConfig, OutputConfig
 from fedbench.results import read_jsonl
 
 

@@ -9,9 +9,10 @@ import torch
 from attacks.pixel_pattern import PixelPattern
 from attacks.base import ClientInfo
 from conftest import endless_training_batches, flat_params, load_flat, sgd_by_hand, tiny_experiment
-from defenses.base import DefenseSetup, RoundContext
+from defenses.base import RoundContext
 from defenses.sdfc import SCORE, SDFC, difference_score, exp_neg_weights
-from fedbench.engine import FederatedRun, FederationConfig
+from fedbench.engine import FederatedRun
+from fedbench.experiment import FederationConfig
 from fedbench.client import iterate_batches
 from fedbench.data import DataConfig
 from fedbench.fisher import diagonal_fisher
@@ -160,13 +161,39 @@ def test_calibration_term_and_its_gradient():
 
 def test_adaptive_attackers_and_weights_only_skip_the_calibration_term():
     hook = SDFC().client_hook()
-    hook.delta[0], hook.previous[0] = [torch.ones(1)], [torch.zeros(1)]
+    hook.delta[0], hook.previous[0], hook.stored_round[0] = [torch.ones(1)], [torch.zeros(1)], 0
     model = torch.nn.Linear(1, 1, bias=False)
-    adaptive = ClientInfo(0, 1, malicious=True, attacking=True, attacker_rank=0, adaptive=True)
-    assert hook.before_training(adaptive, model, None, None) is None
+    attacker = ClientInfo(0, 1, malicious=True, attacking=True, attacker_rank=0)
+    assert hook.before_training(attacker, model, None, None) is not None, "an honest attacker is calibrated"
+    evading = PixelPattern(adaptive=True).client_protocol(attacker, hook)
+    assert evading.before_training(attacker, model, None, None) is None
+    assert PixelPattern().client_protocol(attacker, hook) is hook, "not adaptive: the defense's own protocol"
     weights_only = SDFC(mode="weights_only").client_hook()
     weights_only.delta[0], weights_only.previous[0] = [torch.ones(1)], [torch.zeros(1)]
     assert weights_only.before_training(ClientInfo(0, 1), model, None, None) is None
+
+
+def test_an_adaptive_attacker_reports_the_score_of_its_clean_samples_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    clean_batches = [(torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,)))]
+    poisoned = [(clean_batches[0][0] + 5.0, torch.full((8,), 2))]
+    server = [(torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,)))]
+    asked = []
+
+    def local_batches(clean: bool = False):
+        asked.append(clean)
+        return iter(clean_batches if clean else poisoned)
+
+    client = ClientInfo(0, 0, malicious=True, attacking=True, attacker_rank=0)
+    hook = SDFC().client_hook()
+    reported = PixelPattern(adaptive=True).client_protocol(client, hook).after_training(
+        client, model, local_batches, lambda: iter(server))[SCORE]
+    assert asked and all(asked), "every batch it computed on was clean"
+    expected = sum(d.sum() for d in fisher_difference_by_hand(model, clean_batches, server, "published")) / 2
+    assert torch.allclose(reported, expected, rtol=1e-5), "the mean over 2 tensors of the clean Delta's sums"
+    honest = SDFC().client_hook().after_training(client, model, local_batches, lambda: iter(server))[SCORE]
+    assert not torch.allclose(honest, reported), "the poisoned score differs, so the test can fail"
 
 
 # lambda is raised from the paper's 1 so that the calibration term moves the local models
@@ -194,7 +221,7 @@ def test_sdfc_in_the_loop_against_an_independent_recomputation(tiny_root, tmp_pa
 
     def recording(client):
         result = train_client(client)
-        trained[client.client_id] = (flat_params(run.model).clone(), result["update"].detach().clone())
+        trained[client.client_id] = (flat_params(run.model).clone(), result.update.detach().clone())
         return result
 
     run.train_client = recording

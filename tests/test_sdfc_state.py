@@ -8,7 +8,8 @@ import torch.nn as nn
 from attacks.base import ClientInfo
 from conftest import tiny_experiment
 from defenses.sdfc import SDFC
-from fedbench.engine import FederatedRun, FederationConfig
+from fedbench.engine import FederatedRun
+from fedbench.experiment import FederationConfig
 from fedbench.fisher import diagonal_fisher, published_fisher
 from fedbench.models import MODELS
 
@@ -61,7 +62,7 @@ def test_uploaded_buffers_are_identical_with_and_without_the_sdfc_hook(tiny_root
         run = FederatedRun(exp)
         if not with_hook:
             run.hook = None
-        uploads.append(run.train_client(run.client_info(1, 0))["buffers"])
+        uploads.append(run.train_client(run.client_info(1, 0)).buffers)
     with_hook, without = uploads
     assert with_hook.numel() > 0 and torch.equal(with_hook, without)
 

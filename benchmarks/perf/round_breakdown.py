@@ -20,7 +20,8 @@ from common import machine, table  # noqa: E402
 from attacks.pixel_pattern import PixelPattern  # noqa: E402
 from defenses import DEFENSES  # noqa: E402
 from fedbench.client import LocalTrainConfig  # noqa: E402
-from fedbench.engine import Experiment, FederatedRun, FederationConfig, OutputConfig  # noqa: E402
+from fedbench.engine import FederatedRun  # noqa: E402
+from fedbench.experiment import Experiment, FederationConfig, OutputConfig  # noqa: E402
 from fedbench.tracking import WandbConfig  # noqa: E402
 
 

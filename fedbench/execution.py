@@ -1,0 +1,63 @@
+"""What the ``run``, ``grid`` and ``report`` commands share: running one experiment with
+Fabric and its loggers, and the one-line error exit. None of the commands owns this
+module, so they never import each other in a circle."""
+
+from __future__ import annotations
+
+import sys
+
+
+def fail(message: str, command: str = "") -> int:
+    prefix = f"fedbench {command}: " if command else "fedbench: "
+    print(f"{prefix}error: {message}", file=sys.stderr)
+    return 2
+
+
+def make_fabric(exp, loggers: list):
+    from lightning.fabric import Fabric
+
+    fab = exp.fabric
+    return Fabric(
+        accelerator=fab.accelerator,
+        devices=fab.devices,
+        num_nodes=fab.num_nodes,
+        strategy=fab.strategy,
+        precision=fab.precision,
+        loggers=loggers,
+    )
+
+
+def execute(exp) -> dict | None:
+    """Run an experiment with Fabric and its W&B logger; the local files are always written.
+    Returns the summary in the main process, None in the others."""
+    import warnings
+
+    import yaml
+
+    # Lightning's all_gather goes through a torch helper that torch marks deprecated.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
+
+    from fedbench.engine import FederatedRun
+    from fedbench.experiment import validate
+    from fedbench.tracking import wandb_logger
+
+    validate(exp)
+    logger = wandb_logger(exp.wandb, exp.run_dir, exp.run_name, exp.config)
+    fabric = make_fabric(exp, [logger] if logger is not None else [])
+    fabric.launch()
+    if fabric.global_rank == 0:
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+        (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
+    try:
+        summary = FederatedRun(exp, fabric).run()
+        if logger is not None and fabric.global_rank == 0:
+            logger.experiment.summary.update(
+                {f"final/{k}": v for k, v in summary["final"].items() if v is not None}
+            )
+    finally:
+        if logger is not None and fabric.global_rank == 0:
+            logger.finalize("success")
+            import wandb
+
+            wandb.finish()
+    return summary if fabric.global_rank == 0 else None
