@@ -10,11 +10,15 @@ Conventions (all attacks):
   ``first_round <= r <= last_round`` and ``(r - first_round) % every == 0``; in other
   rounds it trains honestly on clean data.
 - ``scale``: model replacement (Bagdasaryan et al., AISTATS 2020): an attacking client
-  sends ``scale * update``; 1 is off.
+  sends ``scale * update``; 1 is off. The paper's boost is ``scale = n / server_lr`` for n
+  equally weighted clients under FedAvg: the aggregate step then carries the attacker's
+  whole update, ``server_lr * (1/n) * (n / server_lr) * u = u`` (its model replaces the
+  global one when the benign updates roughly cancel).
 - ``adaptive``: the attacker knows the defense's client-side protocol and evades it
   (:class:`attacks.evasion.EvadingProtocol`); the defense only sees what clients report.
 
 Hooks, at named points; the engine owns the order (``fedbench.engine``):
+- every process, every round: :meth:`Attack.round_start` (the global model clients download);
 - client side, on the process that trains the client, for attacking clients:
   :meth:`Attack.poison_plan` (which samples carry a trigger), :meth:`Attack.before_training`
   (may return an extra loss term), :meth:`Attack.step_hook` (runs after every optimizer
@@ -70,6 +74,11 @@ class AttackSetup:
     pipeline: ImagePipeline
     device: torch.device
     seed: int
+    clean_update: Callable[["ClientInfo"], Tensor] | None = None
+    """``clean_update(client)``: the update the client would send if it trained honestly
+    on its clean data this round (a separate training run from the global model, with its
+    own seeded batches; the model is back at the global one afterwards). What an attacker
+    can compute on its own device, e.g. to estimate a benign norm."""
 
 
 @dataclass
@@ -91,7 +100,8 @@ class ServerView:
 
     Attributes:
         round: 0-based round index.
-        updates: every selected client's update as sent, ``[n, d]`` (read only).
+        updates: every selected client's update as sent, ``[n, d]`` (a copy: changing it
+            changes nothing; only the rows :meth:`Attack.craft_round` returns are sent).
         own: bool ``[n]``, the rows of this round's attacking clients.
         client_ids: int64 ``[n]``.
         num_samples: int64 ``[n]``, the clients' sample counts.
@@ -128,6 +138,10 @@ class Attack:
         adaptive: the attacker evades the defense's client-side protocol: it skips any loss
             term the defense adds and reports what it computes on its clean samples only
             (:class:`attacks.evasion.EvadingProtocol`; against SDFC: no calibration, a clean Fisher score).
+        adaptive_report: what an adaptive attacker reports: "clean" (the protocol's numbers
+            on its clean samples) or "lowest" (every scalar upload replaced by
+            ``lowest_report``: against SDFC the smallest score, hence the largest weight).
+        lowest_report: the value an "lowest" adaptive attacker reports (SDFC scores are >= 0).
     """
 
     def __init__(
@@ -139,6 +153,8 @@ class Attack:
         every: int = 1,
         scale: float = 1.0,
         adaptive: bool = False,
+        adaptive_report: Literal["clean", "lowest"] = "clean",
+        lowest_report: float = 0.0,
     ) -> None:
         self.malicious_fraction = malicious_fraction
         self.selection = selection
@@ -147,6 +163,8 @@ class Attack:
         self.every = every
         self.scale = scale
         self.adaptive = adaptive
+        self.adaptive_report = adaptive_report
+        self.lowest_report = lowest_report
         self.env: AttackSetup | None = None
 
     @property
@@ -168,6 +186,8 @@ class Attack:
             found.append(("attack.every", self.every, "an integer >= 1"))
         if not (self.scale > 0 and self.scale < float("inf")):
             found.append(("attack.scale", self.scale, "a finite number > 0"))
+        if self.adaptive_report not in ("clean", "lowest"):
+            found.append(("attack.adaptive_report", self.adaptive_report, "one of: clean, lowest"))
         return found
 
     def setup(self, env: AttackSetup) -> None:
@@ -192,6 +212,17 @@ class Attack:
             return False
         return (round_index - self.first_round) % self.every == 0
 
+    def round_start(self, round_index: int, global_params: Tensor) -> None:
+        """Every process, at the start of every round, with the global model the clients
+        will download (what any client, so any attacker, sees)."""
+
+    def state_dict(self) -> dict:
+        """What the attack remembers between rounds (part of checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # ------------------------------------------------------------------ client side
     def before_training(self, client: ClientInfo, model: nn.Module) -> Callable[[], Tensor] | None:
         """An attacking client, global model loaded, before local training: may return an
@@ -212,7 +243,8 @@ class Attack:
         if self.adaptive:
             from attacks.evasion import EvadingProtocol
 
-            return EvadingProtocol(protocol)
+            lowest = self.lowest_report if self.adaptive_report == "lowest" else None
+            return EvadingProtocol(protocol, report=lowest)
         return protocol
 
     def craft_update(self, update: Tensor, client: ClientInfo) -> Tensor:
@@ -226,12 +258,21 @@ class Attack:
         the engine writes the rows into the attackers' places, so no other row can change."""
         return None
 
-    # Backdoor hooks; an attack without a trigger leaves training data alone.
-    def poison_plan(self, client: ClientInfo, num_samples: int) -> "PoisonPlan | None":
+    # Data poisoning; an attack that does not poison leaves training data alone.
+    def poison_plan(self, client: ClientInfo, num_samples: int) -> "BatchPoisoning | None":
+        """What an attacking client does to its training batches (None: nothing)."""
         return None
 
 
-class PoisonPlan:
+class BatchPoisoning:
+    """Applied by the client to every training batch it builds, on the device."""
+
+    def apply(self, images: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Poison the batch made of the client's samples ``index`` (already normalised)."""
+        raise NotImplementedError
+
+
+class PoisonPlan(BatchPoisoning):
     """Which of a client's samples carry the trigger, and which trigger parts."""
 
     def __init__(self, attack: "BackdoorAttack", mask: Tensor, parts: tuple[int, ...] | None) -> None:
@@ -248,6 +289,13 @@ class PoisonPlan:
         return images, labels
 
 
+def plain_backdoors() -> list[str]:
+    """Registered backdoors that have a trigger of their own (not one borrowed from another
+    backdoor, as neurotoxin and norm_bounded do)."""
+    return [name for name in ATTACKS.names() if issubclass(ATTACKS.get(name), BackdoorAttack)
+            and not ATTACKS.get(name).borrows_trigger]
+
+
 class BackdoorAttack(Attack):
     """A trigger attack. Subclasses implement :meth:`build_trigger`.
 
@@ -258,6 +306,8 @@ class BackdoorAttack(Attack):
     """
 
     num_parts: int = 1
+    borrows_trigger: bool = False
+    """True for attacks that stamp another registered backdoor's trigger (``trigger=name``)."""
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -26,11 +27,15 @@ class EvadingProtocol(ClientHook):
     - ``after_training``: the honest computation, fed the client's clean samples
       (``local_batches`` always without the trigger): against SDFC the reported score is
       the Fisher difference of the clean data, and that is also what the defense's hook
-      stores for the client.
+      stores for the client;
+    - with ``report`` set, every scalar upload is then replaced by that value (against
+      SDFC, whose weights are softmax(-minmax(score)), the lowest score wins the largest
+      weight; 0 is a score no honest client reaches, since Delta >= 0).
     """
 
-    def __init__(self, honest: ClientHook) -> None:
+    def __init__(self, honest: ClientHook, report: float | None = None) -> None:
         self.honest = honest
+        self.report = report
 
     @property
     def upload_keys(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -47,4 +52,7 @@ class EvadingProtocol(ClientHook):
         def clean_batches(clean: bool = True) -> Any:
             return local_batches(clean=True)
 
-        return self.honest.after_training(client, model, clean_batches, server_batches)
+        uploads = self.honest.after_training(client, model, clean_batches, server_batches)
+        if self.report is None:
+            return uploads
+        return {key: torch.full_like(value, self.report) for key, value in uploads.items()}

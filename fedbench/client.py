@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.base import PoisonPlan
+from attacks.base import BatchPoisoning
 from fedbench.data import ImagePipeline, ImageSet
 from fedbench.errors import Problem, Problems
 
@@ -74,7 +74,7 @@ def iterate_batches(
     train: bool = True,
     shuffle: bool = True,
     drop_last: bool = True,
-    poison: PoisonPlan | None = None,
+    poison: BatchPoisoning | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of model-ready ``(inputs, labels)`` batches, built on the data's device."""
     n = len(data)
@@ -106,7 +106,7 @@ class LocalTrainer:
         self.fabric = fabric
 
     def epochs(
-        self, data: ImageSet, generator: torch.Generator, poison: PoisonPlan | None, endless: bool
+        self, data: ImageSet, generator: torch.Generator, poison: BatchPoisoning | None, endless: bool
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``local_epochs`` epochs of batches, or endless ones when training by steps."""
         epoch = 0
@@ -126,7 +126,7 @@ class LocalTrainer:
         self,
         data: ImageSet,
         generator: torch.Generator,
-        poison: PoisonPlan | None = None,
+        poison: BatchPoisoning | None = None,
         regularizer: Callable[[], Tensor] | None = None,
         max_steps: int | None = None,
         after_step: Callable[[], None] | None = None,

@@ -127,7 +127,7 @@ def _chosen_and_options(argv: Sequence[str]) -> tuple[dict[str, str], dict[str, 
             chosen[section] = name or chosen[section]
             options[section].update(arguments)
         elif option not in ("help", "init_args", "class_path"):
-            options[section][option] = given
+            options[section][option.removeprefix("init_args.")] = given
     return chosen, options
 
 

@@ -15,6 +15,7 @@ Fashion-MNIST are resized to 32x32 and repeated to 3 channels with the MNIST mea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import os
@@ -342,8 +343,7 @@ def _resize(images: Tensor, size: int) -> Tensor:
 
 def load_split(name: str, root: Path, train: bool, download: bool, image_size: int) -> LabelledImages:
     split = DATASETS.resolve(name)(root, train, download)
-    split.images = _resize(split.images, image_size)
-    return split
+    return dataclasses.replace(split, images=_resize(split.images, image_size))  # the function's object untouched
 
 
 def _seeded_subset(n: int, size: int | None, seed: int, key: int) -> Tensor | None:

@@ -193,7 +193,7 @@ class FederatedRun:
         self.malicious = exp.attack.malicious_clients(num_clients, self.seed)
         self.attacker_rank = {cid: i for i, cid in enumerate(self.malicious)}
         exp.attack.setup(AttackSetup(num_clients, self.data.num_classes, pipeline.channels, self.image_size,
-                                     pipeline, self.device, self.seed))
+                                     pipeline, self.device, self.seed, clean_update=self.clean_update))
         defense = exp.defense
         env = defense_setup(exp, self.layout, self.data, device=self.device,
                             server_train=self.server_train if defense.needs_server_data else None)
@@ -300,6 +300,18 @@ class FederatedRun:
 
         return local_batches, server_batches if self.exp.defense.needs_server_data else None
 
+    def clean_update(self, client: ClientInfo) -> Tensor:
+        """An honest local training of ``client`` on clean data from the global model (its
+        own stream), for an attacker's estimates; reloads the global model afterwards."""
+        self.layout.load(self.model, self.global_params)
+        self.layout.load_buffers(self.model, self.global_buffers)
+        generator = torch_generator(self.seed, "attack", client.round, client.client_id, 1, device=self.device)
+        self.trainer.train(self.client_sets[client.client_id], generator)
+        update = self.layout.flatten(self.model) - self.global_params
+        self.layout.load(self.model, self.global_params)
+        self.layout.load_buffers(self.model, self.global_buffers)
+        return update
+
     def server_train(self, params: Tensor, data: ImageSet, steps: int, round_index: int) -> Tensor:
         """Train a copy of the global model on server-held data (FLTrust's root set)."""
         self.layout.load(self.model, params)
@@ -361,8 +373,9 @@ class FederatedRun:
             return
         client_ids = round_.client_ids
         round_index = round_.clients[0].round
+        # The attack reads a copy: whatever it does to it, only its own rows reach the server.
         view = ServerView(
-            round=round_index, updates=round_.updates, own=own.to(self.device), client_ids=client_ids,
+            round=round_index, updates=round_.updates.clone(), own=own.to(self.device), client_ids=client_ids,
             num_samples=self.num_samples[client_ids], global_params=self.global_params,
             expected_malicious=expected_malicious(self.exp),
             generator=torch_generator(self.seed, "attack", round_index, device=self.device),
@@ -374,9 +387,7 @@ class FederatedRun:
         if tuple(rows.shape) != expected:
             raise ValueError(f"attack {self.exp.attack.name}: craft_round returned rows of shape "
                              f"{tuple(rows.shape)}, expected {expected} (one row per attacking client)")
-        updates = round_.updates.clone()
-        updates[view.own] = rows.to(updates.dtype)
-        round_.updates = updates
+        round_.updates[view.own] = rows.to(round_.updates.device, round_.updates.dtype)
 
     # ------------------------------------------------------------------ 5. screen, 6. aggregate
     def screen(self, round_: GatheredRound) -> Verdict:
@@ -445,6 +456,7 @@ class FederatedRun:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         clients = self.select_clients(round_index)
+        self.exp.attack.round_start(round_index, self.global_params)
         round_ = self.gather(clients, self.train_clients(clients))
         attack_started = time.perf_counter()
         self.attack_server_side(round_)
@@ -497,6 +509,7 @@ class FederatedRun:
             "global_buffers": self.global_buffers.cpu(),
             "records": self.records,
             "defense": self.exp.defense.state_dict(),
+            "attack": self.exp.attack.state_dict(),
         }, clients={"hook": self.hook.state_dict() if self.hook else {}})
 
     def _resume(self) -> None:
@@ -508,6 +521,7 @@ class FederatedRun:
         self.global_buffers = server["global_buffers"].to(self.device)
         self.records = list(server["records"])
         self.exp.defense.load_state_dict(server["defense"])
+        self.exp.attack.load_state_dict(server.get("attack", {}))  # absent in checkpoints before attack state
         if self.hook:
             self.hook.load_state_dict(clients["hook"])
         self.start_round = int(server["round"]) + 1

@@ -42,7 +42,8 @@ class PartitionConfig:
     def problems(self) -> list[Problem]:
         found = Problems(PARTITIONS.problems("partition.scheme", self.scheme))
         found.need(self.beta > 0, "partition.beta", self.beta, "a concentration > 0")
-        found.need(self.min_size >= 0, "partition.min_size", self.min_size, "an integer >= 0")
+        found.need(self.min_size >= 1, "partition.min_size", self.min_size,
+                   "an integer >= 1 (a client without samples cannot train)")
         found.need(self.shards_per_client >= 1, "partition.shards_per_client", self.shards_per_client,
                    "an integer >= 1")
         return found

@@ -5,6 +5,7 @@ term, a per-step projection, after-training) on the attacking clients only."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from attacks.base import Attack
@@ -91,3 +92,56 @@ def test_client_side_hooks_run_on_attacking_clients_at_every_step(tiny_root, tmp
     assert (norms[~attacking] > 0.01).all(), "benign clients are not projected, so the check can fail"
     assert attack.loss_calls == {3: 4, 4: 4}, "the loss term is evaluated once per local step (4 steps)"
     assert attack.after_calls == [3, 4]
+
+
+def test_hooks_wait_for_rounds_the_schedule_attacks_in(tiny_root, tmp_path):
+    client_side, server_side = ProjectedAttacker(radius=0.01, every=2), NegatedBenignMean(every=2)
+    for attack, name in ((client_side, "client"), (server_side, "server")):
+        exp = tiny_experiment(tiny_root, tmp_path / name, attack=attack,
+                              federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1))
+        run = FederatedRun(exp)
+        records = [run.run_round(0), run.run_round(1)]
+        assert [any(r["attacking"]) for r in records] == [True, False]
+    assert client_side.after_calls == [3, 4], "round 1 (no attack): no client-side hook"
+    assert len(server_side.seen) == 1, "round 1 (no attack): craft_round is not called"
+
+
+class WrongShape(Attack):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(malicious_fraction=0.4, **kwargs)
+
+    def craft_round(self, view):
+        return view.updates  # every row, not only its own
+
+
+class Vandal(NegatedBenignMean):
+    """Writes into the view's rows in place: the round must not see it."""
+
+    def craft_round(self, view):
+        view.updates.fill_(123.0)
+        return super().craft_round(view)
+
+
+def test_a_server_side_attack_cannot_send_the_wrong_rows_or_change_others(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, attack=WrongShape(),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    with pytest.raises(ValueError, match=r"craft_round returned rows of shape \(5, \d+\), expected \(2, \d+\)"):
+        FederatedRun(exp).run_round(0)
+    exp = tiny_experiment(tiny_root, tmp_path / "vandal", attack=Vandal(),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    record = FederatedRun(exp).run_round(0)
+    assert max(record["update_norms"][:3]) < 123.0, "benign rows as their clients sent them"
+
+
+def test_an_adaptive_attacker_evades_in_rounds_it_does_not_attack_too(tiny_root, tmp_path):
+    from attacks.evasion import EvadingProtocol
+    from attacks.pixel_pattern import PixelPattern
+    from defenses.sdfc import SDFC
+
+    exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(adaptive=True, every=2), defense=SDFC(),
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1))
+    run = FederatedRun(exp)
+    resting = run.client_info(4, 1)
+    assert resting.malicious and not resting.attacking
+    assert isinstance(run.protocol_of(resting), EvadingProtocol)
+    assert run.protocol_of(run.client_info(0, 1)) is run.hook, "benign clients run the defense's own protocol"

@@ -41,6 +41,11 @@ def test_print_config_is_complete_and_round_trips(tmp_path, capsys):
     assert printed_config(["--config", str(path)], capsys) == first
 
 
+def test_init_args_spelled_out_on_the_command_line_are_options_too(capsys):
+    config = yaml.safe_load(printed_config(["--attack", "badnets", "--attack.init_args.poison_ratio", "0.3"], capsys))
+    assert config["attack"]["init_args"]["poison_ratio"] == 0.3
+
+
 def test_registry_names_work_in_yaml_configs(tmp_path, capsys):
     path = tmp_path / "named.yaml"
     path.write_text("attack:\n  class_path: badnets\n  init_args: {size: 4}\ndefense: trimmed_mean\n")
