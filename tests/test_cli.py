@@ -8,6 +8,8 @@ import sys
 import pytest
 import yaml
 
+from attacks import ATTACKS
+from defenses import DEFENSES
 from fedbench.cli import main
 
 TINY = ["--train.local_steps", "2", "--train.batch_size", "32", "--federation.num_clients", "4",
@@ -74,9 +76,9 @@ def test_help_lists_the_registered_attacks_and_defenses(capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--federation.roundz", "3"], "roundz"),
-    (["--defense", "no_such_defense"], "defense='no_such_defense': one of: fedavg, fltrust, krum"),
-    (["--defense", '{"class_path": "krumm", "init_args": {"f": 2}}'], "defense='krumm': one of: fedavg"),
-    (["--attack=badnet"], "attack='badnet': one of: badnets, blended, dba"),
+    (["--defense", "no_such_defense"], f"defense='no_such_defense': one of: {', '.join(DEFENSES.names())};"),
+    (["--defense", '{"class_path": "krumm", "init_args": {"f": 2}}'], f"defense='krumm': one of: {DEFENSES.names()[0]}"),
+    (["--attack=badnet"], f"attack='badnet': one of: {', '.join(ATTACKS.names())};"),
     (["--partition.scheme", "zipf"], "partition.scheme"),
     (["--train.lr", "-0.1"], "train.lr=-0.1: a learning rate > 0"),
     (["--attack", "pixel_pattern", "--attack.poison_ratio", "1.5"], "attack.poison_ratio=1.5: a fraction in (0, 1]"),

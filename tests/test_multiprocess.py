@@ -13,6 +13,8 @@ import torch
 @pytest.mark.parametrize("extra", [
     ["--defense", "sdfc", "--attack", "pixel_pattern", "--attack.malicious_fraction", "0.4"],
     ["--defense", "median", "--federation.client_fraction", "0.4"],  # a rank may get no client
+    # a server-side attack crafts from every row of the round, which every rank holds
+    ["--defense", "median", "--attack", "alie", "--attack.malicious_fraction", "0.4"],
 ])
 def test_two_processes_equal_one(tiny_root, tmp_path, extra):
     common = [sys.executable, "-m", "fedbench.cli", "run", "--data.root", str(tiny_root), "--data.download", "false",
