@@ -1,6 +1,9 @@
 """Defenses (aggregation rules), one per file, registered under their CLI names."""
 
 from defenses.base import DEFENSES, Aggregate, ClientHook, Defense, DefenseSetup, RoundContext
-from defenses import fedavg, fltrust, krum, median, multi_krum, norm_clipping, sdfc, trimmed_mean  # noqa: F401
+from defenses import (  # noqa: F401  (registration)
+    bulyan, centered_clipping, fedavg, flame, fltrust, krum, median, multi_krum, norm_clipping, rfa, rlr, sdfc,
+    trimmed_mean,
+)
 
 __all__ = ["DEFENSES", "Aggregate", "ClientHook", "Defense", "DefenseSetup", "RoundContext"]

@@ -1,0 +1,142 @@
+"""RLR, RFA, centered clipping and Bulyan against cases worked out by hand or by an
+explicit loop written here."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from defenses.base import DefenseSetup, RoundContext
+from defenses.bulyan import Bulyan
+from defenses.centered_clipping import CenteredClipping
+from defenses.rfa import RFA
+from defenses.rlr import RobustLearningRate
+
+
+def run(defense, rows, counts=None, expected_malicious=0):
+    updates = torch.tensor(rows, dtype=torch.float32)
+    n = len(updates)
+    defense.setup(DefenseSetup(num_clients=n, clients_per_round=n, expected_malicious=expected_malicious, layout=None))
+    ctx = RoundContext(round=0, client_ids=torch.arange(n), global_params=torch.zeros(updates.shape[1]),
+                       local_steps=torch.full((n,), 5))
+    return defense.aggregate(updates, torch.tensor(counts or [1] * n), ctx)
+
+
+def test_rlr_flips_the_rate_where_signs_disagree():
+    rows = [[1, 1, 1], [1, -1, 1], [1, 1, -1], [1, 1, 1]]  # |sum of signs| per coordinate: 4, 2, 2
+    out = run(RobustLearningRate(theta=3), rows)
+    assert out.update.tolist() == [1.0, -0.5, -0.5]  # mean (1, .5, .5), rates (+, -, -)
+    default = run(RobustLearningRate(), rows, expected_malicious=1)  # theta = f + 1 = 2
+    assert default.update.tolist() == [1.0, 0.5, 0.5]
+    weighted = run(RobustLearningRate(theta=3), rows, counts=[3, 1, 0, 0])
+    assert weighted.update.tolist() == [1.0, -0.5, -1.0] and weighted.weights.tolist() == [0.75, 0.25, 0.0, 0.0]
+
+
+def test_rfa_one_weiszfeld_step_by_hand():
+    rows = [[0.0, 0.0], [4.0, 0.0], [0.0, 3.0]]
+    out = run(RFA(iterations=1), rows)
+    start = np.array([4 / 3, 1.0])  # the mean
+    distances = [5 / 3, np.sqrt(73) / 3, np.sqrt(52) / 3]  # |start - u_k|
+    beta = np.array([1 / 3 / d for d in distances])
+    expected = (beta[:, None] * np.array(rows)).sum(axis=0) / beta.sum()
+    assert out.update.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert out.weights.tolist() == pytest.approx((beta / beta.sum()).tolist(), rel=1e-6)
+
+
+def test_rfa_converges_to_the_median_and_shrugs_off_an_outlier():
+    out = run(RFA(iterations=300, nu=1e-12), [[0.0], [1.0], [10.0]])
+    assert out.update.item() == pytest.approx(1.0, abs=1e-3), "in 1-D the geometric median is the median"
+    far = run(RFA(iterations=300, nu=1e-12), [[0.0], [1.0], [1e6]])
+    assert far.update.item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_centered_clipping_two_rounds_by_hand():
+    defense = CenteredClipping(tau=1.0)
+    first = run(defense, [[3.0, 4.0], [0.0, 1.0]])  # from 0: clip (3, 4) to (.6, .8); (0, 1) is within tau
+    assert first.update.tolist() == pytest.approx([0.3, 0.9])
+    assert first.weights.tolist() == pytest.approx([0.2 / 1.2, 1 / 1.2])
+    state = defense.state_dict()
+    resumed = CenteredClipping(tau=1.0)
+    resumed.load_state_dict(state)
+    second = run(resumed, [[0.3, 0.9], [0.3, 2.9]])  # offsets (0, 0) and (0, 2) -> clipped (0, 1)
+    assert second.update.tolist() == pytest.approx([0.3, 1.4])
+
+
+def krum_by_loop(points: np.ndarray, f: int) -> int:
+    """Index (into points) of the lowest Krum score, by explicit loops; ties to the lowest."""
+    m = len(points)
+    neighbours = max(m - f - 2, 0)
+    scores = []
+    for i in range(m):
+        distances = sorted(float(((points[i] - points[j]) ** 2).sum()) for j in range(m) if j != i)
+        scores.append(sum(distances[:neighbours]))
+    return int(np.argmin(scores))
+
+
+def bulyan_by_loop(rows: np.ndarray, f: int) -> np.ndarray:
+    remaining, chosen = list(range(len(rows))), []
+    for _ in range(len(rows) - 2 * f):
+        chosen.append(remaining.pop(krum_by_loop(rows[remaining], f)))
+    selected = rows[chosen]
+    beta = len(chosen) - 2 * f
+    out = []
+    for column in selected.T:
+        median = np.median(column)
+        closest = sorted(range(len(column)), key=lambda k: (abs(column[k] - median), k))[:beta]
+        out.append(np.mean(column[closest]))
+    return np.array(out), chosen
+
+
+def test_bulyan_matches_an_explicit_loop_and_drops_the_outliers():
+    rng = np.random.default_rng(4)
+    rows = rng.normal(size=(11, 6)).astype(np.float32)
+    rows[9] += 50.0
+    rows[10] -= 30.0
+    out = run(Bulyan(f=2), rows.tolist())
+    expected, chosen = bulyan_by_loop(rows.astype(np.float64), 2)
+    assert out.update.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert sorted(np.flatnonzero(~out.excluded.numpy()).tolist()) == sorted(chosen)
+    assert out.excluded[9] and out.excluded[10]
+    assert float(out.weights.sum()) == pytest.approx(1.0)
+
+
+def test_bulyan_needs_n_at_least_4f_plus_3():
+    env = DefenseSetup(num_clients=10, clients_per_round=10, expected_malicious=3, layout=None)
+    (field, _, allowed), = Bulyan().problems(env)
+    assert field == "defense.f" and "n >= 4f + 3" in allowed and "f <= 1" in allowed
+    assert Bulyan(f=1).problems(env) == []
+
+
+def test_every_subset_of_ties_in_bulyan_is_broken_toward_the_lower_rows():
+    rows = [[float(v)] for v in (0, 0, 0, 0, 0, 0, 0)]  # n = 7, f = 1: all tied
+    out = run(Bulyan(f=1), rows)
+    assert out.excluded.tolist() == [False] * 5 + [True] * 2
+    assert list(itertools.islice(out.info["selected"], 5)) == [0, 1, 2, 3, 4]
+
+
+def test_flame_keeps_the_majority_direction_clips_to_the_median_norm_and_adds_noise():
+    from defenses.flame import FLAME
+
+    benign = [[1.0, 0.1], [2.0, 0.2], [3.0, 0.3], [4.0, 0.4], [5.0, 0.5]]  # one direction, norms ~1..5
+    attackers = [[-10.0, 9.0], [-9.0, 10.0]]  # another direction, large
+    out = run(FLAME(noise_lambda=0.0), benign + attackers)
+    assert out.excluded.tolist() == [False] * 5 + [True] * 2
+    norms = np.linalg.norm(np.array(benign + attackers), axis=1)
+    bound = np.median(norms)  # the median of ALL 7 norms (the 4th largest): ||(4, .4)||
+    clipped = [np.array(u) * min(1.0, bound / np.linalg.norm(u)) for u in benign]
+    assert out.update.tolist() == pytest.approx(np.mean(clipped, axis=0).tolist(), rel=1e-6)
+    assert out.weights.tolist() == pytest.approx([0.2] * 5 + [0.0] * 2)
+
+    wide = [[1.0] * 50_000, [1.1] * 50_000, [0.9] * 50_000]
+    noisy = FLAME(noise_lambda=0.5)
+    noisy.setup(DefenseSetup(num_clients=3, clients_per_round=3, expected_malicious=0, layout=None))
+    ctx = RoundContext(round=0, client_ids=torch.arange(3), global_params=torch.zeros(1),
+                       local_steps=torch.full((3,), 5), generator=torch.Generator().manual_seed(0))
+    result = noisy.aggregate(torch.tensor(wide), torch.ones(3), ctx).update
+    median_norm = float(np.linalg.norm(wide[0]))
+    noise = result.double().numpy() - np.mean([np.array(u) * min(1.0, median_norm / np.linalg.norm(u)) for u in wide],
+                                             axis=0)
+    assert noise.std() == pytest.approx(0.5 * median_norm, rel=0.02), "sigma = lambda * S"
