@@ -140,3 +140,33 @@ def test_flame_keeps_the_majority_direction_clips_to_the_median_norm_and_adds_no
     noise = result.double().numpy() - np.mean([np.array(u) * min(1.0, median_norm / np.linalg.norm(u)) for u in wide],
                                              axis=0)
     assert noise.std() == pytest.approx(0.5 * median_norm, rel=0.02), "sigma = lambda * S"
+
+
+def test_foolsgold_gives_sybils_no_weight_by_hand():
+    from defenses.foolsgold import FoolsGold
+
+    # Histories (1, 0), (1, 0), (0, 1): cs_01 = 1, cs_02 = cs_12 = 0, v = (1, 1, 0); pardoning
+    # scales cs_2j by 0 / 1; alpha = 1 - max cs = (0, 0, 1) -> rescaled (0, 0, 1) -> 0.99 ->
+    # logit: ln(99) + 0.5 = 5.1 -> clipped 1; ln(0) -> 0. Only client 2 counts.
+    out = run(FoolsGold(), [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert out.update.tolist() == [0.0, 1.0] and out.excluded.tolist() == [True, True, False]
+
+
+def test_foolsgold_partial_similarity_and_history_by_hand():
+    from defenses.foolsgold import FoolsGold
+
+    defense = FoolsGold()
+    # (1, 0), (1, 1), (0, 1): cs_01 = cs_12 = 1/sqrt(2), v equal: no pardoning; alpha = 1 - 0.7071
+    # for all -> rescaled to 1 -> 0.99 -> logit clipped to 1: a plain mean.
+    first = run(defense, [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    assert first.update.tolist() == pytest.approx([2 / 3, 2 / 3])
+    # Round 2: the histories become (1, 0) + (0, 1) = (1, 1), (1, 1) + (1, 1) = (2, 2), (0, 1) + (1, 0) = (1, 1):
+    # all identical -> cs = 1 everywhere -> alpha = 0 for all: nobody counts, the model stays.
+    state = defense.state_dict()
+    resumed = FoolsGold()
+    resumed.load_state_dict(state)
+    resumed.setup(defense.env)
+    ctx = RoundContext(round=1, client_ids=torch.arange(3), global_params=torch.zeros(2),
+                       local_steps=torch.full((3,), 5))
+    second = resumed.aggregate(torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]), torch.ones(3), ctx)
+    assert second.update.tolist() == [0.0, 0.0] and second.excluded.all()
