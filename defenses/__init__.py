@@ -2,8 +2,8 @@
 
 from defenses.base import DEFENSES, Aggregate, ClientHook, Defense, DefenseSetup, RoundContext
 from defenses import (  # noqa: F401  (registration)
-    bulyan, centered_clipping, fedavg, flame, fltrust, foolsgold, krum, median, multi_krum, norm_clipping, rfa, rlr, sdfc,
-    trimmed_mean,
+    bulyan, centered_clipping, dnc, fedavg, flame, fltrust, foolsgold, krum, median, multi_krum, norm_clipping,
+    rfa, rlr, sdfc, trimmed_mean,
 )
 
 __all__ = ["DEFENSES", "Aggregate", "ClientHook", "Defense", "DefenseSetup", "RoundContext"]

@@ -39,7 +39,8 @@ def test_rfa_one_weiszfeld_step_by_hand():
     rows = [[0.0, 0.0], [4.0, 0.0], [0.0, 3.0]]
     out = run(RFA(iterations=1), rows)
     start = np.array([4 / 3, 1.0])  # the mean
-    distances = [5 / 3, np.sqrt(73) / 3, np.sqrt(52) / 3]  # |start - u_k|
+    distances = np.linalg.norm(np.array(rows) - start, axis=1)
+    assert distances.tolist() == pytest.approx([5 / 3, np.sqrt(73) / 3, np.sqrt(52) / 3])  # by hand
     beta = np.array([1 / 3 / d for d in distances])
     expected = (beta[:, None] * np.array(rows)).sum(axis=0) / beta.sum()
     assert out.update.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
@@ -170,3 +171,35 @@ def test_foolsgold_partial_similarity_and_history_by_hand():
                        local_steps=torch.full((3,), 5))
     second = resumed.aggregate(torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]]), torch.ones(3), ctx)
     assert second.update.tolist() == [0.0, 0.0] and second.excluded.all()
+
+
+def test_dnc_removes_the_largest_projections_on_the_top_singular_vector():
+    from defenses.dnc import DnC
+
+    rows = np.array([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 0.1], [10.0, 10.0]])
+    out = run(DnC(f=1, niters=2), rows.tolist())
+    centred = rows - rows.mean(axis=0)
+    top = np.linalg.svd(centred)[2][0]
+    scores = (centred @ top) ** 2  # by numpy: the outlier's projection dominates
+    assert int(np.argmax(scores)) == 4
+    assert out.excluded.tolist() == [False, False, False, False, True]
+    assert out.update.tolist() == pytest.approx(rows[:4].mean(axis=0).tolist())
+
+
+def test_dnc_subsamples_coordinates_from_the_defense_stream():
+    from defenses.dnc import DnC
+
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(8, 30_000)).astype(np.float32)
+    rows[[2, 5]] += rng.normal(size=30_000).astype(np.float32) * 3  # two attackers, a shared direction
+    defense = DnC(f=2, niters=3, subsample=1000)
+    defense.setup(DefenseSetup(num_clients=8, clients_per_round=8, expected_malicious=2, layout=None))
+
+    def once(seed):
+        ctx = RoundContext(round=0, client_ids=torch.arange(8), global_params=torch.zeros(1),
+                           local_steps=torch.full((8,), 5), generator=torch.Generator().manual_seed(seed))
+        return defense.aggregate(torch.tensor(rows), torch.ones(8), ctx)
+
+    first = once(0)
+    assert first.excluded[2] and first.excluded[5] and int(first.excluded.sum()) >= 2
+    assert torch.equal(first.update, once(0).update)
