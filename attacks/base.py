@@ -393,3 +393,31 @@ class BackdoorAttack(Attack):
         env = self.env
         assert env is not None
         return env.pipeline.normalize(raw.to(env.pipeline.mean.device).unsqueeze(0)).squeeze(0).cpu()
+
+
+class BorrowedTriggerBackdoor(BackdoorAttack):
+    """A backdoor that stamps another registered backdoor's trigger (``trigger: NAME``,
+    with that backdoor's default trigger options) and changes how it is trained."""
+
+    borrows_trigger = True
+
+    def __init__(self, trigger: str = "pixel_pattern", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.trigger_name = trigger
+        self._source: BackdoorAttack | None = None
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        found = super().problems()
+        if self.trigger_name not in plain_backdoors():
+            found.append(("attack.trigger", self.trigger_name, f"one of: {', '.join(plain_backdoors())}"))
+        return found
+
+    def setup(self, env: AttackSetup) -> None:
+        self._source = ATTACKS.get(self.trigger_name)(target_label=self.target_label)
+        self._source.setup(env)
+        self.num_parts = self._source.num_parts
+        super().setup(env)
+
+    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
+        assert self._source is not None, "setup() first"
+        return self._source.build_trigger(parts)

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from attacks.base import ATTACKS, AttackSetup, BackdoorAttack, ClientInfo, plain_backdoors
+from attacks.base import ATTACKS, BorrowedTriggerBackdoor, ClientInfo
 
 
 @ATTACKS.register("neurotoxin")
-class Neurotoxin(BackdoorAttack):
+class Neurotoxin(BorrowedTriggerBackdoor):
     """A trigger backdoor whose local training may only move the coordinates outside the
     top ``top_k_percent`` % of the previous round's global update by magnitude
     ``|global_r - global_(r-1)|`` (over all parameters together): the coordinates that
@@ -34,33 +34,17 @@ class Neurotoxin(BackdoorAttack):
         **kwargs: BackdoorAttack arguments (poison_ratio, target_label, malicious_fraction, ...).
     """
 
-    borrows_trigger = True
-
     def __init__(self, top_k_percent: float = 5.0, trigger: str = "pixel_pattern", **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(trigger=trigger, **kwargs)
         self.top_k_percent = top_k_percent
-        self.trigger_name = trigger
         self.previous_global: Tensor | None = None
         self.frozen: Tensor | None = None
-        self._source: BackdoorAttack | None = None
 
     def problems(self) -> list[tuple[str, object, str]]:
         found = super().problems()
         if not 0 <= self.top_k_percent < 100:
             found.append(("attack.top_k_percent", self.top_k_percent, "a percentage in [0, 100)"))
-        if self.trigger_name not in plain_backdoors():
-            found.append(("attack.trigger", self.trigger_name, f"one of: {', '.join(plain_backdoors())}"))
         return found
-
-    def setup(self, env: AttackSetup) -> None:
-        self._source = ATTACKS.get(self.trigger_name)(target_label=self.target_label)
-        self._source.setup(env)
-        self.num_parts = self._source.num_parts
-        super().setup(env)
-
-    def build_trigger(self, parts: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
-        assert self._source is not None, "setup() first"
-        return self._source.build_trigger(parts)
 
     def round_start(self, round_index: int, global_params: Tensor) -> None:
         if self.previous_global is not None:

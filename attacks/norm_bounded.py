@@ -9,11 +9,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from attacks.base import ATTACKS, AttackSetup, BackdoorAttack, ClientInfo, plain_backdoors
+from attacks.base import ATTACKS, BorrowedTriggerBackdoor, ClientInfo
 
 
 @ATTACKS.register("norm_bounded")
-class NormBounded(BackdoorAttack):
+class NormBounded(BorrowedTriggerBackdoor):
     """A trigger backdoor trained by projected gradient descent: after every optimizer step
     the local model w is projected onto ``||w - w_global||_2 <= radius`` (Wang et al.'s
     PGD; they project every few steps, we after every step). ``radius`` given, or (None,
@@ -28,32 +28,16 @@ class NormBounded(BackdoorAttack):
         **kwargs: BackdoorAttack arguments (poison_ratio, target_label, malicious_fraction, ...).
     """
 
-    borrows_trigger = True
-
     def __init__(self, radius: float | None = None, trigger: str = "pixel_pattern", **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(trigger=trigger, **kwargs)
         self.radius = radius
-        self.trigger_name = trigger
-        self._source: BackdoorAttack | None = None
         self.last_radius: dict[int, float] = {}
 
     def problems(self) -> list[tuple[str, object, str]]:
         found = super().problems()
         if self.radius is not None and not self.radius > 0:
             found.append(("attack.radius", self.radius, "None (the attacker's clean-update norm) or a number > 0"))
-        if self.trigger_name not in plain_backdoors():
-            found.append(("attack.trigger", self.trigger_name, f"one of: {', '.join(plain_backdoors())}"))
         return found
-
-    def setup(self, env: AttackSetup) -> None:
-        self._source = ATTACKS.get(self.trigger_name)(target_label=self.target_label)
-        self._source.setup(env)
-        self.num_parts = self._source.num_parts
-        super().setup(env)
-
-    def build_trigger(self, parts):
-        assert self._source is not None, "setup() first"
-        return self._source.build_trigger(parts)
 
     def step_hook(self, client: ClientInfo, model: nn.Module) -> Callable[[], None]:
         radius = self.radius

@@ -179,3 +179,17 @@ def sgd_by_hand(model, batches, steps: int, lr: float, momentum: float, weight_d
                 d = g + weight_decay * p
                 velocity[i] = d.clone() if velocity[i] is None else momentum * velocity[i] + d
                 p -= lr * velocity[i]
+
+
+def spy_on_clients(run) -> "dict[int, torch.Tensor]":
+    """Record every update a client hands to the server (train_client's output)."""
+    sent: dict = {}
+    train_client = run.train_client
+
+    def recording(client):
+        result = train_client(client)
+        sent[client.client_id] = result.update.detach().clone()
+        return result
+
+    run.train_client = recording
+    return sent

@@ -13,7 +13,7 @@ from attacks.base import AttackSetup, ClientInfo
 from attacks.neurotoxin import Neurotoxin
 from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
-from conftest import tiny_experiment
+from conftest import spy_on_clients, tiny_experiment
 from defenses.base import DefenseSetup, RoundContext
 from defenses.fedavg import FedAvg
 from defenses.sdfc import SCORE, SDFC
@@ -71,15 +71,7 @@ def test_neurotoxin_updates_are_zero_on_the_frozen_coordinates_in_the_loop(tiny_
     first_global = run.global_params.clone()
     run.run_round(0)
     second_global = run.global_params.clone()
-    sent = {}
-    train_client = run.train_client
-
-    def recording(client):
-        result = train_client(client)
-        sent[client.client_id] = result.update.detach().clone()
-        return result
-
-    run.train_client = recording
+    sent = spy_on_clients(run)
     run.run_round(1)
     change = (second_global - first_global).abs().numpy()
     count = math.ceil(0.10 * len(change))

@@ -8,7 +8,7 @@ import torch
 
 from attacks.badnets import BadNets
 from attacks.pixel_pattern import PixelPattern
-from conftest import endless_training_batches, flat_params, load_flat, sgd_by_hand, tiny_experiment
+from conftest import endless_training_batches, flat_params, load_flat, sgd_by_hand, spy_on_clients, tiny_experiment
 from defenses import DEFENSES
 from defenses.fltrust import FLTrust
 from defenses.multi_krum import MultiKrum
@@ -138,20 +138,6 @@ def partially_backdoored_model(num_classes: int, target: int, strength: float) -
         m.cls.weight[:, 0] = 0
         m.cls.weight[target, 0] = strength
     return model
-
-
-def spy_on_clients(run: FederatedRun) -> dict[int, torch.Tensor]:
-    """Record every update a client hands to the server (train_client's output)."""
-    sent: dict[int, torch.Tensor] = {}
-    train_client = run.train_client
-
-    def recording(client):
-        result = train_client(client)
-        sent[client.client_id] = result.update.detach().clone()
-        return result
-
-    run.train_client = recording
-    return sent
 
 
 def spy_on_server_training(defense) -> list[torch.Tensor]:
