@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FEDBENCH_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST),$(abspath ../shared/data),$(CURDIR)/data)
 export FEDBENCH_DATA
 
-.PHONY: install run test bench bench-quick bench-ablation bench-fmnist-paper perf clean
+.PHONY: install run test bench bench-quick bench-ablation bench-adaptive bench-byzantine bench-fmnist-paper perf clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,15 @@ bench-quick: install
 bench-fmnist-paper: install
 	$(BIN)/fedbench grid benchmarks/fmnist_paper.yaml
 	$(BIN)/fedbench report runs/fmnist_paper --out results/fmnist_paper
+
+bench-adaptive: install
+	$(BIN)/fedbench grid benchmarks/sdfc_adaptive.yaml
+	$(BIN)/fedbench report runs/sdfc_adaptive --out results/sdfc_adaptive
+
+# The untargeted attacks x the robust rules, 147 cells (about 6 CPU-hours; resumable).
+bench-byzantine: install
+	$(BIN)/fedbench grid benchmarks/byzantine.yaml
+	$(BIN)/fedbench report runs/byzantine --out results/byzantine
 
 bench-ablation: install
 	$(BIN)/fedbench grid benchmarks/sdfc_ablation.yaml

@@ -41,6 +41,9 @@ class EvadingProtocol(ClientHook):
     def upload_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.honest.upload_keys
 
+    def upload_shape(self, key: str, dim: int) -> tuple[int, ...]:
+        return self.honest.upload_shape(key, dim)
+
     def before_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> Callable[[], Tensor] | None:

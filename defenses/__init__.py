@@ -2,7 +2,7 @@
 
 from defenses.base import DEFENSES, Aggregate, ClientHook, Defense, DefenseSetup, RoundContext
 from defenses import (  # noqa: F401  (registration)
-    bulyan, centered_clipping, dnc, fedavg, flame, fltrust, foolsgold, krum, median, multi_krum, norm_clipping,
+    bulyan, centered_clipping, dnc, fdcr, fedavg, flame, fltrust, foolsgold, krum, median, multi_krum, norm_clipping,
     rfa, rlr, sdfc, trimmed_mean,
 )
 

@@ -116,7 +116,12 @@ class ClientHook:
     """
 
     upload_keys: tuple[str, ...] = ()
-    """Names of the scalar uploads :meth:`after_training` returns (every client, every round)."""
+    """Names of the uploads :meth:`after_training` returns (every client, every round)."""
+
+    def upload_shape(self, key: str, dim: int) -> tuple[int, ...]:
+        """Per-client shape of upload ``key``: ``()`` for a scalar (default, gathered in
+        float64), ``(dim,)`` for a vector over the d parameters (gathered in float32)."""
+        return ()
 
     def before_training(
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None

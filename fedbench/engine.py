@@ -339,10 +339,20 @@ class FederatedRun:
             steps=scalars([r.steps for r in results]).round().to(torch.int64),
             loss=scalars([r.loss for r in results]),
             wrong_size=scalars([r.wrong_size for r in results]).cpu() > 0,
-            uploads={key: scalars([r.uploads[key].reshape(()) for r in results]) for key in upload_keys},
+            uploads={key: self._gather_upload(selected, key, results) for key in upload_keys},
             time_train=float(scalars([r.time_train for r in results]).sum()),
             time_hook=float(scalars([r.time_hook for r in results]).sum()),
         )
+
+    def _gather_upload(self, selected: list[int], key: str, results: list[ClientResult]) -> Tensor:
+        """One upload of the defense's client protocol, ``[n, *shape]``: scalars in float64,
+        vectors in float32."""
+        shape = self.hook.upload_shape(key, self.layout.dim)
+        if shape == ():
+            rows = [torch.tensor(float(r.uploads[key]), device=self.device, dtype=torch.float64) for r in results]
+            return self._gather(selected, rows, (), torch.float64)
+        rows = [r.uploads[key].reshape(shape).to(self.device, torch.float32) for r in results]
+        return self._gather(selected, rows, shape, torch.float32)
 
     def _gather(self, selected: list[int], rows: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """Stack per-client rows in ``selected`` order across all processes.

@@ -34,7 +34,8 @@ def defense_env(n: int, layout: ParameterLayout) -> DefenseSetup:
 def round_context(n: int, dim: int, defense) -> RoundContext:
     hook = defense.client_hook()
     keys = hook.upload_keys if hook is not None else ()
-    uploads = {key: torch.rand(n, generator=torch.Generator().manual_seed(7), dtype=torch.float64) for key in keys}
+    uploads = {key: torch.rand((n, *hook.upload_shape(key, dim)), generator=torch.Generator().manual_seed(7),
+                               dtype=torch.float64) for key in keys}
     return RoundContext(round=3, client_ids=torch.arange(n), global_params=torch.zeros(dim),
                         local_steps=torch.full((n,), 5), uploads=uploads,
                         generator=torch.Generator().manual_seed(11))

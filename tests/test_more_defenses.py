@@ -203,3 +203,70 @@ def test_dnc_subsamples_coordinates_from_the_defense_stream():
     first = once(0)
     assert first.excluded[2] and first.excluded[5] and int(first.excluded.sum()) >= 2
     assert torch.equal(first.update, once(0).update)
+
+
+def finch_level0_by_loop(values: np.ndarray) -> list[int]:
+    """FINCH's first partition by hand: i and j are joined when j is i's first neighbour, i
+    is j's, or they share a first neighbour; labels are connected components (union-find)."""
+    n = len(values)
+    first = [min((j for j in range(n) if j != i), key=lambda j: (abs(values[i] - values[j]), j)) for i in range(n)]
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(n):
+            if i != j and (first[i] == j or first[j] == i or first[i] == first[j]):
+                parent[root(i)] = root(j)
+    roots = [root(i) for i in range(n)]
+    return [sorted(set(roots)).index(r) for r in roots]
+
+
+def test_fdcr_drops_the_farthest_finch_cluster_and_rescales_by_hand():
+    from defenses.fdcr import FISHER, FDCR
+
+    rng = np.random.default_rng(0)
+    d = 6
+    benign = rng.normal(0.0, 0.1, size=(7, d))
+    attackers = rng.normal(0.0, 0.1, size=(3, d)) + np.array([3.0, -3.0, 3.0, 0, 0, 0])
+    updates = np.vstack([benign, attackers])
+    fisher = rng.uniform(0.0, 1.0, size=(10, d))
+    counts = np.arange(10, 20)
+    defense = FDCR()
+    defense.setup(DefenseSetup(num_clients=10, clients_per_round=10, expected_malicious=3, layout=None))
+    ctx = RoundContext(round=0, client_ids=torch.arange(10), global_params=torch.zeros(d),
+                       local_steps=torch.full((10,), 5), uploads={FISHER: torch.tensor(fisher)})
+    out = defense.aggregate(torch.tensor(updates, dtype=torch.float32), torch.tensor(counts), ctx)
+
+    importance = (fisher - fisher.min(axis=1, keepdims=True)) / np.ptp(fisher, axis=1, keepdims=True)
+    p = counts / counts.sum()
+    weighted = importance * updates
+    distances = np.linalg.norm(weighted - p @ weighted, axis=1)
+    labels = np.array(finch_level0_by_loop(distances))
+    assert len(set(labels)) > 1, "the case separates, so the filtering path is tested"
+    worst = max(set(labels), key=lambda c: distances[labels == c].mean())
+    excluded = labels == worst
+    assert excluded[7:].all() and not excluded[:7].any(), "the three attackers form the farthest cluster"
+    kept = np.where(excluded, 0.0, p) / np.where(excluded, 0.0, p).sum()
+    expected = kept @ (2 / (1 + np.exp(-importance)) * updates)
+    assert out.excluded.tolist() == excluded.tolist()
+    assert out.update.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-7)
+    assert out.weights.tolist() == pytest.approx(kept.tolist(), rel=1e-6)
+
+
+def test_fdcr_runs_in_the_loop_with_per_parameter_fisher_uploads(tiny_root, tmp_path):
+    from attacks.pixel_pattern import PixelPattern
+    from conftest import tiny_experiment
+    from defenses.fdcr import FDCR
+    from fedbench.engine import FederatedRun
+    from fedbench.experiment import FederationConfig
+
+    exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=FDCR(),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    record = run.run_round(0)
+    assert len(record["defense"]["distances"]) == 5 and all(np.isfinite(record["defense"]["distances"]))
+    assert abs(sum(record["weights"]) - 1.0) < 1e-6
