@@ -114,6 +114,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def code_revision() -> str | None:
+    """The git commit of the code that runs (``+dirty`` with uncommitted changes to tracked
+    files), or None outside a git checkout."""
+    import subprocess
+    from pathlib import Path
+
+    where = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """GPU: the round's peak allocation. CPU: the process's peak resident memory so far."""
     if device.type == "cuda":
@@ -609,6 +628,7 @@ class FederatedRun:
             "mean_round_time_s": fmean(r["time"]["round"] for r in self.records) if self.records else None,
             "seeds": {"run": exp.seed, **seed_table(exp.seed)},
             "versions": versions(),
+            "code": code_revision(),
             "device": describe_device(self.device),
             "world_size": self.world,
             "config": exp.config,

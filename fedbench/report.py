@@ -45,6 +45,8 @@ class CellResult:
     wall_time_s: float | None = None
     device: str | None = None
     defense_args: dict | None = None
+    versions: dict | None = None
+    code: str | None = None
 
 
 def _fallback_setting(summary: dict) -> Setting:
@@ -81,6 +83,8 @@ def collect(grid_dir: Path) -> list[CellResult]:
             wall_time_s=summary.get("wall_time_s"),
             device=summary.get("device"),
             defense_args=((summary.get("config") or {}).get("defense") or {}).get("init_args"),
+            versions=summary.get("versions"),
+            code=summary.get("code"),
         ))
     return results
 
@@ -265,6 +269,26 @@ def defense_settings(results: list[CellResult], defenses: list[str]) -> str:
     return "Defenses as run (f=None: the expected number of attackers):\n\n" + "\n".join(lines) + "\n"
 
 
+def provenance(results: list[CellResult]) -> str:
+    """Where the cells ran and on which code, and a warning when a table mixes them."""
+    def count(values: list[str]) -> str:
+        seen = sorted(set(values))
+        plural = {v: "cell" if values.count(v) == 1 else "cells" for v in seen}
+        return "; ".join(f"{v} ({values.count(v)} {plural[v]})" for v in seen) if len(seen) > 1 else seen[0]
+
+    devices = [r.device or "unknown" for r in results]
+    codes = [r.code or "unknown" for r in results]
+    packages = [", ".join(f"{k} {v}" for k, v in (r.versions or {}).items()) or "unknown" for r in results]
+    lines = [f"Machine: {count(devices)}. Code: {count(codes)}. Packages: {count(packages)}."]
+    mixed = [name for name, values in (("devices", devices), ("code versions", codes), ("package versions", packages))
+             if len(set(values)) > 1]
+    if mixed:
+        lines.append(f"**Note: the cells of this table ran on different {' and '.join(mixed)}**; compare "
+                     "numbers across them with care (fp32 CPU results are reproducible only on the same "
+                     "code, thread count and library versions).")
+    return "\n".join(lines) + "\n"
+
+
 def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> dict:
     results = collect(grid_dir)
     if not results:
@@ -309,6 +333,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
         parallel = f", {jobs} cells at a time" if jobs > 1 else ""
         text.append(f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
                     f"slowest cell {max(timed):.0f} s) on {devices}.\n")
+    text.append(provenance(results))
     text.append(defense_settings(results, defenses))
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")

@@ -241,3 +241,50 @@ def test_set_and_cells_narrow_a_grid_from_the_command_line(tmp_path):
         select_cells(grid, ["nothing-*"])
     with pytest.raises(ConfigError):
         load_grid(path, None, ["no_equals_sign"])
+
+
+def write_cell(grid_dir, name, device, code, torch_version="2.14.1", asr=50.0):
+    import json as json_
+
+    cell = grid_dir / "cells" / name
+    cell.mkdir(parents=True)
+    records = [{"round": 0, "clean_acc": 60.0, "asr": asr, "asr_all": asr}]
+    (cell / "metrics.jsonl").write_text("\n".join(json_.dumps(r) for r in records) + "\n")
+    (cell / "summary.json").write_text(json_.dumps({
+        "dataset": "fashion_mnist", "attack": "pixel_pattern", "defense": "fedavg", "seed": int(name[-1]),
+        "final": {"A": 60.0, "ASR": asr}, "detection": None, "wall_time_s": 10.0, "device": device,
+        "code": code, "versions": {"torch": torch_version}, "config": {}}))
+
+
+def test_the_report_names_machine_code_and_versions_and_warns_when_cells_mix_them(tmp_path):
+    from fedbench.report import make_report
+
+    same = tmp_path / "same"
+    for seed in (0, 1):
+        write_cell(same, f"pixel_pattern-fedavg-s{seed}", "cpu:x86_64 x1 threads", "abc123")
+    text = (tmp_path / "out1").joinpath("results.md")
+    make_report(same, tmp_path / "out1")
+    body = text.read_text()
+    assert "Machine: cpu:x86_64 x1 threads. Code: abc123. Packages: torch 2.14.1." in body
+    assert "Note:" not in body
+
+    mixed = tmp_path / "mixed"
+    write_cell(mixed, "pixel_pattern-fedavg-s0", "cpu:x86_64 x1 threads", "abc123")
+    write_cell(mixed, "pixel_pattern-fedavg-s1", "cuda:NVIDIA H100", "def456+dirty")
+    make_report(mixed, tmp_path / "out2")
+    body = (tmp_path / "out2" / "results.md").read_text()
+    assert "Machine: cpu:x86_64 x1 threads (1 cell); cuda:NVIDIA H100 (1 cell)." in body
+    assert "Code: abc123 (1 cell); def456+dirty (1 cell)." in body
+    assert "ran on different devices and code versions" in body
+
+
+def test_a_run_records_its_git_commit(tmp_path):
+    import subprocess
+
+    from fedbench.engine import code_revision
+
+    expected = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    if not expected:
+        pytest.skip("not a git checkout: runs record code = None")
+    assert code_revision().split("+")[0] == expected
