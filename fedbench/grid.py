@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 import traceback
+from statistics import fmean
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,14 +457,15 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | No
                 "name": grid.name, "file": grid.file, "axes": grid.axes, "base": grid.base, "jobs": jobs,
                 "cells": [c.cell_id for c in grid.cells]})
             positions = [f"[{index}/{len(grid.cells)}]" for index in range(1, len(grid.cells) + 1)]
+            progress = GridProgress(grid.name, len(grid.cells), jobs)
             if jobs == 1:
                 for position, cell in zip(positions, grid.cells):
-                    run_one(grid, cell, position, isolate, echo)
+                    run_one(grid, cell, position, isolate, echo, progress=progress)
             else:
                 running = _Running()
                 pool = ThreadPoolExecutor(max_workers=jobs)
                 try:
-                    futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running)
+                    futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running, progress)
                                for position, cell in zip(positions, grid.cells)]
                     for future in futures:
                         future.result()
@@ -484,17 +486,59 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | No
 _SUMMARY_LOCK = threading.Lock()
 
 
+class GridProgress:
+    """One line for the whole grid: cells done (finished earlier ones counted apart),
+    failed, running, and the time left estimated from this run's finished cells
+    (mean cell time x cells left / cells at a time)."""
+
+    def __init__(self, name: str, total: int, jobs: int) -> None:
+        self.name, self.total, self.jobs = name, total, jobs
+        self.earlier = self.done = self.failed = 0
+        self.running: set[str] = set()
+        self.durations: list[float] = []
+        self.lock = threading.Lock()
+
+    def started(self, cell_id: str) -> None:
+        with self.lock:
+            self.running.add(cell_id)
+
+    def ended(self, cell_id: str, seconds: float | None, failed: bool = False, earlier: bool = False) -> None:
+        with self.lock:
+            self.running.discard(cell_id)
+            self.earlier += earlier
+            self.done += not failed
+            self.failed += failed
+            if seconds is not None and not earlier:
+                self.durations.append(seconds)
+
+    def line(self) -> str:
+        with self.lock:
+            left = self.total - self.done - self.failed
+            eta = ""
+            if self.durations and left:
+                minutes = fmean(self.durations) * left / min(self.jobs, left) / 60
+                eta = f"; about {minutes:.0f} min left" if minutes >= 1 else "; under a minute left"
+            earlier = f" ({self.earlier} earlier)" if self.earlier else ""
+            return (f"grid {self.name}: {self.done}/{self.total} done{earlier}, {self.failed} failed, "
+                    f"{len(self.running)} running{eta}")
+
+
 def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: int = 1,
-            running: _Running | None = None) -> None:
+            running: _Running | None = None, progress: GridProgress | None = None) -> None:
     if running is not None and running.stopping.is_set():
         return
+    progress = progress or GridProgress(grid.name, len(grid.cells), jobs)
     cell_dir = cell.directory(grid.output)
     if cell_status(cell_dir) == "finished":
-        echo(f"{position} {cell.cell_id}: finished earlier, skipped")
+        progress.ended(cell.cell_id, None, earlier=True)
+        echo(f"{position} {cell.cell_id}: finished earlier, skipped | {progress.line()}")
         return
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "failure.json").unlink(missing_ok=True)
     write_json_atomic(cell_dir / "cell.json", {"cell": cell.cell_id, "axes": cell.axes})
+    progress.started(cell.cell_id)
+    where = f"{cell_dir}" + (f" (log: {cell_dir / 'log.txt'})" if isolate else "")
+    echo(f"{position} {cell.cell_id}: running -> {where}")
     started = time.perf_counter()
     try:
         if isolate:
@@ -503,11 +547,13 @@ def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: in
             run_cell_in_process(cell, cell_dir)
         final = (read_summary(cell_dir) or {}).get("final", {})
         shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if v is not None)
-        echo(f"{position} {cell.cell_id}: {shown} ({time.perf_counter() - started:.0f}s)")
+        progress.ended(cell.cell_id, time.perf_counter() - started)
+        echo(f"{position} {cell.cell_id}: {shown} ({time.perf_counter() - started:.0f}s) | {progress.line()}")
     except Exception as err:  # one failed cell never ends the grid
         detail = err.detail if isinstance(err, CellFailed) else traceback.format_exc()
         write_json_atomic(cell_dir / "failure.json", {"cell": cell.cell_id, "error": str(err), "detail": detail})
-        echo(f"{position} {cell.cell_id}: FAILED: {err}")
+        progress.ended(cell.cell_id, time.perf_counter() - started, failed=True)
+        echo(f"{position} {cell.cell_id}: FAILED: {err} | {progress.line()}")
     with _SUMMARY_LOCK:
         write_grid_summary(grid)
 

@@ -89,6 +89,8 @@ def test_a_killed_grid_resumes_without_redoing_or_losing_cells(tiny_root, tmp_pa
     assert all(after[name] == mtime for name, mtime in finished.items()), "finished cells are not redone"
     grid_summary = json.loads((out / "grid_summary.json").read_text())
     assert grid_summary["counts"]["finished"] == 4
+    assert f"grid tiny: 4/4 done ({len(finished)} earlier), 0 failed, 0 running" in result.stdout
+    assert f"running -> {out / 'cells'}" in result.stdout, "where each cell's output lives"
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tiny_root, tmp_path):
@@ -288,3 +290,19 @@ def test_a_run_records_its_git_commit(tmp_path):
     if not expected:
         pytest.skip("not a git checkout: runs record code = None")
     assert code_revision().split("+")[0] == expected
+
+
+def test_grid_progress_counts_and_estimates_by_hand():
+    from fedbench.grid import GridProgress
+
+    progress = GridProgress("g", total=10, jobs=2)
+    for cell in ("a", "b"):
+        progress.ended(cell, None, earlier=True)
+    progress.started("c")
+    progress.started("d")
+    progress.started("e")
+    assert progress.line() == "grid g: 2/10 done (2 earlier), 0 failed, 3 running"
+    progress.ended("c", 60.0)
+    progress.ended("d", 180.0, failed=True)
+    # 6 cells left, mean 120 s over the cells run now, 2 at a time: 6 * 120 / 2 = 360 s
+    assert progress.line() == "grid g: 3/10 done (2 earlier), 1 failed, 1 running; about 6 min left"
