@@ -27,7 +27,7 @@ from fedbench.errors import ConfigError, config_error
 from fedbench.models import MODELS, ModelConfig
 from fedbench.partition import PartitionConfig
 from fedbench.registry import Registry
-from fedbench.tracking import WandbConfig
+from fedbench.tracking import LoggerName, WandbConfig
 
 PARSER_MODE = "fedbench_yaml"
 SECTIONS: dict[str, type] = {
@@ -265,6 +265,10 @@ def build_parser(prog: str = "fedbench run") -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
     parser.add_argument("--seed", type=int, default=0, help="the one seed every random stream derives from")
+    parser.add_argument("--logger", type=list[LoggerName], default=["wandb"],
+                        help="where per-round metrics go besides the run folder's files: any of wandb, "
+                             "tensorboard (run/tensorboard), csv (run/csv/metrics.csv); e.g. --logger "
+                             "'[tensorboard, csv]' or --logger+=csv; [] for none")
     for name, cls in SECTIONS.items():
         parser.add_class_arguments(cls, name, fail_untyped=True)
     parser.add_subclass_arguments(Attack, "attack", required=False)
@@ -305,6 +309,7 @@ def build_experiment(namespace: Namespace, parser: ArgumentParser | None = None)
         attack=init.attack,
         defense=init.defense,
         seed=init.seed,
+        logger=list(init.logger),
         config=config,
         **{name: init[name] for name in SECTIONS},
     )

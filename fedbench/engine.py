@@ -598,8 +598,11 @@ class FederatedRun:
         write_jsonl(self.run_dir / METRICS, self.records)
         counts = self.num_samples.tolist()
         for logger in self.fabric.loggers:
-            logger.log_hyperparams({"partition_class_counts": self.partition_summary,
-                                    "partition_num_samples": counts, "malicious_clients": self.malicious})
+            try:
+                logger.log_hyperparams({"partition_class_counts": self.partition_summary,
+                                        "partition_num_samples": counts, "malicious_clients": self.malicious})
+            except NotImplementedError:  # Lightning's CSV logger keeps no hyperparameters
+                pass
         if exp.output.progress:
             print(f"{exp.run_name}: {len(counts)} clients, {min(counts)}-{max(counts)} samples each "
                   f"(class counts in {self.run_dir / 'partition.json'}), malicious: {self.malicious}")

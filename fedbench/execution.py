@@ -28,8 +28,9 @@ def make_fabric(exp, loggers: list):
 
 
 def execute(exp) -> dict | None:
-    """Run an experiment with Fabric and its W&B logger; the local files are always written.
-    Returns the summary in the main process, None in the others."""
+    """Run an experiment with Fabric and its loggers (``--logger``: W&B by default,
+    TensorBoard, CSV); the local JSON files are always written. Returns the summary in the
+    main process, None in the others."""
     import warnings
 
     import yaml
@@ -39,25 +40,26 @@ def execute(exp) -> dict | None:
 
     from fedbench.engine import FederatedRun
     from fedbench.experiment import validate
-    from fedbench.tracking import wandb_logger
+    from fedbench.tracking import is_wandb, make_loggers
 
     validate(exp)
-    logger = wandb_logger(exp.wandb, exp.run_dir, exp.run_name, exp.config)
-    fabric = make_fabric(exp, [logger] if logger is not None else [])
+    loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
+    fabric = make_fabric(exp, loggers)
     fabric.launch()
-    if fabric.global_rank == 0:
+    main = fabric.global_rank == 0
+    if main:
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
     try:
         summary = FederatedRun(exp, fabric).run()
-        if logger is not None and fabric.global_rank == 0:
-            logger.experiment.summary.update(
-                {f"final/{k}": v for k, v in summary["final"].items() if v is not None}
-            )
+        for logger in loggers:
+            if main and is_wandb(logger):
+                logger.experiment.summary.update({f"final/{k}": v for k, v in summary["final"].items() if v is not None})
     finally:
-        if logger is not None and fabric.global_rank == 0:
+        for logger in loggers if main else []:
             logger.finalize("success")
-            import wandb
+            if is_wandb(logger):
+                import wandb
 
-            wandb.finish()
-    return summary if fabric.global_rank == 0 else None
+                wandb.finish()
+    return summary if main else None

@@ -136,6 +136,7 @@ class Experiment:
     output: OutputConfig = field(default_factory=OutputConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = 0
+    logger: list[str] = field(default_factory=lambda: ["wandb"])
     config: dict | None = None
 
     @property

@@ -83,3 +83,32 @@ def _settings():
     import wandb
 
     return wandb.Settings(console="off", x_disable_stats=True, silent=True)
+
+
+LoggerName = Literal["wandb", "tensorboard", "csv"]
+
+
+def make_loggers(names: list[str], config: WandbConfig, run_dir: Path, run_name: str,
+                 hyperparams: dict | None = None) -> list:
+    """Lightning Fabric loggers for ``--logger``: W&B (as configured in ``wandb``; none when
+    its mode is disabled), TensorBoard event files under ``run_dir/tensorboard`` and a CSV
+    of the per-round metrics at ``run_dir/csv/metrics.csv``. They all receive the same
+    per-round metrics (``fedbench.metrics.flat_metrics``)."""
+    from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    for name in dict.fromkeys(names):
+        if name == "wandb":
+            logger = wandb_logger(config, run_dir, run_name, hyperparams)
+            if logger is not None:
+                loggers.append(logger)
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="tensorboard", version="",
+                                             default_hp_metric=False))
+        elif name == "csv":
+            loggers.append(CSVLogger(root_dir=str(run_dir), name="csv", version=""))
+    return loggers
+
+
+def is_wandb(logger) -> bool:
+    return type(logger).__name__ == "WandbLogger"

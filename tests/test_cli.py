@@ -134,3 +134,34 @@ def test_wandb_offline_files_live_under_the_run_folder(tiny_root, tmp_path):
     assert list(runs[0].glob("*.wandb")), "the offline run file that `wandb sync` uploads"
     assert not (home / ".cache" / "wandb").exists() and not (home / ".config" / "wandb").exists()
     assert (tmp_path / "runs" / "cell" / "summary.json").exists()
+
+
+def test_tensorboard_and_csv_loggers_get_the_per_round_metrics(tiny_root, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["run", "--data.root", str(tiny_root), *TINY, "--federation.rounds", "2", "--logger", "[tensorboard, csv]",
+            "--output.dir", str(tmp_path), "--output.name", "logged"]
+    assert main(argv) == 0
+    run = tmp_path / "logged"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not (run / "wandb").exists(), "W&B only when asked for"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for key in ("clean_acc", "clean_loss", "train_loss", "time/round"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        expected = {r["round"]: (r[key] if "/" not in key else r["time"][key.split("/")[1]]) for r in records}
+        assert set(logged) == set(expected) and all(abs(logged[s] - expected[s]) <= 1e-5 * max(1, abs(expected[s]))
+                                                    for s in logged), key
+    final = {e.step: e.value for e in events.Scalars("final/A")}
+    summary = json.loads((run / "summary.json").read_text())
+    assert abs(final[2] - summary["final"]["A"]) < 1e-4
+    import csv
+
+    rows = [row for row in csv.DictReader((run / "csv" / "metrics.csv").open()) if row.get("clean_acc")]
+    assert [int(r["step"]) for r in rows] == [r["round"] for r in records]
+    assert [float(r["clean_acc"]) for r in rows] == [r["clean_acc"] for r in records]
+
+
+def test_an_unknown_logger_is_one_clear_message(tiny_root):
+    result = cli("run", "--data.root", str(tiny_root), *TINY[:-2], "--logger", "[mlflow]")
+    assert result.returncode == 2 and "logger" in result.stderr and "Traceback" not in result.stderr
