@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from fedbench.errors import FedbenchError
 from fedbench.grid import CELLS, value_label
 from fedbench.metrics import headline
+from fedbench.tracking import WandbConfig
 from fedbench.results import METRICS, SUMMARY, read_jsonl, write_atomic
 
 
@@ -47,6 +48,7 @@ class CellResult:
     defense_args: dict | None = None
     versions: dict | None = None
     code: str | None = None
+    config: dict | None = None
 
 
 def _fallback_setting(summary: dict) -> Setting:
@@ -85,6 +87,7 @@ def collect(grid_dir: Path) -> list[CellResult]:
             defense_args=((summary.get("config") or {}).get("defense") or {}).get("init_args"),
             versions=summary.get("versions"),
             code=summary.get("code"),
+            config=summary.get("config"),
         ))
     return results
 
@@ -289,7 +292,17 @@ def provenance(results: list[CellResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> dict:
+def cells_wandb(results: list[CellResult], mode: str | None) -> WandbConfig:
+    """The cells' W&B settings (project, entity, group, mode), the mode overridden if given."""
+    known = {"mode", "project", "entity", "group", "tags"}
+    given = {k: v for k, v in ((results[0].config or {}).get("wandb") or {}).items() if k in known}
+    config = WandbConfig(**given)
+    if mode is not None:
+        config.mode = mode
+    return config
+
+
+def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb_mode: str | None = None) -> dict:
     results = collect(grid_dir)
     if not results:
         raise FedbenchError(f"no finished cells under {grid_dir / CELLS}")
@@ -338,7 +351,11 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None) -> di
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
     write_atomic(out_dir / "results.md", "\n".join(text))
-    return {"rows": rows, "images": images, "cells": len(results)}
+    from fedbench.wandb_summary import log_grid_summary
+
+    wandb_run = log_grid_summary(results, [out_dir / name for name in images], title,
+                                 cells_wandb(results, wandb_mode), grid_dir / "wandb")
+    return {"rows": rows, "images": images, "cells": len(results), "wandb": wandb_run}
 
 
 def report_command(argv: Sequence[str]) -> int:
@@ -350,15 +367,22 @@ def report_command(argv: Sequence[str]) -> int:
                             "finished cells.", exit_on_error=False, default_env=False)
     parser.add_argument("grid_dir", type=str, help="the grid's output folder (e.g. runs/quick)")
     parser.add_argument("--out", type=str | None, default=None, help="where to write (default: <grid_dir>/report)")
+    parser.add_argument("--wandb", type=str | None, default=None,
+                        help="auto, online, offline or disabled: log one summary run of the grid to its W&B group "
+                             "(default: the cells' wandb.mode)")
     try:
         args = parser.parse_args(list(argv))
     except ArgumentError as err:
         return fail(str(err).strip(), "report")
+    if args.wandb not in (None, "auto", "online", "offline", "disabled"):
+        return fail(f"--wandb={args.wandb!r}: one of auto, online, offline, disabled", "report")
     grid_dir = Path(args.grid_dir)
     out = Path(args.out) if args.out else grid_dir / "report"
     try:
-        report = make_report(grid_dir, out, command=f"fedbench report {' '.join(argv)}")
+        report = make_report(grid_dir, out, command=f"fedbench report {' '.join(argv)}", wandb_mode=args.wandb)
     except FedbenchError as err:
         return fail(str(err), "report")
     print(f"{report['cells']} cells -> {out / 'results.md'}, {out / 'results.csv'}, {len(report['images'])} plots")
+    if report["wandb"] is not None:
+        print(f"W&B summary run: {report['wandb']} (offline runs upload with `wandb sync {report['wandb']}`)")
     return 0

@@ -47,12 +47,8 @@ def resolve_mode(mode: str) -> str:
     return "online" if logged_in() else "offline"
 
 
-def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams: dict | None = None):
-    """A ``WandbLogger`` whose files, cache and settings live under ``run_dir/wandb``; None when disabled."""
-    mode = resolve_mode(config.mode)
-    if mode == "disabled":
-        return None
-    root = (Path(run_dir) / "wandb").resolve()
+def use_local_wandb_dirs(root: Path, mode: str) -> None:
+    """W&B's files, cache and settings under ``root`` (never the home folder)."""
     for sub in ("cache", "data", "config", "artifacts"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_CACHE_DIR"] = str(root / "cache")
@@ -61,6 +57,15 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
     os.environ["WANDB_ARTIFACT_DIR"] = str(root / "artifacts")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = mode  # the configured mode wins over a stale environment
+
+
+def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams: dict | None = None):
+    """A ``WandbLogger`` whose files, cache and settings live under ``run_dir/wandb``; None when disabled."""
+    mode = resolve_mode(config.mode)
+    if mode == "disabled":
+        return None
+    root = (Path(run_dir) / "wandb").resolve()
+    use_local_wandb_dirs(root, mode)
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(

@@ -306,3 +306,25 @@ def test_grid_progress_counts_and_estimates_by_hand():
     progress.ended("d", 180.0, failed=True)
     # 6 cells left, mean 120 s over the cells run now, 2 at a time: 6 * 120 / 2 = 360 s
     assert progress.line() == "grid g: 3/10 done (2 earlier), 1 failed, 1 running; about 6 min left"
+
+
+def test_the_report_logs_one_wandb_summary_run_of_the_whole_grid_offline(tmp_path, monkeypatch):
+    from fedbench.report import make_report
+
+    grid = tmp_path / "grid"
+    for seed, asr in ((0, 40.0), (1, 60.0)):
+        write_cell(grid, f"pixel_pattern-fedavg-s{seed}", "cpu:x86_64 x1 threads", "abc123", asr=asr)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    report = make_report(grid, tmp_path / "out", wandb_mode="offline")
+    run = report["wandb"]
+    assert run is not None and run.parent == grid / "wandb" and list(run.glob("run-*.wandb")), "a complete offline run"
+    media = run / "files" / "media"
+    table = json.loads(next((media / "table").glob("results_*.table.json")).read_text())
+    rows = {row[table["columns"].index("cell")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert set(rows) == {"pixel_pattern-fedavg-s0", "pixel_pattern-fedavg-s1"}, "one row per finished cell"
+    assert rows["pixel_pattern-fedavg-s1"]["ASR"] == 60.0 and rows["pixel_pattern-fedavg-s0"]["A"] == 60.0
+    assert rows["pixel_pattern-fedavg-s0"]["code"] == "abc123"
+    assert len(list((media / "images" / "report").glob("*.png"))) == len(report["images"]) == 3
+    curve = json.loads(next((media / "table" / "ASR").glob("fedavg_table_*.table.json")).read_text())
+    assert curve["data"] == [[1, "pixel_pattern", 50.0]], "ASR over rounds, mean over the two seeds"
+    assert make_report(grid, tmp_path / "out2", wandb_mode="disabled")["wandb"] is None
