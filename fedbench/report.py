@@ -167,9 +167,11 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
     for setting in dict.fromkeys(r["setting"] for r in rows):
         here = {(r["defense"], r["attack"]): r for r in rows if r["setting"] == setting}
         shown_attacks = [a for a in attacks if any((d, a) in here for d in defenses)]
+        # Attacks without a trigger (none, the untargeted ones) have no ASR: accuracy only.
+        targeted = {a for a in shown_attacks if any(here.get((d, a), {}).get("ASR_mean") is not None for d in defenses)}
         header = ["defense"]
         for attack in shown_attacks:
-            header += [f"{attack} A"] if attack == "none" else \
+            header += [f"{attack} A"] if attack not in targeted else \
                 [f"{attack} A", f"{attack} ASR non-target", f"{attack} ASR all", f"{attack} V"]
         out.write(f"\n### {setting}\n\n")
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
@@ -179,7 +181,7 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
             cells = [defense]
             for attack in shown_attacks:
                 row = here.get((defense, attack))
-                keys = ["A"] if attack == "none" else ["A", "ASR", "ASR_all", "V"]
+                keys = ["A"] if attack not in targeted else ["A", "ASR", "ASR_all", "V"]
                 for key in keys:
                     cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-")
             out.write("| " + " | ".join(cells) + " |\n")

@@ -328,3 +328,20 @@ def test_the_report_logs_one_wandb_summary_run_of_the_whole_grid_offline(tmp_pat
     curve = json.loads(next((media / "table" / "ASR").glob("fedavg_table_*.table.json")).read_text())
     assert curve["data"] == [[1, "pixel_pattern", 50.0]], "ASR over rounds, mean over the two seeds"
     assert make_report(grid, tmp_path / "out2", wandb_mode="disabled")["wandb"] is None
+
+
+def test_attacks_without_a_trigger_get_accuracy_columns_only(tmp_path):
+    import json as json_
+
+    from fedbench.report import make_report
+
+    grid = tmp_path / "grid"
+    write_cell(grid, "pixel_pattern-fedavg-s0", "cpu", "abc")
+    write_cell(grid, "sign_flip-fedavg-s0", "cpu", "abc", asr=None)
+    summary = grid / "cells" / "sign_flip-fedavg-s0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"attack": "pixel_pattern"', '"attack": "sign_flip"'))
+    make_report(grid, tmp_path / "out", wandb_mode="disabled")
+    header = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines()
+                  if line.startswith("| defense"))
+    assert "sign_flip A" in header and "sign_flip ASR" not in header and "pixel_pattern ASR non-target" in header
+    assert json_.loads(summary.read_text())["final"]["ASR"] is None
