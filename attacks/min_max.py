@@ -68,7 +68,6 @@ class OptimisedPerturbation(Attack):
         self.gamma_init = gamma_init
         self.tolerance = tolerance
         self.knowledge = knowledge
-        self.last_gamma: float | None = None
 
     def problems(self) -> list[tuple[str, object, str]]:
         found = super().problems()
@@ -92,7 +91,6 @@ class OptimisedPerturbation(Attack):
         mean, direction = reference.mean(dim=0), perturbation(reference, self.perturbation)
         gamma = largest_gamma(lambda g: self.accepts(mean + g * direction, reference), self.gamma_init,
                               self.tolerance)
-        self.last_gamma = gamma
         return (mean + gamma * direction).expand(int(view.own.sum()), -1).clone()
 
 

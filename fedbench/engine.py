@@ -344,9 +344,8 @@ class FederatedRun:
         """Every client's result on every process, field by field, in selection order."""
         selected = [c.client_id for c in clients]
 
-        def scalars(values: list[float]) -> Tensor:
-            rows = [torch.tensor(float(v), device=self.device, dtype=torch.float64) for v in values]
-            return self._gather(selected, rows, (), torch.float64)
+        def scalars(values: list) -> Tensor:
+            return self._gather_scalars(selected, values)
 
         dim, buffer_dim = self.layout.dim, self.layout.buffer_dim
         upload_keys = self.hook.upload_keys if self.hook else ()
@@ -368,10 +367,14 @@ class FederatedRun:
         vectors in float32."""
         shape = self.hook.upload_shape(key, self.layout.dim)
         if shape == ():
-            rows = [torch.tensor(float(r.uploads[key]), device=self.device, dtype=torch.float64) for r in results]
-            return self._gather(selected, rows, (), torch.float64)
+            return self._gather_scalars(selected, [r.uploads[key] for r in results])
         rows = [r.uploads[key].reshape(shape).to(self.device, torch.float32) for r in results]
         return self._gather(selected, rows, shape, torch.float32)
+
+    def _gather_scalars(self, selected: list[int], values: list) -> Tensor:
+        """One number per client (Python or 0-d tensor), gathered as float64 ``[n]``."""
+        rows = [torch.tensor(float(v), device=self.device, dtype=torch.float64) for v in values]
+        return self._gather(selected, rows, (), torch.float64)
 
     def _gather(self, selected: list[int], rows: list[Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """Stack per-client rows in ``selected`` order across all processes.
