@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Literal
 
 from torch import Tensor
 
-from attacks.base import ATTACKS, Attack, ServerView
+from attacks.base import ATTACKS, Attack, Knowledge, ServerView, knowledge_problems
 
 
 def z_max(n: int, f: int) -> float:
@@ -37,7 +36,7 @@ class ALIE(Attack):
         **kwargs: the base Attack's arguments (malicious_fraction, selection, schedule).
     """
 
-    def __init__(self, z: float | None = None, knowledge: Literal["omniscient", "own"] = "omniscient",
+    def __init__(self, z: float | None = None, knowledge: Knowledge = "omniscient",
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.z = z
@@ -47,12 +46,11 @@ class ALIE(Attack):
         found = super().problems()
         if self.z is not None and not math.isfinite(self.z):
             found.append(("attack.z", self.z, "None (z_max from n and f) or a finite number"))
-        if self.knowledge not in ("omniscient", "own"):
-            found.append(("attack.knowledge", self.knowledge, "one of: omniscient, own"))
+        found.extend(knowledge_problems(self.knowledge))
         return found
 
     def craft_round(self, view: ServerView) -> Tensor | None:
-        reference = view.benign if self.knowledge == "omniscient" else view.updates[view.own]
+        reference = view.reference(self.knowledge)
         if len(reference) < 2:
             return None  # no spread to hide in
         attackers = int(view.own.sum())

@@ -124,6 +124,21 @@ class ServerView:
         """The other clients' rows, ``[n - |own|, d]``."""
         return self.updates[~self.own]
 
+    def reference(self, knowledge: str) -> Tensor:
+        """The updates an attack estimates from: ``"omniscient"`` the other clients' rows,
+        ``"own"`` the attackers' own (honest) rows."""
+        return self.benign if knowledge == "omniscient" else self.updates[self.own]
+
+
+Knowledge = Literal["omniscient", "own"]
+
+
+def knowledge_problems(knowledge: str) -> list[tuple[str, object, str]]:
+    """The check of a server-side attack's ``knowledge`` option."""
+    if knowledge not in ("omniscient", "own"):
+        return [("attack.knowledge", knowledge, "one of: omniscient, own")]
+    return []
+
 
 class Attack:
     """Base of all attacks. Subclasses override the hooks they need.

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 from torch import Tensor
 
-from attacks.base import ATTACKS, Attack, ServerView
+from attacks.base import ATTACKS, Attack, Knowledge, ServerView, knowledge_problems
 
 
 @ATTACKS.register("ipm")
@@ -26,7 +25,7 @@ class IPM(Attack):
         **kwargs: the base Attack's arguments (malicious_fraction, selection, schedule).
     """
 
-    def __init__(self, epsilon: float = 0.1, knowledge: Literal["omniscient", "own"] = "omniscient",
+    def __init__(self, epsilon: float = 0.1, knowledge: Knowledge = "omniscient",
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.epsilon = epsilon
@@ -36,12 +35,11 @@ class IPM(Attack):
         found = super().problems()
         if not self.epsilon > 0:
             found.append(("attack.epsilon", self.epsilon, "a number > 0"))
-        if self.knowledge not in ("omniscient", "own"):
-            found.append(("attack.knowledge", self.knowledge, "one of: omniscient, own"))
+        found.extend(knowledge_problems(self.knowledge))
         return found
 
     def craft_round(self, view: ServerView) -> Tensor | None:
-        reference = view.benign if self.knowledge == "omniscient" else view.updates[view.own]
+        reference = view.reference(self.knowledge)
         if len(reference) == 0:
             return None  # every selected client attacks: no benign update to invert
         row = -self.epsilon * reference.mean(dim=0)

@@ -7,7 +7,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from attacks.base import ATTACKS, Attack, ServerView
+from attacks.base import ATTACKS, Attack, Knowledge, ServerView, knowledge_problems
 
 Perturbation = Literal["unit_vec", "std", "sign"]
 
@@ -62,7 +62,7 @@ class OptimisedPerturbation(Attack):
     """
 
     def __init__(self, perturbation: Perturbation = "std", gamma_init: float = 10.0, tolerance: float = 1e-5,
-                 knowledge: Literal["omniscient", "own"] = "omniscient", **kwargs) -> None:
+                 knowledge: Knowledge = "omniscient", **kwargs) -> None:
         super().__init__(**kwargs)
         self.perturbation = perturbation
         self.gamma_init = gamma_init
@@ -77,15 +77,14 @@ class OptimisedPerturbation(Attack):
             found.append(("attack.gamma_init", self.gamma_init, "a number > 0"))
         if not 0 < self.tolerance < self.gamma_init:
             found.append(("attack.tolerance", self.tolerance, "a number in (0, gamma_init)"))
-        if self.knowledge not in ("omniscient", "own"):
-            found.append(("attack.knowledge", self.knowledge, "one of: omniscient, own"))
+        found.extend(knowledge_problems(self.knowledge))
         return found
 
     def accepts(self, candidate: Tensor, reference: Tensor) -> bool:
         raise NotImplementedError
 
     def craft_round(self, view: ServerView) -> Tensor | None:
-        reference = view.benign if self.knowledge == "omniscient" else view.updates[view.own]
+        reference = view.reference(self.knowledge)
         if len(reference) < 2:
             return None
         mean, direction = reference.mean(dim=0), perturbation(reference, self.perturbation)
