@@ -52,6 +52,7 @@ class DefenseSetup:
             the global model on ``data`` with the clients' optimizer for ``steps`` steps.
         seed: the run seed (derive streams with ``fedbench.seeding``).
         device: where updates live.
+        server_lr: the engine's ``global += server_lr * update`` factor.
     """
 
     num_clients: int
@@ -62,6 +63,7 @@ class DefenseSetup:
     server_train: ServerTrain | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    server_lr: float = 1.0
 
 
 @dataclass
@@ -102,6 +104,30 @@ class Aggregate:
     weights: Tensor
     excluded: Tensor
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FinalView:
+    """Given once after the last round to :meth:`Defense.final_evaluation`.
+
+    Attributes:
+        global_params: the final global parameters, ``[d]``.
+        predict: ``(params, count) -> (clean, triggered)``: the predicted labels of the
+            model with ``params`` (the global buffers) on the first ``count`` test images,
+            int64 ``[count]``, and on the same images with the attack's trigger (None for
+            attacks without one).
+        labels: the true labels of the test images, int64 ``[N]`` (slice the first ``count``).
+        target_label: the backdoor's target class, or None.
+        num_classes: classes of the task.
+        generator: the defense's random stream for the final evaluation, on the device.
+    """
+
+    global_params: Tensor
+    predict: Callable[[Tensor, int], "tuple[Tensor, Tensor | None]"]
+    labels: Tensor
+    target_label: int | None
+    num_classes: int
+    generator: torch.Generator
 
 
 class ClientHook:
@@ -167,6 +193,11 @@ class Defense:
 
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         raise NotImplementedError
+
+    def final_evaluation(self, view: FinalView) -> dict[str, float | None]:
+        """Numbers the defense adds to the run's final numbers after the last round (e.g.
+        CRFL's smoothed and certified accuracy); none by default."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -34,14 +34,14 @@ import torch
 from torch import Tensor
 
 from attacks.base import AttackSetup, ClientInfo, ServerView
-from defenses.base import Aggregate, ClientHook, RoundContext
+from defenses.base import Aggregate, ClientHook, FinalView, RoundContext
 from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
 from fedbench.client import LocalTrainer, iterate_batches
 from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
-from fedbench.evaluation import evaluate
+from fedbench.evaluation import evaluate, predict_labels
 from fedbench.experiment import Experiment, defense_setup, expected_malicious, validate
 from fedbench.metrics import final_numbers, flat_metrics
 from fedbench.models import build_model
@@ -477,6 +477,26 @@ class FederatedRun:
         return evaluate(self.model, self.data.test, self.data.pipeline, exp.attack, self.data.num_classes,
                         exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last)
 
+    def defense_final_numbers(self) -> dict[str, float | None]:
+        """What the defense measures on the final model (e.g. CRFL's smoothing); rank 0 only.
+        Its random stream is the defense stream keyed by ``rounds`` (one past the last round)."""
+        if self.rank != 0:
+            return {}
+        exp = self.exp
+        attack, test = exp.attack, self.data.test
+
+        def predict(params: Tensor, count: int) -> tuple[Tensor, Tensor | None]:
+            self.layout.load(self.model, params)
+            self.layout.load_buffers(self.model, self.global_buffers)
+            return predict_labels(self.model, test.images[:count], self.data.pipeline, attack,
+                                  exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last)
+
+        view = FinalView(self.global_params, predict, test.labels, getattr(attack, "target_label", None),
+                         self.data.num_classes, torch_generator(self.seed, "defense", exp.federation.rounds, device=self.device))
+        numbers = exp.defense.final_evaluation(view)
+        self.layout.load(self.model, self.global_params)
+        return numbers
+
     def _evaluate_this_round(self, round_index: int) -> bool:
         fed = self.exp.federation
         return (round_index + 1) % fed.eval_every == 0 or round_index >= fed.rounds - fed.final_rounds
@@ -580,6 +600,7 @@ class FederatedRun:
             progress.close()
 
         summary = self.summary(time.perf_counter() - started)
+        summary["final"].update(self.defense_final_numbers())
         if self.rank == 0:
             self.fabric.log_dict({f"final/{k}": v for k, v in summary["final"].items() if v is not None},
                                  step=exp.federation.rounds)

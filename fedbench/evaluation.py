@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from attacks.base import Attack, BackdoorAttack
@@ -66,3 +67,34 @@ def evaluate(
         "asr": 100.0 * float(asr.compute()) if backdoor is not None and counted_non_target else None,
         "asr_all": 100.0 * float(asr_all.compute()) if backdoor is not None else None,
     }
+
+
+@torch.inference_mode()
+def predict_labels(
+    model: nn.Module,
+    images: Tensor,
+    pipeline: ImagePipeline,
+    attack: Attack,
+    batch_size: int = 1024,
+    autocast=None,
+    channels_last: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The model's predicted labels on ``images`` (raw test images), and on the same images
+    with the attack's trigger (None for attacks without one), in large batches."""
+    backdoor = attack if isinstance(attack, BackdoorAttack) else None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+
+    def labels_of(inputs: Tensor) -> Tensor:
+        with autocast() if autocast else torch.autocast(inputs.device.type, enabled=False):
+            return model(inputs.contiguous(memory_format=memory_format)).argmax(dim=1)
+
+    clean, triggered = [], []
+    for start in range(0, len(images), batch_size):
+        inputs = pipeline(images[start : start + batch_size], train=False)
+        clean.append(labels_of(inputs))
+        if backdoor is not None:
+            triggered.append(labels_of(backdoor.apply_trigger(inputs)))
+    model.train(was_training)
+    return torch.cat(clean), (torch.cat(triggered) if backdoor is not None else None)

@@ -194,5 +194,6 @@ def defense_setup(exp: Experiment, layout, data: "FederatedData | None" = None, 
         layout=layout,
         server_data=data.server if (needs and data is not None) else None,
         seed=exp.seed,
+        server_lr=exp.federation.server_lr,
         **kwargs,
     )

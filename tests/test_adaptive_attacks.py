@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attacks.base import AttackSetup, ClientInfo
+from attacks.cosine_constrained import CosineConstrained
 from attacks.neurotoxin import Neurotoxin
 from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
@@ -131,3 +132,43 @@ def test_norm_bounded_estimates_the_radius_from_its_own_clean_update(tiny_root, 
         assert norms[client] <= attack.last_radius[client] * (1 + 1e-5)
     benign = np.median(norms[:3])
     assert 0.2 * benign < attack.last_radius[3] < 5 * benign, "a clean update's norm is a benign-sized norm"
+
+
+def test_cosine_term_is_weight_times_one_minus_the_cosine_to_the_clean_update():
+    honest = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0])
+    attack = CosineConstrained(weight=3.0)
+    pipeline = ImagePipeline((0.5,), (0.5,), channels=1, augment=False, hflip=False, crop_padding=0)
+    attack.setup(AttackSetup(10, 10, 1, 28, pipeline, torch.device("cpu"), seed=0,
+                             clean_update=lambda client: honest))
+    model = torch.nn.Linear(4, 2)  # 8 weights then 2 biases: the flat order of the update
+    term = attack.before_training(ATTACKER, model)
+    assert term().item() == 0.0, "no move yet: no term"
+    with torch.no_grad():
+        model.weight[0, 0] += 2.0  # update (2, 0, ..., 0, 0, 0)
+        model.bias[1] += 2.0  # update (..., 0, 2)
+    # ||u|| = sqrt(8); cos((2, 0.., 2), (1, 0.., 2)) = (2 + 4) / (sqrt(8) * sqrt(5))
+    expected = 3.0 * math.sqrt(8.0) * (1.0 - 6.0 / (math.sqrt(8.0) * math.sqrt(5.0)))
+    value = term()
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    value.backward()
+    # d/du of sqrt(8) * (1 - u.g / (|u| |g|)) with |u| held: -sqrt(8) * (g/(|u||g|) - cos u/|u|^2);
+    # on u_1 (weight[0, 0]): g_1 = 1, u_1 = 2
+    cos = 6.0 / (math.sqrt(8.0) * math.sqrt(5.0))
+    grad_u1 = -math.sqrt(8.0) * (1.0 / (math.sqrt(8.0) * math.sqrt(5.0)) - cos * 2.0 / 8.0)
+    assert model.weight.grad[0, 0].item() == pytest.approx(3.0 * grad_u1, rel=1e-5)
+
+
+def test_cosine_constraint_keeps_the_backdoor_update_closer_to_the_clean_one(tiny_root, tmp_path):
+    cosines = {}
+    for weight in (0.0, 10.0):
+        attack = CosineConstrained(weight=weight, malicious_fraction=0.4, poison_ratio=1.0)
+        exp = tiny_experiment(tiny_root, tmp_path / str(weight), attack=attack,
+                              federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+        run = FederatedRun(exp)
+        clean = run.clean_update(run.client_info(3, 0))
+        sent = spy_on_clients(run)
+        run.run_round(0)
+        cosines[weight] = float(np.dot(sent[3].numpy(), clean.numpy())
+                                / (np.linalg.norm(sent[3].numpy()) * np.linalg.norm(clean.numpy())))
+    assert cosines[0.0] < 0.5, "the plain backdoor points elsewhere, so the check can fail"
+    assert cosines[10.0] > 0.9, cosines
