@@ -1,9 +1,12 @@
-"""Attacks, one per file, registered under their CLI names."""
+"""Attacks, one per file, registered under their CLI names: every module of this package is
+imported here, so a new attack is one new file."""
+
+import importlib
+import pkgutil
 
 from attacks.base import ATTACKS, Attack, AttackSetup, BackdoorAttack, ClientInfo, PoisonPlan
-from attacks import (  # noqa: F401  (registration)
-    alie, badnets, blended, dba, gaussian, huge_update, ipm, label_flip, min_max, min_sum, nan_update, neurotoxin,
-    none, norm_bounded, pixel_pattern, sign_flip,
-)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # registration
 
 __all__ = ["ATTACKS", "Attack", "AttackSetup", "BackdoorAttack", "ClientInfo", "PoisonPlan"]

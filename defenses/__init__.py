@@ -1,9 +1,12 @@
-"""Defenses (aggregation rules), one per file, registered under their CLI names."""
+"""Defenses (aggregation rules), one per file, registered under their CLI names: every
+module of this package is imported here, so a new defense is one new file."""
+
+import importlib
+import pkgutil
 
 from defenses.base import DEFENSES, Aggregate, ClientHook, Defense, DefenseSetup, RoundContext
-from defenses import (  # noqa: F401  (registration)
-    bulyan, centered_clipping, dnc, fdcr, fedavg, flame, fltrust, foolsgold, krum, median, multi_krum, norm_clipping,
-    rfa, rlr, sdfc, trimmed_mean,
-)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # registration
 
 __all__ = ["DEFENSES", "Aggregate", "ClientHook", "Defense", "DefenseSetup", "RoundContext"]

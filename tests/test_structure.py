@@ -57,3 +57,23 @@ def test_fedbench_modules_import_each_other_without_a_circle():
     for name in sorted(graph):
         visit(name)
     assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def test_a_new_attack_or_defense_file_registers_itself_without_editing_a_list(tmp_path):
+    """Importing the package registers every module in it: a file dropped into a copy of
+    attacks/ (and defenses/) shows up in the registry."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = PACKAGE.parent
+    for package in ("attacks", "defenses"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "attacks" / "my_probe.py").write_text(
+        "from attacks.base import ATTACKS, Attack\n\n@ATTACKS.register('my_probe')\nclass MyProbe(Attack):\n    pass\n")
+    (tmp_path / "defenses" / "my_probe.py").write_text(
+        "from defenses.base import DEFENSES, Defense\n\n@DEFENSES.register('my_probe')\nclass MyProbe(Defense):\n    pass\n")
+    script = "from attacks import ATTACKS; from defenses import DEFENSES; print('my_probe' in ATTACKS, 'my_probe' in DEFENSES)"
+    env = {"PYTHONPATH": f"{tmp_path}{':' + str(root)}", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr

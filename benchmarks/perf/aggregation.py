@@ -1,8 +1,12 @@
-"""(b) Aggregation time of every defense for n clients at d = 11.2M (ResNet-18 size).
+"""(b) Aggregation time of every registered defense for n clients at d = 11.2M (ResNet-18 size).
 
-FLTrust is timed given the server update (its server-side training is local training,
-measured in round_breakdown.py); SDFC given the clients' uploaded scores. The first
-call (which compiles the order-statistics kernel once per n, cached on disk) is not timed.
+Every defense in the registry with its defaults and f = n // 5. FLTrust is timed given the
+server update (its server-side training is local training, measured in
+round_breakdown.py); SDFC given the clients' uploaded scores, FDCR given their uploaded
+diagonal Fisher vectors; CRFL's aggregation only (its smoothing runs once, after the last
+round). A rule whose options do not allow n (Bulyan needs n >= 4f + 3) shows "n/a".
+The first call (which compiles the order-statistics kernel once per n, cached on disk)
+is not timed.
 """
 
 from __future__ import annotations
@@ -18,28 +22,33 @@ from common import machine, table, timed  # noqa: E402
 
 from defenses import DEFENSES  # noqa: E402
 from defenses.base import DefenseSetup, RoundContext  # noqa: E402
+from defenses.fdcr import FISHER  # noqa: E402
 from defenses.fltrust import FLTrust  # noqa: E402
 from defenses.sdfc import SCORE  # noqa: E402
 
 RESNET18_DIM = 11_173_962
 
 
-def aggregation_times(n: int, d: int, device: torch.device) -> dict[str, float]:
+def aggregation_times(n: int, d: int, device: torch.device) -> dict[str, float | str]:
     generator = torch.Generator(device=device).manual_seed(0)
     updates = torch.randn(n, d, generator=generator, device=device)
     counts = torch.randint(100, 1000, (n,), device=device)
+    uploads = {SCORE: torch.rand(n, dtype=torch.float64, device=device),
+               FISHER: torch.rand(n, d, generator=generator, device=device)}
     ctx = RoundContext(0, torch.arange(n), torch.zeros(d, device=device), torch.full((n,), 100),
-                       {SCORE: torch.rand(n, dtype=torch.float64, device=device)},
-                       torch.Generator(device=device).manual_seed(1))
+                       uploads, torch.Generator(device=device).manual_seed(1))
     env = DefenseSetup(n, n, max(1, n // 5), layout=None, device=device)
     server_update = torch.randn(d, generator=generator, device=device)
-    times = {}
-    for name in ["fedavg", "norm_clipping", "krum", "multi_krum", "trimmed_mean", "median", "fltrust", "sdfc"]:
-        defense = DEFENSES.get(name)()
+    times: dict[str, float | str] = {}
+    for name, cls in DEFENSES.items():
+        defense = cls()
         if name == "fltrust":
             times[name] = timed(lambda: FLTrust.combine(updates, server_update), sync=device)
             continue
-        defense.env = env
+        if defense.problems(env):
+            times[name] = "n/a"
+            continue
+        defense.setup(env)
         times[name] = timed(lambda: defense.aggregate(updates, counts, ctx), sync=device)
     return times
 
