@@ -22,6 +22,7 @@ client), so the result equals the single-process run.
 
 from __future__ import annotations
 
+import copy
 import platform
 import resource
 import time
@@ -31,13 +32,15 @@ from statistics import fmean
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import AttackSetup, ClientInfo, ServerView
 from defenses.base import Aggregate, ClientHook, FinalView, RoundContext
 from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
-from fedbench.client import LocalTrainer, iterate_batches
+from fedbench.client import ClientJob, LocalResult, LocalTrainer, iterate_batches
+from fedbench.cohort import CohortTrainer
 from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
@@ -206,6 +209,8 @@ class FederatedRun:
         self.global_params = self.layout.flatten(model).clone()
         self.global_buffers = self.layout.flatten_buffers(model).clone()
         self.trainer = LocalTrainer(model, exp.train, pipeline, self.fabric)
+        self.cohort_trainer = CohortTrainer(self.trainer)
+        self._cohort_models: list[nn.Module] = []
 
     def _setup_attack_and_defense(self) -> None:
         exp, num_clients, pipeline = self.exp, self.exp.federation.num_clients, self.data.pipeline
@@ -244,8 +249,11 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ 2. train
     def train_clients(self, clients: list[ClientInfo]) -> list[ClientResult]:
-        """Local training of the selected clients this process owns."""
+        """Local training of the selected clients this process owns: one after another, or
+        as one cohort (``train.cohort``)."""
         mine = [c for c in clients if c.client_id % self.world == self.rank]
+        if self.exp.train.cohort and len(mine) > 1:
+            return self.train_cohort(mine)
         results = []
         for position, client in enumerate(mine, 1):
             if self._progress is not None:
@@ -256,35 +264,56 @@ class FederatedRun:
     def train_client(self, client: ClientInfo) -> ClientResult:
         """One client's local training from the global model, with the attack's and the
         defense's client-side hooks; returns what it sends."""
+        job = self.prepare_client(client, self.model)
+        started = time.perf_counter()
+        result = self.trainer.train(job.data, job.generator, job.plan, regularizer=job.regularizer,
+                                    after_step=job.after_step)
+        return self.finish_client(job, result, time.perf_counter() - started)
+
+    def train_cohort(self, clients: list[ClientInfo]) -> list[ClientResult]:
+        """The clients trained together (see fedbench.cohort), each on its own copy of the
+        model; every hook runs as in :meth:`train_client`. Each client is charged an equal
+        share of the cohort's training time."""
+        while len(self._cohort_models) < len(clients):
+            self._cohort_models.append(copy.deepcopy(self.model))
+        jobs = [self.prepare_client(c, m) for c, m in zip(clients, self._cohort_models)]
+        started = time.perf_counter()
+        trained = self.cohort_trainer.train(jobs)
+        share = (time.perf_counter() - started) / len(jobs)
+        return [self.finish_client(job, result, share) for job, result in zip(jobs, trained)]
+
+    def prepare_client(self, client: ClientInfo, model: nn.Module) -> ClientJob:
+        """Load the global model into ``model`` and run the hooks that come before training."""
         attack, data = self.exp.attack, self.client_sets[client.client_id]
         plan = attack.poison_plan(client, len(data))
-        self.layout.load(self.model, self.global_params)
-        self.layout.load_buffers(self.model, self.global_buffers)
+        self.layout.load(model, self.global_params)
+        self.layout.load_buffers(model, self.global_buffers)
         generator = torch_generator(self.seed, "train", client.round, client.client_id, device=self.device)
         protocol = self.protocol_of(client)
         batches = self._hook_batches(client, data, plan)
-
         started = time.perf_counter()
-        defense_term = protocol.before_training(client, self.model, *batches) if protocol else None
-        prepared = time.perf_counter()
-        attack_term, after_step = self._attack_training_hooks(client)
-        result = self.trainer.train(data, generator, plan, regularizer=sum_of_terms(defense_term, attack_term),
-                                    after_step=after_step)
-        if client.attacking:
-            attack.after_training(client, self.model)
-        trained = time.perf_counter()
-        uploads = protocol.after_training(client, self.model, *batches) if protocol else {}
-        hooked = time.perf_counter()
+        defense_term = protocol.before_training(client, model, *batches) if protocol else None
+        time_hook = time.perf_counter() - started
+        attack_term, after_step = self._attack_training_hooks(client, model)
+        return ClientJob(client, model, data, generator, plan, protocol, batches,
+                         sum_of_terms(defense_term, attack_term), after_step, time_hook)
 
-        update = self.layout.flatten(self.model) - self.global_params
+    def finish_client(self, job: ClientJob, result: LocalResult, time_train: float) -> ClientResult:
+        """The hooks after training, and the update the client sends."""
+        client, model, attack = job.client, job.model, self.exp.attack
+        if client.attacking:
+            attack.after_training(client, model)
+        started = time.perf_counter()
+        uploads = job.protocol.after_training(client, model, *job.batches) if job.protocol else {}
+        time_hook = job.time_hook + time.perf_counter() - started
+        update = self.layout.flatten(model) - self.global_params
         if client.attacking:
             update = attack.craft_update(update, client)
         wrong_size = check_size(update, self.layout.dim) is not None
         return ClientResult(
             update=torch.zeros(self.layout.dim, device=self.device) if wrong_size else update,
-            buffers=self.layout.flatten_buffers(self.model), steps=result.steps, loss=result.mean_loss,
-            uploads=uploads, time_train=trained - prepared, time_hook=(prepared - started) + (hooked - trained),
-            wrong_size=wrong_size,
+            buffers=self.layout.flatten_buffers(model), steps=result.steps, loss=result.mean_loss,
+            uploads=uploads, time_train=time_train, time_hook=time_hook, wrong_size=wrong_size,
         )
 
     def protocol_of(self, client: ClientInfo) -> ClientHook | None:
@@ -294,12 +323,12 @@ class FederatedRun:
             return self.hook
         return self.exp.attack.client_protocol(client, self.hook)
 
-    def _attack_training_hooks(self, client: ClientInfo):
+    def _attack_training_hooks(self, client: ClientInfo, model: nn.Module):
         """``(extra loss term, after-step hook)`` of the attack for an attacking client."""
         if not client.attacking:
             return None, None
         attack = self.exp.attack
-        return attack.before_training(client, self.model), attack.step_hook(client, self.model)
+        return attack.before_training(client, model), attack.step_hook(client, model)
 
     def _hook_batches(self, client: ClientInfo, data: ImageSet, plan):
         """Batch iterators a client hook may use, each call drawing the same seeded batches."""

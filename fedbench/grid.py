@@ -43,52 +43,27 @@ import copy
 import fcntl
 import fnmatch
 import itertools
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
-import traceback
-from statistics import fmean
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
+from fedbench.cells import (  # noqa: F401  (CELLS, GridProgress: part of this module's interface)
+    CELLS, Cell, Grid, GridProgress, RunningCells, cell_status, run_one, write_grid_summary,
+)
 from fedbench.errors import ConfigError, FedbenchError
-from fedbench.results import SUMMARY, read_summary, write_json_atomic
+from fedbench.results import write_json_atomic
 
-CELLS = "cells"
-GRID_SUMMARY = "grid_summary.json"
+if TYPE_CHECKING:
+    from fedbench.ray_launcher import RayOptions
+
 SHORT_NAMES = {"partition.beta": "beta", "attack.malicious_fraction": "mal", "data.name": "", "seed": "s"}
-
-
-@dataclass
-class Cell:
-    cell_id: str
-    axes: dict[str, Any]
-    config: dict
-
-    def directory(self, grid_dir: Path) -> Path:
-        return grid_dir / CELLS / self.cell_id
-
-
-@dataclass
-class Grid:
-    name: str
-    base: dict
-    axes: dict[str, list]
-    output: Path
-    isolate: bool = True
-    checkpoint_every: int = 5
-    cells: list[Cell] = field(default_factory=list)
-    file: str | None = None
-    jobs: int = 1
 
 
 def _set_path(config: dict, dotted: str, value: Any) -> None:
@@ -301,122 +276,6 @@ def validate_cells(grid: Grid) -> None:
         raise ConfigError(problems)
 
 
-def cell_status(cell_dir: Path) -> str:
-    if (cell_dir / SUMMARY).exists():
-        return "finished"
-    if (cell_dir / "failure.json").exists():
-        return "failed"
-    if cell_dir.exists():
-        return "interrupted"
-    return "pending"
-
-
-def _set_parent_death_signal() -> None:
-    """Linux: the cell process dies with the grid process, even after kill -9."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def run_cell_in_process(cell: Cell, cell_dir: Path) -> None:
-    from fedbench.execution import execute
-    from fedbench.config import build_experiment, build_parser, parse_config_dict
-
-    parser = build_parser()
-    execute(build_experiment(parse_config_dict(cell.config, parser), parser))
-
-
-class _Running:
-    """Cell processes of a parallel grid, so an interrupt can stop them all."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.processes: set[subprocess.Popen] = set()
-        self.stopping = threading.Event()
-
-    def stop_all(self) -> None:
-        self.stopping.set()
-        with self.lock:
-            processes = list(self.processes)
-        for process in processes:  # all at once, then wait for each
-            process.terminate()
-        for process in processes:
-            _wait_or_kill(process)
-
-
-def _wait_or_kill(process: subprocess.Popen) -> None:
-    """After SIGTERM: 30 s to exit, then SIGKILL."""
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def _cell_env(cell: Cell, jobs: int) -> dict[str, str]:
-    env = dict(os.environ)
-    pinned = (cell.config.get("fabric") or {}).get("cpu_threads")
-    if jobs > 1 and pinned is None and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    return env
-
-
-def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: _Running | None = None) -> None:
-    config_path = cell_dir / "cell_config.yaml"
-    config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
-    log_path = cell_dir / "log.txt"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal, env=_cell_env(cell, jobs),
-        )
-        if running is not None:
-            with running.lock:
-                running.processes.add(process)
-        try:
-            code = process.wait()
-        except BaseException:
-            process.terminate()
-            _wait_or_kill(process)
-            raise
-        finally:
-            if running is not None:
-                with running.lock:
-                    running.processes.discard(process)
-    if (running is not None and running.stopping.is_set()) or code in (130, -signal.SIGINT, -signal.SIGTERM):
-        raise KeyboardInterrupt("cell interrupted")  # not a failure: it resumes on the next call
-    if code != 0:
-        tail = log_path.read_text().strip().splitlines()[-15:]
-        raise CellFailed(f"exit status {code}", "\n".join(tail))
-
-
-class CellFailed(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason)
-        self.detail = detail
-
-
-def write_grid_summary(grid: Grid) -> dict:
-    rows = []
-    for cell in grid.cells:
-        cell_dir = cell.directory(grid.output)
-        status = cell_status(cell_dir)
-        row: dict[str, Any] = {"cell": cell.cell_id, "status": status, "axes": cell.axes}
-        if status == "finished":
-            summary = read_summary(cell_dir) or {}
-            row.update(final=summary.get("final"), detection=summary.get("detection"),
-                       wall_time_s=summary.get("wall_time_s"))
-        elif status == "failed":
-            row["error"] = json.loads((cell_dir / "failure.json").read_text()).get("error")
-        rows.append(row)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "failed", "interrupted", "pending")}
-    summary = {"grid": grid.name, "cells": rows, "counts": counts}
-    write_json_atomic(grid.output / GRID_SUMMARY, summary)
-    return summary
-
-
 class GridLock:
     """One grid process per output folder; the OS drops the lock when the process dies."""
 
@@ -443,11 +302,15 @@ def _terminate_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | None = None) -> dict:
-    """Every unfinished cell, ``jobs`` at a time (jobs > 1 runs each cell in its own process)."""
+def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | None = None,
+             launcher: str = "local", ray_options: "RayOptions | None" = None) -> dict:
+    """Every unfinished cell: ``jobs`` at a time on this machine (jobs > 1 runs each cell in
+    its own process), or as Ray tasks (``launcher="ray"``, see fedbench.ray_launcher)."""
     isolate = grid.isolate if isolate is None else isolate
     jobs = grid.jobs if jobs is None else jobs
     check_jobs(jobs, "jobs")
+    if launcher not in LAUNCHERS:
+        raise ConfigError([("launcher", launcher, f"one of: {', '.join(LAUNCHERS)}")])
     validate_cells(grid)
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     started = time.perf_counter()
@@ -455,25 +318,14 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | No
         with GridLock(grid.output):
             write_json_atomic(grid.output / "grid.json", {
                 "name": grid.name, "file": grid.file, "axes": grid.axes, "base": grid.base, "jobs": jobs,
-                "cells": [c.cell_id for c in grid.cells]})
+                "launcher": launcher, "cells": [c.cell_id for c in grid.cells]})
             positions = [f"[{index}/{len(grid.cells)}]" for index in range(1, len(grid.cells) + 1)]
-            progress = GridProgress(grid.name, len(grid.cells), jobs)
-            if jobs == 1:
-                for position, cell in zip(positions, grid.cells):
-                    run_one(grid, cell, position, isolate, echo, progress=progress)
+            if launcher == "ray":
+                from fedbench.ray_launcher import RayOptions, run_on_ray
+
+                run_on_ray(grid, positions, echo, ray_options or RayOptions())
             else:
-                running = _Running()
-                pool = ThreadPoolExecutor(max_workers=jobs)
-                try:
-                    futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running, progress)
-                               for position, cell in zip(positions, grid.cells)]
-                    for future in futures:
-                        future.result()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    running.stop_all()
-                    raise
-                pool.shutdown()
+                _run_local(grid, positions, isolate, echo, jobs)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if grid.output.exists():
@@ -483,79 +335,35 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | No
     return summary
 
 
-_SUMMARY_LOCK = threading.Lock()
+LAUNCHERS = ("local", "ray")
 
 
-class GridProgress:
-    """One line for the whole grid: cells done (finished earlier ones counted apart),
-    failed, running, and the time left estimated from this run's finished cells
-    (mean cell time x cells left / cells at a time)."""
-
-    def __init__(self, name: str, total: int, jobs: int) -> None:
-        self.name, self.total, self.jobs = name, total, jobs
-        self.earlier = self.done = self.failed = 0
-        self.running: set[str] = set()
-        self.durations: list[float] = []
-        self.lock = threading.Lock()
-
-    def started(self, cell_id: str) -> None:
-        with self.lock:
-            self.running.add(cell_id)
-
-    def ended(self, cell_id: str, seconds: float | None, failed: bool = False, earlier: bool = False) -> None:
-        with self.lock:
-            self.running.discard(cell_id)
-            self.earlier += earlier
-            self.done += not failed
-            self.failed += failed
-            if seconds is not None and not earlier:
-                self.durations.append(seconds)
-
-    def line(self) -> str:
-        with self.lock:
-            left = self.total - self.done - self.failed
-            eta = ""
-            if self.durations and left:
-                minutes = fmean(self.durations) * left / min(self.jobs, left) / 60
-                eta = f"; about {minutes:.0f} min left" if minutes >= 1 else "; under a minute left"
-            earlier = f" ({self.earlier} earlier)" if self.earlier else ""
-            return (f"grid {self.name}: {self.done}/{self.total} done{earlier}, {self.failed} failed, "
-                    f"{len(self.running)} running{eta}")
-
-
-def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: int = 1,
-            running: _Running | None = None, progress: GridProgress | None = None) -> None:
-    if running is not None and running.stopping.is_set():
+def _run_local(grid: Grid, positions: list[str], isolate: bool, echo, jobs: int) -> None:
+    progress = GridProgress(grid.name, len(grid.cells), jobs)
+    if jobs == 1:
+        for position, cell in zip(positions, grid.cells):
+            run_one(grid, cell, position, isolate, echo, progress=progress)
         return
-    progress = progress or GridProgress(grid.name, len(grid.cells), jobs)
-    cell_dir = cell.directory(grid.output)
-    if cell_status(cell_dir) == "finished":
-        progress.ended(cell.cell_id, None, earlier=True)
-        echo(f"{position} {cell.cell_id}: finished earlier, skipped | {progress.line()}")
-        return
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    (cell_dir / "failure.json").unlink(missing_ok=True)
-    write_json_atomic(cell_dir / "cell.json", {"cell": cell.cell_id, "axes": cell.axes})
-    progress.started(cell.cell_id)
-    where = f"{cell_dir}" + (f" (log: {cell_dir / 'log.txt'})" if isolate else "")
-    echo(f"{position} {cell.cell_id}: running -> {where}")
-    started = time.perf_counter()
+    running = RunningCells()
+    pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        if isolate:
-            run_cell_isolated(cell, cell_dir, jobs, running)
-        else:
-            run_cell_in_process(cell, cell_dir)
-        final = (read_summary(cell_dir) or {}).get("final", {})
-        shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if v is not None)
-        progress.ended(cell.cell_id, time.perf_counter() - started)
-        echo(f"{position} {cell.cell_id}: {shown} ({time.perf_counter() - started:.0f}s) | {progress.line()}")
-    except Exception as err:  # one failed cell never ends the grid
-        detail = err.detail if isinstance(err, CellFailed) else traceback.format_exc()
-        write_json_atomic(cell_dir / "failure.json", {"cell": cell.cell_id, "error": str(err), "detail": detail})
-        progress.ended(cell.cell_id, time.perf_counter() - started, failed=True)
-        echo(f"{position} {cell.cell_id}: FAILED: {err} | {progress.line()}")
-    with _SUMMARY_LOCK:
-        write_grid_summary(grid)
+        futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running, progress)
+                   for position, cell in zip(positions, grid.cells)]
+        for future in futures:
+            future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        running.stop_all()
+        raise
+    pool.shutdown()
+
+
+def ray_options_from(args) -> "RayOptions | None":
+    if args.launcher != "ray":
+        return None
+    from fedbench.ray_launcher import RayOptions
+
+    return RayOptions(address=args.ray_address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
 
 
 def grid_command(argv: Sequence[str]) -> int:
@@ -578,6 +386,16 @@ def grid_command(argv: Sequence[str]) -> int:
                              "defense.estimator=empirical) or an axis (axes.seed=[0])")
     parser.add_argument("--cells", action="append", default=[], metavar="PATTERN",
                         help="repeatable; run only cells whose id matches (shell pattern, e.g. '*-sdfc-*')")
+    parser.add_argument("--launcher", type=str, default="local",
+                        help="local (--jobs processes on this machine) or ray (cells as Ray tasks; "
+                             "pip install -e '.[ray]')")
+    parser.add_argument("--ray-address", "--ray_address", dest="ray_address", type=str | None, default=None,
+                        help="ray: a running cluster's address (auto: the one this machine belongs to); "
+                             "default: start a local cluster")
+    parser.add_argument("--cpus-per-cell", "--cpus_per_cell", dest="cpus_per_cell", type=float | None,
+                        default=None, help="ray: CPUs each cell asks for (default: its fabric.cpu_threads, else 1)")
+    parser.add_argument("--gpus-per-cell", "--gpus_per_cell", dest="gpus_per_cell", type=float, default=0.0,
+                        help="ray: GPUs (a fraction shares one) each cell asks for (default 0)")
     try:
         args = parser.parse_args(list(argv))
     except ArgumentError as err:
@@ -591,7 +409,8 @@ def grid_command(argv: Sequence[str]) -> int:
                 print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
             print(f"{len(grid.cells)} cells -> {grid.output}")
             return 0
-        summary = run_grid(grid, args.isolate, jobs=args.jobs)
+        summary = run_grid(grid, args.isolate, jobs=args.jobs, launcher=args.launcher,
+                           ray_options=ray_options_from(args))
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
         return 130

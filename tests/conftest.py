@@ -182,14 +182,15 @@ def sgd_by_hand(model, batches, steps: int, lr: float, momentum: float, weight_d
 
 
 def spy_on_clients(run) -> "dict[int, torch.Tensor]":
-    """Record every update a client hands to the server (train_client's output)."""
+    """Record every update a client hands to the server (finish_client's output, sequential
+    or cohort training)."""
     sent: dict = {}
-    train_client = run.train_client
+    finish_client = run.finish_client
 
-    def recording(client):
-        result = train_client(client)
-        sent[client.client_id] = result.update.detach().clone()
-        return result
+    def recording(job, result, time_train):
+        sent_result = finish_client(job, result, time_train)
+        sent[job.client.client_id] = sent_result.update.detach().clone()
+        return sent_result
 
-    run.train_client = recording
+    run.finish_client = recording
     return sent

@@ -1,0 +1,124 @@
+"""(e) Sequential vs cohort training of one round's clients: launches and time.
+
+The papers' setting (Fashion-MNIST from $FEDBENCH_DATA or ./data, 10 clients, Dirichlet
+0.5, batch 64, simple_cnn; resnet18 optional), ``--steps`` local steps per client so a
+CPU finishes quickly. Counted with torch.profiler over one round's local training:
+- on CPU, leaf ``aten::`` operator calls that compute (views and allocations left out):
+  each is one kernel a GPU would launch (a ``_foreach`` op counts once: a GPU fuses it),
+  which is what predicts the GPU gain (on CPU the cohort is not faster: the same arithmetic,
+  in bigger but fewer kernels);
+- on a GPU, the CUDA kernels actually launched.
+Also timed (best of ``--repeat``), and samples per second (clients x steps x batch / s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, table  # noqa: E402
+
+from attacks.none import NoAttack  # noqa: E402
+from defenses.fedavg import FedAvg  # noqa: E402
+from fedbench.client import LocalTrainConfig  # noqa: E402
+from fedbench.engine import FederatedRun  # noqa: E402
+from fedbench.experiment import Experiment, FabricConfig, FederationConfig, OutputConfig  # noqa: E402
+from fedbench.models import ModelConfig  # noqa: E402
+from fedbench.tracking import WandbConfig  # noqa: E402
+
+
+def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path) -> FederatedRun:
+    exp = Experiment(
+        attack=NoAttack(), defense=FedAvg(), model=ModelConfig(name=model),
+        train=LocalTrainConfig(local_steps=steps, cohort=cohort),
+        federation=FederationConfig(rounds=1, final_rounds=1),
+        fabric=FabricConfig(accelerator=device, precision=precision),
+        output=OutputConfig(dir=str(out), progress=False), wandb=WandbConfig(mode="disabled"),
+    )
+    return FederatedRun(exp)
+
+
+# Leaf ops that only change metadata or allocate: no kernel on a GPU.
+NO_KERNEL = {"aten::as_strided", "aten::as_strided_", "aten::view", "aten::_reshape_alias", "aten::_unsafe_view",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::empty", "aten::empty_strided", "aten::resize_",
+             "aten::expand", "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
+             "aten::slice", "aten::select", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::unbind",
+             "aten::split", "aten::narrow", "aten::scalar_tensor", "aten::_local_scalar_dense"}
+
+
+def launches(run: FederatedRun, cuda: bool) -> int:
+    """Kernels of one round's local training: CUDA kernels on a GPU, leaf aten ops on CPU."""
+    clients = run.select_clients(0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run.train_clients(clients)
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(cpu_launches(e) for e in prof.events() if e.cpu_parent is None)
+
+
+def cpu_launches(event) -> int:
+    """Kernels under a CPU profiler event: a ``_foreach`` op is one (a GPU fuses it over
+    its tensor list; the CPU loops), a computing leaf op one, views and allocations none."""
+    if event.name.startswith("aten::_foreach"):
+        return 1
+    if not event.cpu_children:
+        return int(event.name.startswith("aten::") and event.name not in NO_KERNEL)
+    return sum(cpu_launches(child) for child in event.cpu_children)
+
+
+def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
+    clients = run.select_clients(0)
+    run.train_clients(clients)  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run.train_clients(clients)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["simple_cnn"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for model in args.models:
+            for precision in args.precisions:
+                measured = {}
+                for cohort in (False, True):
+                    run = make_run(model, cohort, args.steps, precision, args.device, Path(out))
+                    cuda = run.device.type == "cuda"
+                    measured[cohort] = (launches(run, cuda), seconds(run, args.repeat, cuda))
+                samples = 10 * args.steps * run.exp.train.batch_size
+                (seq_k, seq_s), (coh_k, coh_s) = measured[False], measured[True]
+                rows.append([model, precision, seq_k, coh_k, f"{seq_k / coh_k:.1f}x",
+                             samples / seq_s, samples / coh_s, f"{seq_s / coh_s:.2f}x"])
+    kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
+    text = (f"### One round's local training, 10 clients x {args.steps} steps of 64, sequential vs cohort, "
+            f"{machine()}\n\n"
+            + table(["model", "precision", f"{kind}, sequential", "cohort", "fewer", "samples/s sequential",
+                     "samples/s cohort", "speed-up"], rows))
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

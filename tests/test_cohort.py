@@ -1,0 +1,101 @@
+"""Cohort training (every client of a round in one vmapped step) equals sequential training."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from attacks.norm_bounded import NormBounded
+from attacks.pixel_pattern import PixelPattern
+from conftest import spy_on_clients, tiny_experiment
+from defenses.sdfc import SDFC
+from fedbench.client import LocalTrainConfig
+from fedbench.engine import FederatedRun
+from fedbench.experiment import FederationConfig
+from fedbench.models import ModelConfig
+
+
+def small_bn_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A conv net with BatchNorm (running statistics that local training updates)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def both_ways(tiny_root, tmp_path, rounds: int = 1, **sections):
+    """The same experiment trained sequentially and as a cohort: (run, sent updates) each."""
+    train = sections.pop("train", LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32))
+    runs = {}
+    for cohort in (False, True):
+        fresh = copy.deepcopy(sections)  # attacks and defenses keep state: one instance per run
+        exp = tiny_experiment(tiny_root, tmp_path / str(cohort), train=dataclasses.replace(train, cohort=cohort),
+                              federation=FederationConfig(num_clients=5, rounds=rounds, final_rounds=1), **fresh)
+        run = FederatedRun(exp)
+        sent = spy_on_clients(run)
+        records = [run.run_round(r) for r in range(rounds)]
+        runs[cohort] = (run, sent, records)
+    return runs[False], runs[True]
+
+
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+# Models (and BatchNorm statistics) agree to 1e-5 of their scale, as the issue asks; a single
+# update, a small difference of two models, to 1e-4 of its own scale (float32 rounding of
+# 16 steps of vmapped kernels; in float64 the two agree to 1e-15).
+MODEL_TOLERANCE, UPDATE_TOLERANCE = 1e-5, 1e-4
+
+
+def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_root, tmp_path):
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+        tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC())
+    steps = seq_rec[0]["local_steps"]
+    assert len(set(steps)) > 1, "clients of different sizes run different step counts, so masking is tested"
+    assert coh_rec[0]["local_steps"] == steps
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+    assert coh_rec[0]["weights"] == pytest.approx(seq_rec[0]["weights"], rel=1e-4), "SDFC's uploads agree too"
+
+
+def test_a_cohort_runs_the_attack_step_hook_of_each_client(tiny_root, tmp_path):
+    (_, seq_sent, _), (_, coh_sent, _) = both_ways(
+        tiny_root, tmp_path, attack=NormBounded(radius=0.05, malicious_fraction=0.4),
+        train=LocalTrainConfig(local_steps=6, batch_size=32))
+    for client in (3, 4):
+        assert float(coh_sent[client].norm()) <= 0.05 * (1 + 1e-5), "projected after every step"
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+
+
+def test_batchnorm_statistics_in_a_cohort_equal_sequential(tiny_root, tmp_path):
+    model = ModelConfig(name="test_cohort.small_bn_net")
+    (seq, seq_sent, _), (coh, coh_sent, _) = both_ways(tiny_root, tmp_path, model=model)
+    assert seq.global_buffers.abs().sum() > 0
+    assert relative_gap(seq.global_buffers, coh.global_buffers) < MODEL_TOLERANCE, "running means and variances"
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+
+
+def test_three_cohort_rounds_give_the_same_accuracy_and_asr(tiny_root, tmp_path):
+    (_, _, seq_rec), (_, _, coh_rec) = both_ways(tiny_root, tmp_path, rounds=3,
+                                                 attack=PixelPattern(malicious_fraction=0.4))
+    for key in ("clean_acc", "asr"):
+        assert np.abs(np.array([r[key] for r in seq_rec]) - np.array([r[key] for r in coh_rec])).max() <= 0.1, key
+
+
+def test_clients_whose_batches_differ_in_shape_step_in_their_own_cohort(tiny_root, tmp_path):
+    # batch 250: a client with fewer samples trains on one smaller batch of all it has
+    (seq, seq_sent, seq_rec), (coh, coh_sent, _) = both_ways(
+        tiny_root, tmp_path, train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=250))
+    sizes = seq.num_samples.tolist()
+    assert min(sizes) < 250 <= max(sizes), f"sizes {sizes}: both kinds of batch occur, so the grouping is tested"
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
