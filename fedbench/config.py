@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import typing
 from typing import Any, Sequence
 
 import yaml
@@ -148,8 +149,32 @@ def check_choice_options(argv: Sequence[str]) -> None:
             if option not in accepted:
                 takes = ", ".join(sorted(accepted)) or "no options"
                 problems.append((f"{key}.{option}", value, f"an option of {key} {chosen[key]!r}, which takes: {takes}"))
+                continue
+            allowed = literal_choices(choice_class(chosen[key]), option)
+            if allowed is not None and value not in allowed:
+                problems.append((f"{key}.{option}", value, f"one of: {', '.join(allowed)}"))
     if problems:
         raise ConfigError(problems)
+
+
+def literal_choices(cls: type, option: str) -> list[str] | None:
+    """The allowed strings of an ``__init__`` argument typed ``Literal[...]`` (or an
+    Optional of one) anywhere in the class's MRO; None for any other type."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hint = typing.get_type_hints(init).get(option)
+        except Exception:  # an annotation that does not resolve: leave it to jsonargparse
+            return None
+        if hint is None:
+            continue
+        literals = [hint] if typing.get_origin(hint) is typing.Literal else [
+            arg for arg in typing.get_args(hint) if typing.get_origin(arg) is typing.Literal]
+        values = [v for literal in literals for v in typing.get_args(literal)]
+        return [str(v) for v in values] if values and all(isinstance(v, str) for v in values) else None
+    return None
 
 
 def _check_choice(registry: Registry, value: Any) -> None:

@@ -87,6 +87,9 @@ def test_help_lists_the_registered_attacks_and_defenses(capsys):
                                              "takes: no options"),
     (["--defense.beta=0.1", "--defense", "krum"], "defense.beta='0.1': an option of defense 'krum', which takes: f"),
     (["--data.name", "svhn"], "data.name='svhn': one of: cifar10, cifar100, fashion_mnist, mnist"),
+    (["--attack", "alie", "--attack.knowledge", "wrong"], "attack.knowledge='wrong': one of: omniscient, own"),
+    (["--attack", "pixel_pattern", "--attack.selection", "wrong"], "attack.selection='wrong': one of: last, random"),
+    (["--defense", "sdfc", "--defense.estimator", "wrong"], "defense.estimator='wrong': one of: empirical, published"),
 ])
 def test_bad_input_is_one_clear_message_and_no_traceback(tiny_root, argv, expected):
     result = cli("run", "--data.root", str(tiny_root), *TINY[:-2], *argv)
