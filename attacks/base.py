@@ -241,7 +241,9 @@ class Attack:
     # ------------------------------------------------------------------ client side
     def before_training(self, client: ClientInfo, model: nn.Module) -> Callable[[], Tensor] | None:
         """An attacking client, global model loaded, before local training: may return an
-        extra loss term added to every local step's loss."""
+        extra loss term added to every local step's loss. With ``train.cohort`` every
+        client's hooks run before any client trains, each with its own model: keep state
+        per client."""
         return None
 
     def step_hook(self, client: ClientInfo, model: nn.Module) -> Callable[[], None] | None:

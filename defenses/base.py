@@ -138,7 +138,9 @@ class ClientHook:
     ``server_batches()`` iterates the server-held validation split when the defense
     declared ``needs_server_data`` (else it is None). State a real client would keep
     between rounds (e.g. its previous model) lives in the hook, keyed by client id;
-    :meth:`state_dict` makes it part of checkpoints.
+    :meth:`state_dict` makes it part of checkpoints. With ``train.cohort`` every selected
+    client's :meth:`before_training` runs before any of them trains (sequentially: right
+    before its own training), each on its own copy of the model: keep state per client.
     """
 
     upload_keys: tuple[str, ...] = ()

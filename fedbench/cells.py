@@ -101,10 +101,10 @@ def _wait_or_kill(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def _cell_env(cell: Cell, jobs: int, threads: int | None = None) -> dict[str, str]:
+def _cell_env(cell: Cell, jobs: int, threads: int | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The cell process's environment: ``threads`` (a Ray task's CPUs), else cores / jobs
-    threads when several cells share the machine, unless the config pins them."""
-    env = dict(os.environ)
+    threads when several cells share the machine, unless the config pins them; plus ``extra``."""
+    env = {**os.environ, **(extra or {})}
     pinned = (cell.config.get("fabric") or {}).get("cpu_threads")
     if pinned is None and threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -114,7 +114,7 @@ def _cell_env(cell: Cell, jobs: int, threads: int | None = None) -> dict[str, st
 
 
 def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: RunningCells | None = None,
-                      threads: int | None = None) -> None:
+                      threads: int | None = None, extra_env: dict[str, str] | None = None) -> None:
     config_path = cell_dir / "cell_config.yaml"
     config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
     log_path = cell_dir / "log.txt"
@@ -122,7 +122,7 @@ def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: Runnin
         process = subprocess.Popen(
             [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal,
-            env=_cell_env(cell, jobs, threads),
+            env=_cell_env(cell, jobs, threads, extra_env),
         )
         if running is not None:
             with running.lock:
@@ -223,18 +223,19 @@ def run_one(grid: Grid, cell: Cell, position: str, isolate: bool, echo, jobs: in
     if cell_dir is None:
         return
     started = time.perf_counter()
+    error = None
     try:
         if isolate:
             run_cell_isolated(cell, cell_dir, jobs, running)
         else:
             run_cell_in_process(cell, cell_dir)
     except Exception as err:  # one failed cell never ends the grid
-        end_cell(grid, cell, position, echo, progress, started, err)
-    else:
-        end_cell(grid, cell, position, echo, progress, started)
+        error = err
+    end_cell(grid, cell, position, echo, progress, started, error)
 
 
-def start_cell(grid: Grid, cell: Cell, position: str, isolate: bool, echo, progress: GridProgress) -> Path | None:
+def start_cell(grid: Grid, cell: Cell, position: str, isolate: bool, echo, progress: GridProgress,
+               verb: str = "running") -> Path | None:
     """Prepare a cell's folder and say so; None (and a line) when it finished earlier."""
     cell_dir = cell.directory(grid.output)
     if cell_status(cell_dir) == "finished":
@@ -246,7 +247,7 @@ def start_cell(grid: Grid, cell: Cell, position: str, isolate: bool, echo, progr
     write_json_atomic(cell_dir / "cell.json", {"cell": cell.cell_id, "axes": cell.axes})
     progress.started(cell.cell_id)
     where = f"{cell_dir}" + (f" (log: {cell_dir / 'log.txt'})" if isolate else "")
-    echo(f"{position} {cell.cell_id}: running -> {where}")
+    echo(f"{position} {cell.cell_id}: {verb} -> {where}")
     return cell_dir
 
 
@@ -256,8 +257,12 @@ def end_cell(grid: Grid, cell: Cell, position: str, echo, progress: GridProgress
     cell_dir = cell.directory(grid.output)
     seconds = time.perf_counter() - started
     if error is None:
-        final = (read_summary(cell_dir) or {}).get("final", {})
-        shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if v is not None)
+        try:
+            final = (read_summary(cell_dir) or {}).get("final", {})
+            shown = ", ".join(f"{k}={v:.1f}" for k, v in final.items() if isinstance(v, (int, float)))
+        except Exception as err:  # an unreadable summary is this cell's failure, not the grid's
+            error = err
+    if error is None:
         progress.ended(cell.cell_id, seconds)
         echo(f"{position} {cell.cell_id}: {shown} ({seconds:.0f}s) | {progress.line()}")
     else:

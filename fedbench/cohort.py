@@ -13,6 +13,11 @@ The numbers equal sequential training up to float rounding (vmapped kernels sum 
 another order; in float64 they agree to 1e-15). On a GPU the point is fewer, larger
 kernels: a round of K clients of the papers' 90k-parameter CNN on batches of 64 is
 kernel-launch bound sequentially. ``channels_last`` has no effect inside the cohort.
+
+Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
+vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
+all clients would skip every client's step when one overflows). Every client's
+before-training hooks run before any client trains: hooks keep their state per client.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from fedbench.client import ClientJob, LocalResult, LocalTrainer
+from fedbench.errors import FedbenchError
 
 
 class CohortTrainer:
@@ -44,6 +50,7 @@ class CohortTrainer:
         optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay, foreach=True)
         optimizer = fabric.setup_optimizers(optimizer)
+        self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
         steps = [0] * len(jobs)
@@ -86,7 +93,11 @@ class CohortTrainer:
             return F.cross_entropy(functional_call(self.template, {**p, **b}, (x,)), y)
 
         with self.trainer.fabric.autocast():
-            losses = vmap(loss_of)(params, buffers, inputs, labels)
+            try:
+                losses = vmap(loss_of)(params, buffers, inputs, labels)
+            except RuntimeError as err:
+                raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
+                                    "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false") from err
         with torch.no_grad():  # the running statistics were updated in the stacked copies
             for k, model in enumerate(models):
                 for name, buffer in model.named_buffers():

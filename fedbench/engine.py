@@ -293,17 +293,17 @@ class FederatedRun:
         batches = self._hook_batches(client, data, plan)
         started = time.perf_counter()
         defense_term = protocol.before_training(client, model, *batches) if protocol else None
-        time_hook = time.perf_counter() - started
         attack_term, after_step = self._attack_training_hooks(client, model)
+        time_hook = time.perf_counter() - started  # the defense's and the attack's hooks
         return ClientJob(client, model, data, generator, plan, protocol, batches,
                          sum_of_terms(defense_term, attack_term), after_step, time_hook)
 
     def finish_client(self, job: ClientJob, result: LocalResult, time_train: float) -> ClientResult:
         """The hooks after training, and the update the client sends."""
         client, model, attack = job.client, job.model, self.exp.attack
+        started = time.perf_counter()
         if client.attacking:
             attack.after_training(client, model)
-        started = time.perf_counter()
         uploads = job.protocol.after_training(client, model, *job.batches) if job.protocol else {}
         time_hook = job.time_hook + time.perf_counter() - started
         update = self.layout.flatten(model) - self.global_params

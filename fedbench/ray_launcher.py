@@ -3,9 +3,11 @@
 Without an address, ``ray.init()`` starts a local cluster on this machine; with
 ``--ray-address auto`` the grid joins the cluster this machine belongs to (started with
 ``ray start --head`` on one node and ``ray start --address=HEAD:6379`` on the others).
-Each cell asks for ``cpus_per_cell`` CPUs (default: its ``fabric.cpu_threads``, else 1,
-and its process gets that many threads) and ``gpus_per_cell`` GPUs, a fraction letting
-several cells share one GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` for the task).
+Each cell asks for ``cpus_per_cell`` CPUs (default: its ``fabric.cpu_threads``, else 1;
+its process gets that many threads unless the config pins ``fabric.cpu_threads``, which
+wins so that the numbers stay the same) and ``gpus_per_cell`` GPUs, a fraction letting
+several cells share one GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` for the task); a cell that
+asks for no GPU sees none.
 
 A task runs the cell exactly as the local launcher does (its own ``fedbench run``
 process writing into the cell's folder), so every promise of the local grid holds:
@@ -38,9 +40,11 @@ class RayOptions:
     gpus_per_cell: float = 0.0
 
 
-def run_cell_task(cell: Cell, cell_dir: str, threads: int) -> None:
-    """On a Ray worker: the cell in its own process, as the local launcher runs it."""
-    run_cell_isolated(cell, Path(cell_dir), threads=threads)
+def run_cell_task(cell: Cell, cell_dir: str, threads: int, hide_gpus: bool) -> None:
+    """On a Ray worker: the cell in its own process, as the local launcher runs it. A cell
+    that asked for no GPU sees none (recent Ray no longer hides them from such tasks)."""
+    extra = {"CUDA_VISIBLE_DEVICES": ""} if hide_gpus else None
+    run_cell_isolated(cell, Path(cell_dir), threads=threads, extra_env=extra)
 
 
 def _ray():
@@ -58,26 +62,32 @@ def cpus_of(cell: Cell, options: RayOptions) -> float:
 
 
 def run_on_ray(grid: Grid, positions: list[str], echo, options: RayOptions) -> None:
-    """Submit every unfinished cell as a task, record each as it ends."""
+    """Submit every unfinished cell as a task, record each as it ends; on an interrupt
+    cancel what is queued or running (it resumes on the next call) and keep the rest."""
     ray = _ray()
     if not ray.is_initialized():
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     task = ray.remote(run_cell_task)
-    progress = GridProgress(grid.name, len(grid.cells), int(ray.cluster_resources().get("CPU", 1)))
+    cells_at_once = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_of(grid.cells[0], options), 1)))
+    progress = GridProgress(grid.name, len(grid.cells), cells_at_once)
     pending = {}
-    for position, cell in zip(positions, grid.cells):
-        cell_dir = start_cell(grid, cell, position, True, echo, progress)
-        if cell_dir is None:
-            continue
-        cpus = cpus_of(cell, options)
-        ref = task.options(num_cpus=cpus, num_gpus=options.gpus_per_cell, max_retries=0).remote(
-            cell, str(cell_dir), max(1, int(cpus)))
-        pending[ref] = (position, cell, time.perf_counter())
     try:
+        for position, cell in zip(positions, grid.cells):
+            cell_dir = start_cell(grid, cell, position, True, echo, progress, verb="queued")
+            if cell_dir is None:
+                continue
+            cpus = cpus_of(cell, options)
+            ref = task.options(num_cpus=cpus, num_gpus=options.gpus_per_cell, max_retries=0).remote(
+                cell, str(cell_dir), max(1, int(cpus)), options.gpus_per_cell == 0)
+            pending[ref] = (position, cell, time.perf_counter())
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             position, cell, started = pending.pop(ref)
-            end_cell(grid, cell, position, echo, progress, started, task_error(ray, ref))
+            error = task_error(ray, ref)
+            if isinstance(error, KeyboardInterrupt):
+                echo(f"{position} {cell.cell_id}: interrupted; it resumes on the next call")
+                continue
+            end_cell(grid, cell, position, echo, progress, started, error)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -85,14 +95,15 @@ def run_on_ray(grid: Grid, positions: list[str], echo, options: RayOptions) -> N
 
 
 def task_error(ray, ref) -> BaseException | None:
-    """None when the task finished; else the cell's own error (CellFailed with its log tail)."""
+    """None when the task finished; KeyboardInterrupt when the cell was stopped (not a
+    failure: it resumes); else the cell's own error (CellFailed with its log's tail)."""
     try:
         ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        return KeyboardInterrupt("cancelled")
     except ray.exceptions.RayTaskError as err:
         cause = err.cause if isinstance(err.cause, BaseException) else err
-        if isinstance(cause, KeyboardInterrupt):  # the cell was interrupted, not failed
-            return CellFailed("interrupted", "the cell's process was stopped; it resumes on the next call")
-        return cause
-    except ray.exceptions.RayError as err:  # the worker died, the task was cancelled, ...
+        return KeyboardInterrupt("interrupted") if isinstance(cause, KeyboardInterrupt) else cause
+    except ray.exceptions.RayError as err:  # the worker died, ...
         return CellFailed(type(err).__name__, str(err))
     return None

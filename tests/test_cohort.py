@@ -99,3 +99,22 @@ def test_clients_whose_batches_differ_in_shape_step_in_their_own_cohort(tiny_roo
     for client in seq_sent:
         assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+
+
+def dropout_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(in_channels * image_size ** 2, num_classes))
+
+
+def test_a_cohort_refuses_16_mixed_and_names_models_it_cannot_vmap(tiny_root, tmp_path):
+    from fedbench.errors import ConfigError, FedbenchError
+    from fedbench.experiment import FabricConfig, validate
+
+    exp = tiny_experiment(tiny_root, tmp_path, train=LocalTrainConfig(local_steps=2, batch_size=32, cohort=True),
+                          fabric=FabricConfig(precision="16-mixed"))
+    with pytest.raises(ConfigError, match="fabric.precision='16-mixed'"):
+        validate(exp)
+    exp = tiny_experiment(tiny_root, tmp_path, train=LocalTrainConfig(local_steps=2, batch_size=32, cohort=True),
+                          model=ModelConfig(name="test_cohort.dropout_net"))
+    run = FederatedRun(exp)
+    with pytest.raises(FedbenchError, match="train.cohort=false"):
+        run.run_round(0)

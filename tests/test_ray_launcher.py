@@ -71,7 +71,7 @@ def test_ray_grid_equals_the_local_grid_records_failures_and_skips_on_rerun(loca
     again: list[str] = []
     grid_module.run_grid(grid_module.load_grid(path, str(tmp_path / "ray")), echo=again.append, launcher="ray")
     assert sum("finished earlier, skipped" in line for line in again) == 3
-    assert sum(": running ->" in line for line in again) == 1, "only the failed cell runs again"
+    assert sum(": queued ->" in line for line in again) == 1, "only the failed cell runs again"
 
 
 def test_an_unknown_launcher_is_named_before_any_cell_runs(tiny_root, tmp_path):
