@@ -29,19 +29,21 @@ from defenses.sdfc import SCORE  # noqa: E402
 RESNET18_DIM = 11_173_962
 
 
-def aggregation_times(n: int, d: int, device: torch.device) -> dict[str, float | str]:
+def aggregation_times(n: int, d: int, device: torch.device, names: list[str] | None = None) -> dict[str, float | str]:
     generator = torch.Generator(device=device).manual_seed(0)
     updates = torch.randn(n, d, generator=generator, device=device)
     counts = torch.randint(100, 1000, (n,), device=device)
-    uploads = {SCORE: torch.rand(n, dtype=torch.float64, device=device),
-               FISHER: torch.rand(n, d, generator=generator, device=device)}
+    names = names or DEFENSES.names()
+    uploads = {SCORE: torch.rand(n, dtype=torch.float64, device=device)}
+    if "fdcr" in names:  # an [n, d] Fisher upload per client: only when FDCR is timed
+        uploads[FISHER] = torch.rand(n, d, generator=generator, device=device)
     ctx = RoundContext(0, torch.arange(n), torch.zeros(d, device=device), torch.full((n,), 100),
                        uploads, torch.Generator(device=device).manual_seed(1))
     env = DefenseSetup(n, n, max(1, n // 5), layout=None, device=device)
     server_update = torch.randn(d, generator=generator, device=device)
     times: dict[str, float | str] = {}
-    for name, cls in DEFENSES.items():
-        defense = cls()
+    for name in names:
+        defense = DEFENSES.get(name)()
         if name == "fltrust":
             times[name] = timed(lambda: FLTrust.combine(updates, server_update), sync=device)
             continue
@@ -58,9 +60,10 @@ def main(argv=None) -> str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--dim", type=int, default=RESNET18_DIM)
+    parser.add_argument("--defenses", nargs="+", default=None, help="default: every registered defense")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    results = {n: aggregation_times(n, args.dim, device) for n in args.clients}
+    results = {n: aggregation_times(n, args.dim, device, args.defenses) for n in args.clients}
     names = list(next(iter(results.values())))
     rows = [[name, *[results[n][name] for n in args.clients]] for name in names]
     text = f"### Aggregation seconds, d = {args.dim:,}, {machine()}\n\n" + table(
