@@ -12,7 +12,8 @@ another shape (a client smaller than one batch) are stepped in a cohort of their
 The numbers equal sequential training up to float rounding (vmapped kernels sum in
 another order; in float64 they agree to 1e-15). On a GPU the point is fewer, larger
 kernels: a round of K clients of the papers' 90k-parameter CNN on batches of 64 is
-kernel-launch bound sequentially. ``channels_last`` has no effect inside the cohort.
+kernel-launch bound sequentially. ``channels_last`` has no effect inside the cohort (on CUDA
+vmap needs contiguous tensors there).
 
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
@@ -86,7 +87,7 @@ class CohortTrainer:
         statistics are written back to each model."""
         params = stacked(models, lambda m: m.named_parameters())
         buffers = stacked(models, lambda m: m.named_buffers())
-        inputs = torch.stack([x for x, _ in batches])
+        inputs = vmappable(torch.stack([x for x, _ in batches]))
         labels = torch.stack([y for _, y in batches])
 
         def loss_of(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -108,7 +109,14 @@ class CohortTrainer:
 def stacked(models: list[nn.Module], named) -> dict[str, Tensor]:
     """``{name: [K, ...]}`` of the models' parameters (differentiable) or buffers."""
     per_model = [dict(named(m)) for m in models]
-    return {name: torch.stack([tensors[name] for tensors in per_model]) for name in per_model[0]}
+    return {name: vmappable(torch.stack([tensors[name] for tensors in per_model])) for name in per_model[0]}
+
+
+def vmappable(stack: Tensor) -> Tensor:
+    """On CUDA, BatchNorm asks a channels_last tensor for its layout, which vmap cannot answer:
+    there the stack is made contiguous. On CPU it keeps the sequential trainer's layout, so
+    both sum in the same order."""
+    return stack.contiguous() if stack.is_cuda else stack
 
 
 def next_batches(streams: list[Iterator[tuple[Tensor, Tensor]]], active: list[int]) -> dict[int, tuple[Tensor, Tensor]]:

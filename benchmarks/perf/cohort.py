@@ -29,6 +29,7 @@ from common import machine, table  # noqa: E402
 from attacks.none import NoAttack  # noqa: E402
 from defenses.fedavg import FedAvg  # noqa: E402
 from fedbench.client import LocalTrainConfig  # noqa: E402
+from fedbench.errors import FedbenchError  # noqa: E402
 from fedbench.engine import FederatedRun  # noqa: E402
 from fedbench.experiment import Experiment, FabricConfig, FederationConfig, OutputConfig  # noqa: E402
 from fedbench.models import ModelConfig  # noqa: E402
@@ -90,6 +91,22 @@ def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
     return best
 
 
+def measure_row(model: str, precision: str, steps: int, repeat: int, device: str, out: Path) -> list:
+    """Launches and samples/s, sequential and cohort; a configuration that fails says why."""
+    measured = {}
+    try:
+        for cohort in (False, True):
+            run = make_run(model, cohort, steps, precision, device, out)
+            cuda = run.device.type == "cuda"
+            measured[cohort] = (launches(run, cuda), seconds(run, repeat, cuda))
+    except FedbenchError as err:  # one row's failure leaves the others' numbers
+        return [model, precision, f"failed: {err}"[:120], "", "", "", "", ""]
+    samples = 10 * steps * run.exp.train.batch_size
+    (seq_k, seq_s), (coh_k, coh_s) = measured[False], measured[True]
+    return [model, precision, seq_k, coh_k, f"{seq_k / coh_k:.1f}x", round(samples / seq_s),
+            round(samples / coh_s), f"{seq_s / coh_s:.2f}x"]
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["simple_cnn"])
@@ -102,15 +119,9 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory() as out:
         for model in args.models:
             for precision in args.precisions:
-                measured = {}
-                for cohort in (False, True):
-                    run = make_run(model, cohort, args.steps, precision, args.device, Path(out))
-                    cuda = run.device.type == "cuda"
-                    measured[cohort] = (launches(run, cuda), seconds(run, args.repeat, cuda))
-                samples = 10 * args.steps * run.exp.train.batch_size
-                (seq_k, seq_s), (coh_k, coh_s) = measured[False], measured[True]
-                rows.append([model, precision, seq_k, coh_k, f"{seq_k / coh_k:.1f}x",
-                             samples / seq_s, samples / coh_s, f"{seq_s / coh_s:.2f}x"])
+                rows.append(measure_row(model, precision, args.steps, args.repeat, args.device, Path(out)))
+                # each row as soon as it is measured: a run stopped at its time limit keeps them
+                print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
     text = (f"### One round's local training, 10 clients x {args.steps} steps of 64, sequential vs cohort, "
             f"{machine()}\n\n"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, in one command that fits a short lease:
+#   1. sequential vs cohort local training: CUDA kernels per round and samples/s for
+#      simple_cnn and resnet18 in fp32 and bf16 (benchmarks/perf/cohort.py);
+#   2. the Fashion-MNIST paper grid (benchmarks/fmnist_paper.yaml, 6 cells of 50 rounds)
+#      packed on the one GPU: every cell in its own process, cohort training, plus the
+#      FedAvg/pixel cell once more with sequential training, to time both end to end
+#      under the same packing. Cells checkpoint every round: running this again resumes.
+# Writes cohort.md, grid.log and runs.tgz (the run folders: metrics, summaries,
+# checkpoints) to $OUT (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
+#   GRID_SECONDS=330 bash benchmarks/perf/gpu_session.sh
+# To go on from an earlier session's cells, unpack its runs.tgz in the repository root and
+# carry runs/ to the machine: every cell resumes from its last checkpoint (same device kind:
+# GPU and CPU runs of one seed differ, see the README's GPU section).
+# PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
+# (its rows now print as they are measured), so give it 240.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+PY=${PYTHON:-python3}
+nvidia-smi -L
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+
+if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
+  timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
+    --models simple_cnn resnet18 --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
+fi
+
+start=$(date +%s)
+timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
+  --out runs/fmnist_paper_gpu --jobs 6 --set train.cohort=true --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
+timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
+  --out runs/fmnist_paper_gpu_sequential --jobs 1 --set wandb.mode=disabled --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
+while sleep 30; do
+  jobs -r | grep -q . || break
+  echo "$(( $(date +%s) - start )) s: $(ls runs/fmnist_paper_gpu/cells/*/summary.json 2>/dev/null | wc -l) cells done;" \
+    "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+done
+wait
+echo "grid stage: $(( $(date +%s) - start )) s"
+tail -n 3 "$OUT"/grid*.log
+tar czf "$OUT/runs.tgz" runs/fmnist_paper_gpu runs/fmnist_paper_gpu_sequential
+ls -la "$OUT"
