@@ -225,8 +225,12 @@ def finch_level0_by_loop(values: np.ndarray) -> list[int]:
     return [sorted(set(roots)).index(r) for r in roots]
 
 
-def test_fdcr_drops_the_farthest_finch_cluster_and_rescales_by_hand():
-    from defenses.fdcr import FISHER, FDCR
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one block", "blocks of 4 of 6 coordinates"])
+def test_fdcr_drops_the_farthest_finch_cluster_and_rescales_by_hand(chunk, monkeypatch):
+    from defenses.fdcr import FISHER, FDCR, MinMaxImportance
+
+    if chunk is not None:  # the blocks that keep float64 copies small at n = 50 change no number
+        monkeypatch.setattr(MinMaxImportance, "CHUNK", chunk)
 
     rng = np.random.default_rng(0)
     d = 6
@@ -255,6 +259,7 @@ def test_fdcr_drops_the_farthest_finch_cluster_and_rescales_by_hand():
     assert out.excluded.tolist() == excluded.tolist()
     assert out.update.tolist() == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-7)
     assert out.weights.tolist() == pytest.approx(kept.tolist(), rel=1e-6)
+    assert out.info["distances"] == pytest.approx(distances.tolist(), rel=1e-6)  # float32 updates
 
 
 def test_fdcr_runs_in_the_loop_with_per_parameter_fisher_uploads(tiny_root, tmp_path):
