@@ -7,7 +7,8 @@ A grid file (YAML)::
     overrides:                   # dotted config keys set in every cell (not part of cell ids)
       federation.rounds: 10
     isolate: true                # each cell in its own process (one failure never ends the grid)
-    jobs: 2                      # cells at once, each in its own process (CPU: cores / jobs threads each)
+    jobs: 2                      # cells at once, each in its own process (CPU: cores / jobs threads each);
+                                 # auto: as many as the cores and the GPU's free memory take (fedbench.packing)
     axes:                        # dotted config keys -> values; the cells are the product
       attack: [none, pixel_pattern, badnets]
       defense: [fedavg, krum, sdfc]
@@ -58,6 +59,7 @@ from fedbench.cells import (  # noqa: F401  (CELLS, GridProgress: part of this m
     CELLS, Cell, Grid, GridProgress, RunningCells, cell_status, run_one, write_grid_summary,
 )
 from fedbench.errors import ConfigError, FedbenchError
+from fedbench.packing import GPU_MEMORY_PER_CELL_GB, auto_jobs
 from fedbench.results import write_json_atomic
 
 if TYPE_CHECKING:
@@ -252,8 +254,20 @@ def select_cells(grid: Grid, patterns: Sequence[str]) -> None:
 
 
 def check_jobs(jobs: Any, field_name: str) -> None:
+    if jobs == "auto":
+        return
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ConfigError([(field_name, jobs, "an integer >= 1 (cells run at once)")])
+        raise ConfigError([(field_name, jobs, "an integer >= 1 (cells run at once) or auto")])
+
+
+def jobs_option(text: str | None) -> int | str | None:
+    """``--jobs``: a number, ``auto`` or nothing (the grid file's choice)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError([("jobs", text, "an integer >= 1 (cells run at once) or auto")]) from None
 
 
 def validate_cells(grid: Grid) -> None:
@@ -302,16 +316,23 @@ def _terminate_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | None = None,
-             launcher: str = "local", ray_options: "RayOptions | None" = None) -> dict:
+def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | str | None = None,
+             launcher: str = "local", ray_options: "RayOptions | None" = None,
+             gpu_memory_per_cell: float = GPU_MEMORY_PER_CELL_GB) -> dict:
     """Every unfinished cell: ``jobs`` at a time on this machine (jobs > 1 runs each cell in
-    its own process), or as Ray tasks (``launcher="ray"``, see fedbench.ray_launcher)."""
+    its own process; ``auto``: see fedbench.packing), or as Ray tasks (``launcher="ray"``,
+    see fedbench.ray_launcher)."""
     isolate = grid.isolate if isolate is None else isolate
     jobs = grid.jobs if jobs is None else jobs
     check_jobs(jobs, "jobs")
     if launcher not in LAUNCHERS:
         raise ConfigError([("launcher", launcher, f"one of: {', '.join(LAUNCHERS)}")])
     validate_cells(grid)
+    if jobs == "auto":
+        if not gpu_memory_per_cell > 0:
+            raise ConfigError([("gpu_memory_per_cell", gpu_memory_per_cell, "a number of GB > 0")])
+        jobs, why = auto_jobs([c.config for c in grid.cells], gpu_memory_per_cell)
+        echo(f"grid {grid.name}: jobs auto = {jobs} ({why})")
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     started = time.perf_counter()
     try:
@@ -379,8 +400,12 @@ def grid_command(argv: Sequence[str]) -> int:
                         help="list the cells and their status, run nothing")
     parser.add_argument("--isolate", type=bool | None, default=None,
                         help="run each cell in its own process (default: the grid file's choice)")
-    parser.add_argument("--jobs", type=int | None, default=None,
-                        help="cells at once, each in its own process (default: the grid file's jobs, else 1)")
+    parser.add_argument("--jobs", type=str | None, default=None,
+                        help="cells at once, each in its own process, or auto: as many as the cores and "
+                             "the GPU's free memory take (default: the grid file's jobs, else 1)")
+    parser.add_argument("--gpu-memory-per-cell", "--gpu_memory_per_cell", dest="gpu_memory_per_cell", type=float,
+                        default=GPU_MEMORY_PER_CELL_GB,
+                        help="--jobs auto on a GPU: GB each cell needs (1.5: a simple_cnn paper cell)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="repeatable; a config override for every cell (federation.rounds=2, "
                              "defense.estimator=empirical) or an axis (axes.seed=[0])")
@@ -409,8 +434,8 @@ def grid_command(argv: Sequence[str]) -> int:
                 print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
             print(f"{len(grid.cells)} cells -> {grid.output}")
             return 0
-        summary = run_grid(grid, args.isolate, jobs=args.jobs, launcher=args.launcher,
-                           ray_options=ray_options_from(args))
+        summary = run_grid(grid, args.isolate, jobs=jobs_option(args.jobs), launcher=args.launcher,
+                           ray_options=ray_options_from(args), gpu_memory_per_cell=args.gpu_memory_per_cell)
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
         return 130
