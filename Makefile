@@ -46,7 +46,7 @@ bench-adaptive: install
 # The untargeted attacks x the robust rules, 147 cells (about 2 CPU-hours; resumable).
 bench-byzantine: install
 	$(BIN)/fedbench grid benchmarks/byzantine.yaml
-	$(BIN)/fedbench report runs/byzantine --out results/byzantine
+	$(BIN)/fedbench report runs/byzantine --out results/byzantine --reference runs/quick
 
 bench-ablation: install
 	$(BIN)/fedbench grid benchmarks/sdfc_ablation.yaml

@@ -5,7 +5,9 @@ beta, malicious fraction, ...) a table with one row per defense and, per attack,
 accuracy), ASR over non-target test images (the headline), ASR over all test images (the
 published SDFC/FDCR count) and V = (A + (100 - ASR)) / 2, each the mean over seeds with its standard deviation (as the SDFC/FDCR papers report
 the mean of the last rounds). Attack ``none`` cells join every malicious fraction of
-their setting. Reads only ``summary.json`` and ``metrics.jsonl`` files: what is not
+their setting. Untargeted attacks also get ``A drop``: the same defense's clean accuracy
+without attack minus with it, seed by seed (``--reference`` takes the attack-free cells
+from another grid of the same protocol, e.g. the quick grid's for the Byzantine grid). Reads only ``summary.json`` and ``metrics.jsonl`` files: what is not
 finished is not reported.
 """
 
@@ -16,6 +18,7 @@ import io
 import json
 import math
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, pstdev
@@ -144,6 +147,9 @@ def setting_slug(setting: Setting) -> str:
 
 
 def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str]) -> list[dict]:
+    """One row per setting x defense x attack: each headline number's mean and std over
+    seeds, the detection means and, where the same defense ran without attack, ``A_drop``:
+    its clean accuracy without attack minus with it, seed by seed, then mean and std."""
     rows = []
     dataset = results[0].dataset
     for setting in settings_of(results):
@@ -158,8 +164,17 @@ def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str
                     row[f"{key}_mean"], row[f"{key}_std"] = mean_std([c.final.get(key) for c in cells])
                 for key in ("tpr", "fpr", "malicious_weight"):
                     row[f"{key}_mean"], _ = mean_std([(c.detection or {}).get(key) for c in cells])
+                clean = [] if attack == "none" else cells_for(results, setting, defense, "none")
+                row["A_drop_mean"], row["A_drop_std"] = mean_std(accuracy_drops(clean, cells))
                 rows.append(row)
     return rows
+
+
+def accuracy_drops(clean: list[CellResult], attacked: list[CellResult]) -> list[float]:
+    """``A(no attack) - A(attack)`` for every seed both ran."""
+    clean_by_seed = {c.seed: c.final.get("A") for c in clean}
+    return [clean_by_seed[c.seed] - c.final["A"] for c in attacked
+            if clean_by_seed.get(c.seed) is not None and c.final.get("A") is not None]
 
 
 def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -> str:
@@ -169,10 +184,13 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
         shown_attacks = [a for a in attacks if any((d, a) in here for d in defenses)]
         # Attacks without a trigger (none, the untargeted ones) have no ASR: accuracy only.
         targeted = {a for a in shown_attacks if any(here.get((d, a), {}).get("ASR_mean") is not None for d in defenses)}
-        header = ["defense"]
-        for attack in shown_attacks:
-            header += [f"{attack} A"] if attack not in targeted else \
-                [f"{attack} A", f"{attack} ASR non-target", f"{attack} ASR all", f"{attack} V"]
+        # Untargeted attacks: their accuracy drop against the same defense without attack, when known.
+        dropped = {a for a in shown_attacks if any(here.get((d, a), {}).get("A_drop_mean") is not None
+                                                   for d in defenses)}
+        columns = {a: ["A", "ASR", "ASR_all", "V"] if a in targeted else ["A", "A_drop"] if a in dropped else ["A"]
+                   for a in shown_attacks}
+        names = {"A": "A", "ASR": "ASR non-target", "ASR_all": "ASR all", "V": "V", "A_drop": "A drop"}
+        header = ["defense"] + [f"{a} {names[key]}" for a in shown_attacks for key in columns[a]]
         out.write(f"\n### {setting}\n\n")
         out.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for defense in defenses:
@@ -181,8 +199,7 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
             cells = [defense]
             for attack in shown_attacks:
                 row = here.get((defense, attack))
-                keys = ["A"] if attack not in targeted else ["A", "ASR", "ASR_all", "V"]
-                for key in keys:
+                for key in columns[attack]:
                     cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-")
             out.write("| " + " | ".join(cells) + " |\n")
     return out.getvalue()
@@ -304,14 +321,50 @@ def cells_wandb(results: list[CellResult], mode: str | None) -> WandbConfig:
     return config
 
 
-def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb_mode: str | None = None) -> dict:
+# Config sections that may differ between a grid and the grid it takes its attack-free
+# cells from; everything else (data, partition, model, training, federation) must match.
+NOT_PROTOCOL = ("attack", "defense", "seed", "output", "wandb")
+
+
+def flat_protocol(config: dict | None, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        if not prefix and key in NOT_PROTOCOL:
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_protocol(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def reference_cells(reference_dir: Path, results: list[CellResult]) -> list[CellResult]:
+    """The attack-free cells of another grid run under the same protocol (checked key by
+    key), to give this grid's attacks an accuracy drop; their setting becomes this grid's."""
+    clean = [r for r in collect(reference_dir) if r.attack == "none"]
+    if not clean:
+        raise FedbenchError(f"--reference {reference_dir}: no finished attack-free cells under {reference_dir / CELLS}")
+    mine, theirs = flat_protocol(results[0].config), flat_protocol(clean[0].config)
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in differ[:5])
+        raise FedbenchError(f"--reference {reference_dir}: another protocol ({shown})")
+    settings = {_without_attack_keys(r.setting) for r in results}
+    return [dataclasses.replace(r, setting=setting) for r in clean for setting in settings]
+
+
+def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb_mode: str | None = None,
+                reference: Path | None = None) -> dict:
     results = collect(grid_dir)
     if not results:
         raise FedbenchError(f"no finished cells under {grid_dir / CELLS}")
+    if reference is not None:
+        results += reference_cells(reference, [r for r in results if r.attack != "none"] or results)
     grid_file = grid_dir / "grid.json"
     grid_info = json.loads(grid_file.read_text()) if grid_file.exists() else {}
-    defenses = _order(grid_info, "defense", {r.defense for r in results})
-    attacks = _order(grid_info, "attack", {r.attack for r in results})
+    defenses = [d for d in _order(grid_info, "defense", {r.defense for r in results})
+                if any(r.defense == d for r in results if r.attack != "none") or reference is None]
+    attacks = sorted(_order(grid_info, "attack", {r.attack for r in results}), key=lambda a: a != "none")
     rows = build_rows(results, defenses, attacks)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "results.csv")
@@ -369,6 +422,9 @@ def report_command(argv: Sequence[str]) -> int:
                             "finished cells.", exit_on_error=False, default_env=False)
     parser.add_argument("grid_dir", type=str, help="the grid's output folder (e.g. runs/quick)")
     parser.add_argument("--out", type=str | None, default=None, help="where to write (default: <grid_dir>/report)")
+    parser.add_argument("--reference", type=str | None, default=None,
+                        help="another grid's folder (same protocol) whose attack-free cells give each attack's "
+                             "accuracy drop, e.g. runs/quick for runs/byzantine")
     parser.add_argument("--wandb", type=str | None, default=None,
                         help="auto, online, offline or disabled: log one summary run of the grid to its W&B group "
                              "(default: the cells' wandb.mode)")
@@ -381,7 +437,8 @@ def report_command(argv: Sequence[str]) -> int:
     grid_dir = Path(args.grid_dir)
     out = Path(args.out) if args.out else grid_dir / "report"
     try:
-        report = make_report(grid_dir, out, command=f"fedbench report {' '.join(argv)}", wandb_mode=args.wandb)
+        report = make_report(grid_dir, out, command=f"fedbench report {' '.join(argv)}", wandb_mode=args.wandb,
+                             reference=Path(args.reference) if args.reference else None)
     except FedbenchError as err:
         return fail(str(err), "report")
     print(f"{report['cells']} cells -> {out / 'results.md'}, {out / 'results.csv'}, {len(report['images'])} plots")

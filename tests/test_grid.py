@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedbench.errors import ConfigError
+from fedbench.errors import ConfigError, FedbenchError
 from fedbench.grid import expand_cells, load_grid, value_label
 
 
@@ -345,3 +345,38 @@ def test_attacks_without_a_trigger_get_accuracy_columns_only(tmp_path):
                   if line.startswith("| defense"))
     assert "sign_flip A" in header and "sign_flip ASR" not in header and "pixel_pattern ASR non-target" in header
     assert json_.loads(summary.read_text())["final"]["ASR"] is None
+
+
+def write_summary(grid_dir, attack, defense, seed, accuracy, config):
+    import json as json_
+
+    cell = grid_dir / "cells" / f"{attack}-{defense}-s{seed}"
+    cell.mkdir(parents=True)
+    (cell / "cell.json").write_text(json_.dumps({"axes": {"attack": attack, "defense": defense, "seed": seed}}))
+    (cell / "metrics.jsonl").write_text(json_.dumps({"round": 0, "clean_acc": accuracy, "asr": None}) + "\n")
+    (cell / "summary.json").write_text(json_.dumps({
+        "dataset": "fashion_mnist", "attack": attack, "defense": defense, "seed": seed,
+        "final": {"A": accuracy, "ASR": None}, "detection": None, "config": config}))
+
+
+def test_the_accuracy_drop_comes_seed_by_seed_from_a_reference_grid_of_the_same_protocol(tmp_path):
+    from fedbench.report import make_report
+
+    protocol = {"seed": 0, "federation": {"rounds": 10}, "train": {"lr": 0.05}, "attack": {}, "defense": {}}
+    byzantine, quick = tmp_path / "byzantine", tmp_path / "quick"
+    for seed, clean, attacked in [(0, 80.0, 50.0), (1, 70.0, 60.0)]:  # drops 30 and 10: mean 20, std 10
+        write_summary(quick, "none", "median", seed, clean, protocol)
+        write_summary(byzantine, "sign_flip", "median", seed, attacked, protocol)
+    write_summary(quick, "none", "krum", 0, 99.0, protocol)  # a defense this grid did not run: left out
+    write_summary(quick, "pixel_pattern", "median", 0, 1.0, protocol)  # attacked reference cells: ignored
+    report = make_report(byzantine, tmp_path / "out", wandb_mode="disabled", reference=quick)
+    row = next(r for r in report["rows"] if r["attack"] == "sign_flip")
+    assert row["A_drop_mean"] == pytest.approx(20.0) and row["A_drop_std"] == pytest.approx(10.0)
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| defense | none A | sign_flip A | sign_flip A drop |" in text
+    assert "| median | 75.0±5.0 | 55.0±5.0 | 20.0±10.0 |" in text and "| krum" not in text
+
+    other = tmp_path / "other"
+    write_summary(other, "none", "median", 0, 80.0, {**protocol, "train": {"lr": 0.01}})
+    with pytest.raises(FedbenchError, match=r"another protocol \(train.lr: 0.05 here, 0.01 there\)"):
+        make_report(byzantine, tmp_path / "out2", wandb_mode="disabled", reference=other)
