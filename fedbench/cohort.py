@@ -1,6 +1,7 @@
 """Several clients' local training as one cohort: one forward and backward pass per step
-over every client's batch (``torch.func.functional_call`` under ``vmap``), one optimizer
-step over every client's parameters.
+over every client's batch (``torch.func.functional_call`` under ``vmap``), one SGD update
+over every client's parameters. The parameters and buffers are stacked once per round
+(:class:`ClientStacks`) and each client's model points into its row, so no step copies.
 
 What stays each client's own: its copy of the model (so every client hook sees a normal
 module), its data order, augmentation and poisoning (its own seeded batch stream, drawn
@@ -46,11 +47,8 @@ class CohortTrainer:
         config, fabric = self.trainer.config, self.trainer.fabric
         limit = config.local_steps
         streams = [self.trainer.epochs(job.data, job.generator, job.plan, endless=limit is not None) for job in jobs]
-        params = [p for job in jobs for p in job.model.parameters()]
-        # foreach, as the sequential trainer: one kernel per SGD operation for every client's tensors
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay, foreach=True)
-        optimizer = fabric.setup_optimizers(optimizer)
+        stacks = ClientStacks([job.model for job in jobs])
+        optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
         self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
@@ -61,7 +59,7 @@ class CohortTrainer:
             batches = next_batches(streams, active)
             if not batches:
                 break
-            losses = self.step(jobs, batches, optimizer)
+            losses = self.step(jobs, batches, stacks, optimizer)
             for k, loss in losses.items():
                 if jobs[k].after_step is not None:
                     jobs[k].after_step()
@@ -70,23 +68,24 @@ class CohortTrainer:
             active = [k for k in batches if limit is None or steps[k] < limit]
         return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums)]
 
-    def step(self, jobs: list[ClientJob], batches: dict[int, tuple[Tensor, Tensor]], optimizer) -> dict[int, Tensor]:
+    def step(self, jobs: list[ClientJob], batches: dict[int, tuple[Tensor, Tensor]], stacks: "ClientStacks",
+             optimizer: "StackedSGD") -> dict[int, Tensor]:
         """One optimizer step of every client in ``batches``; returns each one's loss."""
-        optimizer.zero_grad(set_to_none=True)  # clients not in this step keep no gradient: SGD skips them
+        stacks.zero_grad()
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
-            for k, loss in zip(group, self.group_losses([jobs[k].model for k in group], [batches[k] for k in group])):
+            for k, loss in zip(group, self.group_losses(stacks, group, [batches[k] for k in group])):
                 regularizer = jobs[k].regularizer
                 losses[k] = loss + regularizer() if regularizer is not None else loss
         self.trainer.fabric.backward(torch.stack(list(losses.values())).sum())
-        optimizer.step()
+        stacks.collect_model_grads([k for k in losses if jobs[k].regularizer is not None])
+        optimizer.step(None if len(losses) == len(jobs) else stacks.rows(list(losses)))
         return {k: loss.detach() for k, loss in losses.items()}
 
-    def group_losses(self, models: list[nn.Module], batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Each model's cross-entropy on its batch, ``[K]``, in one vmapped pass; BatchNorm
-        statistics are written back to each model."""
-        params = stacked(models, lambda m: m.named_parameters())
-        buffers = stacked(models, lambda m: m.named_buffers())
+    def group_losses(self, stacks: "ClientStacks", group: list[int], batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Each client's cross-entropy on its batch, ``[K]``, in one vmapped pass; BatchNorm
+        statistics land in the stacks."""
+        params, buffers = stacks.select(group)
         inputs = vmappable(torch.stack([x for x, _ in batches]))
         labels = torch.stack([y for _, y in batches])
 
@@ -99,11 +98,93 @@ class CohortTrainer:
             except RuntimeError as err:
                 raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
                                     "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false") from err
-        with torch.no_grad():  # the running statistics were updated in the stacked copies
-            for k, model in enumerate(models):
-                for name, buffer in model.named_buffers():
-                    buffer.copy_(buffers[name][k])
+        stacks.write_back_buffers(group, buffers)
         return losses
+
+
+class ClientStacks:
+    """The cohort's parameters and buffers as ``[K, ...]`` stacks, built once per round:
+    each client model's tensors are re-pointed (``.data``) at their row, so a hook that holds
+    a model's parameters reads and writes the stacks, and no step copies between them.
+    The stacks are the optimizer's leaves; a loss term computed on a model's own parameters
+    (SDFC's calibration, an attack's term) leaves its gradient there, added to the row."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        self.models = models
+        self.everyone = list(range(len(models)))
+        self.params = {name: stack.detach().requires_grad_()
+                       for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
+        self.buffers = stacked(models, lambda m: m.named_buffers())
+        for k, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.data = self.params[name].detach()[k]
+            for name, b in model.named_buffers():
+                b.data = self.buffers[name][k]
+
+    def select(self, group: list[int]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The group's rows: the stacks themselves for the whole cohort, else stacked rows
+        (differentiable into the stacks' gradients)."""
+        if group == self.everyone:
+            return self.params, self.buffers
+        return ({name: torch.stack([s[k] for k in group]) for name, s in self.params.items()},
+                {name: torch.stack([b[k] for k in group]) for name, b in self.buffers.items()})
+
+    def write_back_buffers(self, group: list[int], buffers: dict[str, Tensor]) -> None:
+        if group == self.everyone:
+            return  # BatchNorm updated the stacks in place
+        index = torch.tensor(group, device=next(iter(self.params.values())).device)
+        with torch.no_grad():
+            for name, buffer in buffers.items():
+                self.buffers[name].index_copy_(0, index, buffer)
+
+    def zero_grad(self) -> None:
+        for stack in self.params.values():
+            stack.grad = None
+
+    def collect_model_grads(self, clients: list[int]) -> None:
+        """Adds the gradients that loss terms left on the clients' own parameters to their rows."""
+        with torch.no_grad():
+            for k in clients:
+                for name, p in self.models[k].named_parameters():
+                    if p.grad is not None:
+                        self.params[name].grad[k] += p.grad
+                        p.grad = None
+
+    def rows(self, clients: list[int]) -> Tensor:
+        mask = torch.zeros(len(self.models), dtype=torch.bool, device=next(iter(self.params.values())).device)
+        mask[clients] = True
+        return mask
+
+
+class StackedSGD:
+    """``torch.optim.SGD(foreach=True)``'s update (weight decay, momentum; no dampening, no
+    Nesterov) on the stacks, with the same foreach operations so the numbers match; with
+    ``rows`` only those clients move: a client without a batch this step keeps its weights
+    and momentum, as the per-client optimizer skips a parameter without a gradient. The
+    momentum starts at zero, which gives SGD's first step (``buf = grad``) exactly."""
+
+    def __init__(self, stacks: list[Tensor], lr: float, momentum: float, weight_decay: float) -> None:
+        self.stacks, self.lr, self.momentum, self.weight_decay = stacks, lr, momentum, weight_decay
+        self.momenta = [torch.zeros_like(s) for s in stacks] if momentum else []
+
+    @torch.no_grad()
+    def step(self, rows: Tensor | None) -> None:
+        grads = [s.grad if s.grad is not None else torch.zeros_like(s) for s in self.stacks]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, self.stacks, alpha=self.weight_decay)
+        if self.momentum:
+            momenta = torch._foreach_mul(self.momenta, self.momentum)
+            torch._foreach_add_(momenta, grads)
+            self.momenta = momenta if rows is None else masked(rows, momenta, self.momenta)
+            grads = self.momenta
+        moved = torch._foreach_add(self.stacks, grads, alpha=-self.lr)
+        for stack, new in zip(self.stacks, moved if rows is None else masked(rows, moved, self.stacks)):
+            stack.copy_(new)
+
+
+def masked(rows: Tensor, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:
+    """``new`` in the rows, ``old`` elsewhere."""
+    return [torch.where(rows.view(-1, *([1] * (n.dim() - 1))), n, o) for n, o in zip(new, old)]
 
 
 def stacked(models: list[nn.Module], named) -> dict[str, Tensor]:

@@ -92,19 +92,23 @@ def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
 
 
 def measure_row(model: str, precision: str, steps: int, repeat: int, device: str, out: Path) -> list:
-    """Launches and samples/s, sequential and cohort; a configuration that fails says why."""
+    """Launches (per round, and per further step: the round at 2 x ``steps`` minus the round
+    at ``steps``, over ``steps``, which leaves out each client's fixed cost of loading and
+    flattening its model) and samples/s, sequential and cohort; a failure says why."""
     measured = {}
     try:
         for cohort in (False, True):
             run = make_run(model, cohort, steps, precision, device, out)
             cuda = run.device.type == "cuda"
-            measured[cohort] = (launches(run, cuda), seconds(run, repeat, cuda))
+            per_round = launches(run, cuda)
+            longer = launches(make_run(model, cohort, 2 * steps, precision, device, out), cuda)
+            measured[cohort] = (per_round, (longer - per_round) / steps, seconds(run, repeat, cuda))
     except FedbenchError as err:  # one row's failure leaves the others' numbers
-        return [model, precision, f"failed: {err}"[:120], "", "", "", "", ""]
+        return [model, precision, f"failed: {err}"[:120]] + [""] * 7
     samples = 10 * steps * run.exp.train.batch_size
-    (seq_k, seq_s), (coh_k, coh_s) = measured[False], measured[True]
-    return [model, precision, seq_k, coh_k, f"{seq_k / coh_k:.1f}x", round(samples / seq_s),
-            round(samples / coh_s), f"{seq_s / coh_s:.2f}x"]
+    (seq_k, seq_step, seq_s), (coh_k, coh_step, coh_s) = measured[False], measured[True]
+    return [model, precision, seq_k, coh_k, round(seq_step), round(coh_step), f"{seq_step / coh_step:.1f}x",
+            round(samples / seq_s), round(samples / coh_s), f"{seq_s / coh_s:.2f}x"]
 
 
 def main(argv=None) -> str:
@@ -125,8 +129,9 @@ def main(argv=None) -> str:
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
     text = (f"### One round's local training, 10 clients x {args.steps} steps of 64, sequential vs cohort, "
             f"{machine()}\n\n"
-            + table(["model", "precision", f"{kind}, sequential", "cohort", "fewer", "samples/s sequential",
-                     "samples/s cohort", "speed-up"], rows))
+            + table(["model", "precision", f"{kind} per round, sequential", "cohort", "per step, sequential",
+                     "per step, cohort", "fewer per step", "samples/s sequential", "samples/s cohort", "speed-up"],
+                    rows))
     print(text, flush=True)
     return text
 
