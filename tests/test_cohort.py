@@ -132,3 +132,24 @@ def test_a_batchnorm_cohort_in_channels_last_trains_on_cuda(tiny_root, tmp_path)
     assert coh.device.type == "cuda"
     assert relative_gap(seq.global_params.cpu(), coh.global_params.cpu()) < 1e-3
     assert relative_gap(seq.global_buffers.cpu(), coh.global_buffers.cpu()) < 1e-3
+
+
+def test_stacked_sgd_moves_exactly_the_rows_that_stepped_as_per_client_sgd_does():
+    from fedbench.cohort import StackedSGD
+
+    torch.manual_seed(0)
+    rows, plans = 3, [[0, 1, 2], [0, 2], [2], [0, 1, 2]]  # which clients step at each step
+    stack = torch.randn(rows, 4, 5).requires_grad_()
+    clients = [torch.nn.Parameter(stack[k].detach().clone()) for k in range(rows)]
+    reference = torch.optim.SGD(clients, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=True)
+    stacked = StackedSGD([stack], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for stepping in plans:
+        grads = torch.randn(rows, 4, 5)
+        for k, p in enumerate(clients):
+            p.grad = grads[k].clone() if k in stepping else None  # SGD skips a parameter without one
+        reference.step()
+        stack.grad = torch.where(torch.tensor([k in stepping for k in range(rows)]).view(-1, 1, 1), grads, 0.0)
+        mask = torch.tensor([k in stepping for k in range(rows)])
+        stacked.step(None if len(stepping) == rows else mask)
+        for k, p in enumerate(clients):
+            assert torch.equal(stack[k].detach(), p.detach()), (stepping, k)
