@@ -112,12 +112,14 @@ class ClientStacks:
     def __init__(self, models: list[nn.Module]) -> None:
         self.models = models
         self.everyone = list(range(len(models)))
-        self.params = {name: stack.detach().requires_grad_()
+        trainable = {name: p.requires_grad for name, p in models[0].named_parameters()}
+        self.params = {name: stack.detach().requires_grad_(trainable[name])
                        for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
         self.buffers = stacked(models, lambda m: m.named_buffers())
         for k, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.data = self.params[name].detach()[k]
+                p.grad = None  # a gradient left by a hook must not join the first step
             for name, b in model.named_buffers():
                 b.data = self.buffers[name][k]
 
@@ -147,7 +149,10 @@ class ClientStacks:
             for k in clients:
                 for name, p in self.models[k].named_parameters():
                     if p.grad is not None:
-                        self.params[name].grad[k] += p.grad
+                        stack = self.params[name]
+                        if stack.grad is None:  # a parameter the forward pass does not use
+                            stack.grad = torch.zeros_like(stack)
+                        stack.grad[k] += p.grad
                         p.grad = None
 
     def rows(self, clients: list[int]) -> Tensor:
@@ -158,27 +163,34 @@ class ClientStacks:
 
 class StackedSGD:
     """``torch.optim.SGD(foreach=True)``'s update (weight decay, momentum; no dampening, no
-    Nesterov) on the stacks, with the same foreach operations so the numbers match; with
-    ``rows`` only those clients move: a client without a batch this step keeps its weights
-    and momentum, as the per-client optimizer skips a parameter without a gradient. The
-    momentum starts at zero, which gives SGD's first step (``buf = grad``) exactly."""
+    Nesterov) on the stacks, with the same foreach operations so the numbers match. As
+    torch's SGD skips a parameter without a gradient (frozen, or unused this step), a
+    stack without one is skipped; with ``rows`` only those clients move: a client without
+    a batch this step keeps its weights and momentum. The momentum starts at zero, which
+    gives SGD's first step (``buf = grad``) exactly."""
 
     def __init__(self, stacks: list[Tensor], lr: float, momentum: float, weight_decay: float) -> None:
-        self.stacks, self.lr, self.momentum, self.weight_decay = stacks, lr, momentum, weight_decay
-        self.momenta = [torch.zeros_like(s) for s in stacks] if momentum else []
+        self.stacks = [s for s in stacks if s.requires_grad]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.momenta = [torch.zeros_like(s) for s in self.stacks] if momentum else []
 
     @torch.no_grad()
     def step(self, rows: Tensor | None) -> None:
-        grads = [s.grad if s.grad is not None else torch.zeros_like(s) for s in self.stacks]
+        live = [i for i, s in enumerate(self.stacks) if s.grad is not None]
+        stacks, grads = [self.stacks[i] for i in live], [self.stacks[i].grad for i in live]
+        if not live:
+            return
         if self.weight_decay:
-            grads = torch._foreach_add(grads, self.stacks, alpha=self.weight_decay)
+            grads = torch._foreach_add(grads, stacks, alpha=self.weight_decay)
         if self.momentum:
-            momenta = torch._foreach_mul(self.momenta, self.momentum)
+            old = [self.momenta[i] for i in live]
+            momenta = torch._foreach_mul(old, self.momentum)
             torch._foreach_add_(momenta, grads)
-            self.momenta = momenta if rows is None else masked(rows, momenta, self.momenta)
-            grads = self.momenta
-        moved = torch._foreach_add(self.stacks, grads, alpha=-self.lr)
-        for stack, new in zip(self.stacks, moved if rows is None else masked(rows, moved, self.stacks)):
+            grads = momenta if rows is None else masked(rows, momenta, old)
+            for i, momentum in zip(live, grads):
+                self.momenta[i] = momentum
+        moved = torch._foreach_add(stacks, grads, alpha=-self.lr)
+        for stack, new in zip(stacks, moved if rows is None else masked(rows, moved, stacks)):
             stack.copy_(new)
 
 

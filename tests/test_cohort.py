@@ -26,6 +26,25 @@ def small_bn_net(num_classes: int, in_channels: int, image_size: int) -> nn.Modu
                          nn.Flatten(), nn.Linear(16, num_classes))
 
 
+class FrozenAndUnused(nn.Module):
+    """A frozen bias (SGD must never move it) and a layer the forward pass never uses (no
+    gradient: torch's SGD skips it, weight decay included)."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Linear(16, num_classes)
+        self.head.bias.requires_grad_(False)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def frozen_and_unused_net(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return FrozenAndUnused(num_classes, in_channels, image_size)
+
+
 def both_ways(tiny_root, tmp_path, rounds: int = 1, **sections):
     """The same experiment trained sequentially and as a cohort: (run, sent updates) each."""
     train = sections.pop("train", LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32))
@@ -153,3 +172,18 @@ def test_stacked_sgd_moves_exactly_the_rows_that_stepped_as_per_client_sgd_does(
         stacked.step(None if len(stepping) == rows else mask)
         for k, p in enumerate(clients):
             assert torch.equal(stack[k].detach(), p.detach()), (stepping, k)
+
+
+@pytest.mark.parametrize("defense", [None, SDFC()], ids=["no loss term", "sdfc term on every parameter"])
+def test_frozen_and_unused_parameters_stay_as_sequential_training_leaves_them(tiny_root, tmp_path, defense):
+    sections = {"model": ModelConfig(name="test_cohort.frozen_and_unused_net"),
+                "train": LocalTrainConfig(local_steps=6, batch_size=32, weight_decay=0.1)}
+    if defense is not None:
+        sections["defense"] = defense  # its calibration term reaches the unused layer too
+    (seq, seq_sent, _), (coh, coh_sent, _) = both_ways(tiny_root, tmp_path, rounds=2, **sections)
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    if defense is None:  # the unused layer's 12 values are the update's last 12: never moved
+        assert all(float(update[-12:].abs().max()) == 0.0 for update in coh_sent.values())
+    frozen = [m.head.bias for m in coh._cohort_models]
+    assert all(torch.equal(bias, coh.model.head.bias) for bias in frozen), "the frozen bias never moves"
