@@ -358,6 +358,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
     results = collect(grid_dir)
     if not results:
         raise FedbenchError(f"no finished cells under {grid_dir / CELLS}")
+    own = list(results)  # counts, run time and provenance describe this grid's cells
     if reference is not None:
         results += reference_cells(reference, [r for r in results if r.attack != "none"] or results)
     grid_file = grid_dir / "grid.json"
@@ -385,7 +386,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
     if command and grid_info.get("file"):
         command = f"fedbench grid {grid_info['file']}` then `{command}"
     text = [f"# Results: {title}\n",
-            f"{len(results)} finished cells; seeds {seeds}. A = clean accuracy; ASR non-target = attack "
+            f"{len(own)} finished cells; seeds {seeds}. A = clean accuracy; ASR non-target = attack "
             "success rate over test images whose true label is not the target (the headline); ASR all = the "
             "same over every test image (how the published SDFC/FDCR code counts; R in their tables is "
             "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of the last rounds (mean±std over "
@@ -394,14 +395,17 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
             "attack-free cells, where Multi-Krum and trimmed mean then average every update).\n"]
     if command:
         text.append(f"Made by: `{command}`\n")
-    timed = [r.wall_time_s for r in results if r.wall_time_s is not None]
+    if reference is not None:
+        text.append(f"Attack-free columns (none A, and each A drop) from the attack-free cells of {reference}, "
+                    "the same protocol.\n")
+    timed = [r.wall_time_s for r in own if r.wall_time_s is not None]
     if timed:
         devices = ", ".join(sorted({r.device for r in results if r.device}))
         jobs = grid_info.get("jobs", 1)
         parallel = f", {jobs} cells at a time" if jobs > 1 else ""
         text.append(f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
                     f"slowest cell {max(timed):.0f} s) on {devices}.\n")
-    text.append(provenance(results))
+    text.append(provenance(own))
     text.append(defense_settings(results, defenses))
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
@@ -410,7 +414,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
 
     wandb_run = log_grid_summary(results, [out_dir / name for name in images], title,
                                  cells_wandb(results, wandb_mode), grid_dir / "wandb")
-    return {"rows": rows, "images": images, "cells": len(results), "wandb": wandb_run}
+    return {"rows": rows, "images": images, "cells": len(own), "wandb": wandb_run}
 
 
 def report_command(argv: Sequence[str]) -> int:
