@@ -36,14 +36,14 @@ bench-fmnist-paper: install
 	$(BIN)/fedbench grid benchmarks/fmnist_paper.yaml
 	$(BIN)/fedbench report runs/fmnist_paper --out results/fmnist_paper
 
-# Adaptive backdoors x the backdoor defenses (75 cells), and SDFC's adaptive-client study.
+# Adaptive backdoors x every defense but Bulyan (195 cells), and SDFC's adaptive-client study.
 bench-adaptive: install
 	$(BIN)/fedbench grid benchmarks/adaptive.yaml
 	$(BIN)/fedbench report runs/adaptive --out results/adaptive
 	$(BIN)/fedbench grid benchmarks/sdfc_adaptive.yaml
 	$(BIN)/fedbench report runs/sdfc_adaptive --out results/sdfc_adaptive
 
-# The untargeted attacks x the robust rules, 147 cells (about 2 CPU-hours; resumable).
+# The untargeted attacks x every defense but Bulyan, 336 cells (about 5 CPU-hours; resumable).
 bench-byzantine: install
 	$(BIN)/fedbench grid benchmarks/byzantine.yaml
 	$(BIN)/fedbench report runs/byzantine --out results/byzantine --reference runs/quick
