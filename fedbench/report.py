@@ -353,6 +353,17 @@ def reference_cells(reference_dir: Path, results: list[CellResult]) -> list[Cell
     return [dataclasses.replace(r, setting=setting) for r in clean for setting in settings]
 
 
+def run_time(cells: list[CellResult], jobs: int) -> str:
+    """The cells' summed wall time, slowest cell and devices ("" when none was timed)."""
+    timed = [r.wall_time_s for r in cells if r.wall_time_s is not None]
+    if not timed:
+        return ""
+    devices = ", ".join(sorted({r.device for r in cells if r.device}))
+    parallel = f", {jobs} cells at a time" if jobs > 1 else ""
+    return (f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
+            f"slowest cell {max(timed):.0f} s) on {devices}.\n")
+
+
 def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb_mode: str | None = None,
                 reference: Path | None = None) -> dict:
     results = collect(grid_dir)
@@ -398,14 +409,7 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
     if reference is not None:
         text.append(f"Attack-free columns (none A, and each A drop) from the attack-free cells of {reference}, "
                     "the same protocol.\n")
-    timed = [r.wall_time_s for r in own if r.wall_time_s is not None]
-    if timed:
-        devices = ", ".join(sorted({r.device for r in results if r.device}))
-        jobs = grid_info.get("jobs", 1)
-        parallel = f", {jobs} cells at a time" if jobs > 1 else ""
-        text.append(f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
-                    f"slowest cell {max(timed):.0f} s) on {devices}.\n")
-    text.append(provenance(own))
+    text += [line for line in (run_time(own, grid_info.get("jobs", 1)), provenance(own)) if line]
     text.append(defense_settings(results, defenses))
     text.append(markdown_tables(rows, defenses, attacks))
     text.append("\n" + "\n".join(f"![{name}]({name})" for name in images) + "\n")
