@@ -261,13 +261,8 @@ def check_jobs(jobs: Any, field_name: str) -> None:
 
 
 def jobs_option(text: str | None) -> int | str | None:
-    """``--jobs``: a number, ``auto`` or nothing (the grid file's choice)."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError([("jobs", text, "an integer >= 1 (cells run at once) or auto")]) from None
+    """``--jobs`` as given: a number becomes an int; anything else :func:`check_jobs` judges."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def validate_cells(grid: Grid) -> None:
