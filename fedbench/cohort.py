@@ -116,6 +116,7 @@ class ClientStacks:
         self.params = {name: stack.detach().requires_grad_(trainable[name])
                        for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
         self.buffers = stacked(models, lambda m: m.named_buffers())
+        self.device = next(iter(self.params.values())).device
         for k, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.data = self.params[name].detach()[k]
@@ -134,7 +135,7 @@ class ClientStacks:
     def write_back_buffers(self, group: list[int], buffers: dict[str, Tensor]) -> None:
         if group == self.everyone:
             return  # BatchNorm updated the stacks in place
-        index = torch.tensor(group, device=next(iter(self.params.values())).device)
+        index = torch.tensor(group, device=self.device)
         with torch.no_grad():
             for name, buffer in buffers.items():
                 self.buffers[name].index_copy_(0, index, buffer)
@@ -156,7 +157,7 @@ class ClientStacks:
                         p.grad = None
 
     def rows(self, clients: list[int]) -> Tensor:
-        mask = torch.zeros(len(self.models), dtype=torch.bool, device=next(iter(self.params.values())).device)
+        mask = torch.zeros(len(self.models), dtype=torch.bool, device=self.device)
         mask[clients] = True
         return mask
 
@@ -177,9 +178,9 @@ class StackedSGD:
     @torch.no_grad()
     def step(self, rows: Tensor | None) -> None:
         live = [i for i, s in enumerate(self.stacks) if s.grad is not None]
-        stacks, grads = [self.stacks[i] for i in live], [self.stacks[i].grad for i in live]
         if not live:
             return
+        stacks, grads = [self.stacks[i] for i in live], [self.stacks[i].grad for i in live]
         if self.weight_decay:
             grads = torch._foreach_add(grads, stacks, alpha=self.weight_decay)
         if self.momentum:
