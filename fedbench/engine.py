@@ -9,7 +9,8 @@ A round (:meth:`FederatedRun.run_round`) reads as its steps, each a short method
 3. ``gather``: every process receives every client's :class:`ClientResult`, field by field;
 4. ``attack_server_side``: the attack sees the whole round and may replace its own rows;
 5. ``screen``: wrong-size and NaN/Inf updates (and, if set, too large ones) are rejected;
-6. ``aggregate``: the defense aggregates the rest and gives its verdicts;
+6. ``aggregate``: the defense aggregates the rest and gives its verdicts (an aggregate with
+   NaN/Inf is refused and the round flagged ``non_finite_aggregate``);
 7. ``server_step``: ``global += server_lr * aggregate``; buffers averaged over kept clients;
 8. ``evaluate``: the global model on the clean and the triggered test set;
 9. ``record``: the round's record, appended to ``metrics.jsonl`` and sent to the loggers.
@@ -102,6 +103,7 @@ class Verdict:
     weights: Tensor
     excluded: Tensor
     aggregate: Aggregate | None = None
+    non_finite_aggregate: bool = False
 
 
 def versions() -> dict[str, str]:
@@ -473,15 +475,17 @@ class FederatedRun:
             generator=torch_generator(self.seed, "defense", round_.clients[0].round, device=self.device),
         )
         aggregate = self.exp.defense.aggregate(round_.updates[kept], self.num_samples[client_ids].to(self.device), ctx)
-        if not torch.isfinite(aggregate.update).all():
-            raise FloatingPointError(f"defense {self.exp.defense.name} returned a non-finite aggregate")
         verdict.weights[kept_cpu] = aggregate.weights.detach().double().cpu()
         verdict.excluded[kept_cpu] = aggregate.excluded.cpu()
-        verdict.aggregate = aggregate
+        # Finite updates can still sum to Inf/NaN (huge ones weighted up): the server refuses
+        # such an aggregate as it refuses a non-finite update, keeps its model and records the
+        # round, so a diverging defense gives a number (its last finite model) and a flag, not a crash.
+        verdict.non_finite_aggregate = not bool(torch.isfinite(aggregate.update).all())
+        verdict.aggregate = None if verdict.non_finite_aggregate else aggregate
 
     # ------------------------------------------------------------------ 7. server step
     def server_step(self, round_: GatheredRound, verdict: Verdict) -> None:
-        if verdict.aggregate is None:  # every update was rejected: the model does not move
+        if verdict.aggregate is None:  # every update rejected, or the aggregate refused: the model stays
             return
         self.global_params = self.global_params + self.exp.federation.server_lr * verdict.aggregate.update
         if round_.buffers is not None:
@@ -578,6 +582,7 @@ class FederatedRun:
             "weights": weights,
             "excluded": excluded,
             "rejected": {str(c): r for c, r in zip(selected, verdict.reasons) if r is not None},
+            "non_finite_aggregate": verdict.non_finite_aggregate,
             "detection": detection,
             "defense": verdict.aggregate.info if verdict.aggregate is not None else {},
         }
@@ -678,6 +683,7 @@ class FederatedRun:
             "final": final_numbers(self.records, exp.federation.final_rounds),
             "detection": summarise_detection([r["detection"] for r in self.records]),
             "rejected_updates": dict(Counter(reason for r in self.records for reason in r["rejected"].values())),
+            "non_finite_aggregate_rounds": [r["round"] for r in self.records if r.get("non_finite_aggregate")],
             "rounds": len(self.records),
             "malicious_clients": self.malicious,
             "wall_time_s": wall_time,

@@ -52,6 +52,7 @@ class CellResult:
     versions: dict | None = None
     code: str | None = None
     config: dict | None = None
+    non_finite_rounds: list[int] = dataclasses.field(default_factory=list)
 
 
 def _fallback_setting(summary: dict) -> Setting:
@@ -91,6 +92,7 @@ def collect(grid_dir: Path) -> list[CellResult]:
             versions=summary.get("versions"),
             code=summary.get("code"),
             config=summary.get("config"),
+            non_finite_rounds=summary.get("non_finite_aggregate_rounds") or [],
         ))
     return results
 
@@ -166,8 +168,15 @@ def build_rows(results: list[CellResult], defenses: list[str], attacks: list[str
                     row[f"{key}_mean"], _ = mean_std([(c.detection or {}).get(key) for c in cells])
                 clean = [] if attack == "none" else cells_for(results, setting, defense, "none")
                 row["A_drop_mean"], row["A_drop_std"] = mean_std(accuracy_drops(clean, cells))
+                row["non_finite_aggregates"] = non_finite_note(cells)
                 rows.append(row)
     return rows
+
+
+def non_finite_note(cells: list[CellResult]) -> str:
+    """Which seeds' defense returned a NaN/Inf aggregate (refused; the model stayed), and when."""
+    return "; ".join(f"seed {c.seed}: {len(c.non_finite_rounds)} of {len(c.records)} rounds, "
+                     f"from round {c.non_finite_rounds[0]}" for c in cells if c.non_finite_rounds)
 
 
 def accuracy_drops(clean: list[CellResult], attacked: list[CellResult]) -> list[float]:
@@ -199,10 +208,20 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
             cells = [defense]
             for attack in shown_attacks:
                 row = here.get((defense, attack))
+                mark = "†" if row and row.get("non_finite_aggregates") else ""
                 for key in columns[attack]:
-                    cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-")
+                    cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) + mark if row else "-")
             out.write("| " + " | ".join(cells) + " |\n")
+        out.write(non_finite_footnote([here[k] for k in here if here[k].get("non_finite_aggregates")]))
     return out.getvalue()
+
+
+def non_finite_footnote(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    listed = "\n".join(f"- {r['defense']} / {r['attack']}: {r['non_finite_aggregates']}" for r in rows)
+    return ("\n† the defense returned an aggregate with NaN/Inf in some rounds; the server refused it "
+            "and kept its model (the numbers are that model's), in:\n" + listed + "\n")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

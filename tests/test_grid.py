@@ -245,7 +245,7 @@ def test_set_and_cells_narrow_a_grid_from_the_command_line(tmp_path):
         load_grid(path, None, ["no_equals_sign"])
 
 
-def write_cell(grid_dir, name, device, code, torch_version="2.14.1", asr=50.0):
+def write_cell(grid_dir, name, device, code, torch_version="2.14.1", asr=50.0, non_finite_rounds=()):
     import json as json_
 
     cell = grid_dir / "cells" / name
@@ -255,7 +255,20 @@ def write_cell(grid_dir, name, device, code, torch_version="2.14.1", asr=50.0):
     (cell / "summary.json").write_text(json_.dumps({
         "dataset": "fashion_mnist", "attack": "pixel_pattern", "defense": "fedavg", "seed": int(name[-1]),
         "final": {"A": 60.0, "ASR": asr}, "detection": None, "wall_time_s": 10.0, "device": device,
-        "code": code, "versions": {"torch": torch_version}, "config": {}}))
+        "code": code, "versions": {"torch": torch_version}, "config": {},
+        "non_finite_aggregate_rounds": list(non_finite_rounds)}))
+
+
+def test_the_report_marks_cells_whose_aggregate_was_refused_and_says_when(tmp_path):
+    from fedbench.report import make_report
+
+    write_cell(tmp_path / "g", "pixel_pattern-fedavg-s0", "cpu", "abc", asr=40.0)
+    write_cell(tmp_path / "g", "pixel_pattern-fedavg-s1", "cpu", "abc", asr=60.0, non_finite_rounds=(0,))
+    make_report(tmp_path / "g", tmp_path / "out")
+    lines = (tmp_path / "out" / "results.md").read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| fedavg "))
+    assert row.split(" | ")[1:3] == ["60.0±0.0†", "50.0±10.0†"], "A of both seeds, ASR (40 + 60) / 2, marked"
+    assert "- fedavg / pixel_pattern: seed 1: 1 of 1 rounds, from round 0" in lines
 
 
 def test_the_report_names_machine_code_and_versions_and_warns_when_cells_mix_them(tmp_path):

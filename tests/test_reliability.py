@@ -13,6 +13,7 @@ from attacks.base import Attack
 from attacks.huge_update import HugeUpdate
 from attacks.nan_update import NaNUpdate
 from conftest import tiny_experiment
+from defenses.fedavg import FedAvg
 from defenses.krum import Krum
 from defenses.sdfc import SDFC
 from fedbench.engine import FederatedRun
@@ -78,6 +79,36 @@ def test_when_every_update_is_rejected_the_global_model_does_not_move(tiny_root,
     record = run.run_round(0)
     assert torch.equal(run.global_params, before)
     assert set(record["rejected"].values()) == {"non_finite", "norm_above_limit"} and len(record["rejected"]) == 5
+
+
+class OverflowsInRoundZero(FedAvg):
+    """FedAvg whose round-0 aggregate holds a NaN (what a weighting that overflows gives)."""
+
+    def aggregate(self, updates, num_samples, ctx):
+        result = super().aggregate(updates, num_samples, ctx)
+        if ctx.round == 0:
+            result.update = result.update.clone()
+            result.update[0] = float("nan")
+        return result
+
+
+def test_a_non_finite_aggregate_is_refused_flagged_and_the_run_goes_on(tiny_root, tmp_path):
+    exp = tiny_experiment(tiny_root, tmp_path, defense=OverflowsInRoundZero(),
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2))
+    run = FederatedRun(exp)
+    start = run.global_params.clone()
+    first = run.run_round(0)
+    assert torch.equal(run.global_params, start), "the refused aggregate did not move the model"
+    counts = run.num_samples.double()
+    assert first["non_finite_aggregate"] is True and first["rejected"] == {}
+    assert first["weights"] == pytest.approx((counts / counts.sum()).tolist()), "the defense's verdict is kept"
+    run.records.append(first)
+    second = run.run_round(1)
+    run.records.append(second)
+    assert second["non_finite_aggregate"] is False and not torch.equal(run.global_params, start)
+    summary = run.summary(0.0)
+    assert summary["status"] == "finished" and summary["non_finite_aggregate_rounds"] == [0]
+    assert summary["final"]["A"] is not None
 
 
 def test_a_faulty_client_never_reaches_a_robust_defense(tiny_root, tmp_path):

@@ -103,7 +103,7 @@ def measure_row(model: str, precision: str, steps: int, repeat: int, device: str
             per_round = launches(run, cuda)
             longer = launches(make_run(model, cohort, 2 * steps, precision, device, out), cuda)
             measured[cohort] = (per_round, (longer - per_round) / steps, seconds(run, repeat, cuda))
-    except FedbenchError as err:  # one row's failure leaves the others' numbers
+    except (FedbenchError, RuntimeError) as err:  # one row's failure (a refusal or a CUDA error) leaves the others
         return [model, precision, f"failed: {err}"[:120]] + [""] * 7
     samples = 10 * steps * run.exp.train.batch_size
     (seq_k, seq_step, seq_s), (coh_k, coh_step, coh_s) = measured[False], measured[True]

@@ -13,7 +13,12 @@
 # carry runs/ to the machine: every cell resumes from its last checkpoint (same device kind:
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
-# (its rows now print as they are measured), so give it 240.
+# (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
+# CPU_GRID=FILE puts the machine's spare CPU cores to work meanwhile: that grid's cells run
+# on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS at a
+# time, only cells matching the patterns in CPU_CELLS) for CPU_SECONDS; its finished cells
+# come back in cpu_cells.tgz (metrics, summaries, logs; no checkpoints). EQUAL_CELL=ID
+# re-runs one cell a CPU machine already finished, to compare the numbers across machines.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -22,11 +27,23 @@ PY=${PYTHON:-python3}
 nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
+cpu_grid() {  # grid file, output folder, patterns...
+  local file=$1 out=$2; shift 2
+  local patterns=(); for p in "$@"; do patterns+=(--cells "$p"); done
+  CUDA_VISIBLE_DEVICES= timeout -k 30 "${CPU_SECONDS:-420}" $PY -m fedbench.cli grid "$file" --out "$out" \
+    --jobs "${CPU_JOBS:-12}" --set wandb.mode=disabled "${patterns[@]}"
+}
+if [ -n "${CPU_GRID:-}" ]; then
+  [ -n "${EQUAL_CELL:-}" ] && CPU_JOBS=1 cpu_grid "$CPU_GRID" runs/cpu_equal "$EQUAL_CELL" >"$OUT/cpu_equal.log" 2>&1 &
+  (set -f; cpu_grid "$CPU_GRID" runs/cpu_grid ${CPU_CELLS:-*}) >"$OUT/cpu_grid.log" 2>&1 &
+fi
+
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
   timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
     --models simple_cnn resnet18 --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
 fi
 
+if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
   --out runs/fmnist_paper_gpu --jobs 6 --set train.cohort=true --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
@@ -41,4 +58,13 @@ wait
 echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
 tar czf "$OUT/runs.tgz" runs/fmnist_paper_gpu runs/fmnist_paper_gpu_sequential
+fi
+
+if [ -n "${CPU_GRID:-}" ]; then
+  wait
+  finished=$(grep -l '"status": "finished"' runs/cpu_*/cells/*/summary.json | xargs -r -n1 dirname)
+  echo "CPU cells finished: $(echo "$finished" | grep -c .)"
+  [ -n "$finished" ] && tar czf "$OUT/cpu_cells.tgz" --exclude=checkpoints --exclude=wandb $finished
+  tail -n 2 "$OUT"/cpu_*.log
+fi
 ls -la "$OUT"
