@@ -14,7 +14,9 @@ The numbers equal sequential training up to float rounding (vmapped kernels sum 
 another order; in float64 they agree to 1e-15). On a GPU the point is fewer, larger
 kernels: a round of K clients of the papers' 90k-parameter CNN on batches of 64 is
 kernel-launch bound sequentially. ``channels_last`` has no effect inside the cohort (on CUDA
-vmap needs contiguous tensors there).
+vmap needs contiguous tensors there). On CUDA, BatchNorm runs as plain tensor operations
+(:func:`explicit_batch_norm`): cuDNN's batch norm asks its input for a memory format, which
+vmap cannot answer, and refuses float32 running statistics for a bf16 input under vmap.
 
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
@@ -24,6 +26,7 @@ before-training hooks run before any client trains: hooks keep their state per c
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -42,6 +45,7 @@ class CohortTrainer:
     def __init__(self, trainer: LocalTrainer) -> None:
         self.trainer = trainer
         self.template = trainer.model
+        self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
@@ -92,7 +96,7 @@ class CohortTrainer:
         def loss_of(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(functional_call(self.template, {**p, **b}, (x,)), y)
 
-        with self.trainer.fabric.autocast():
+        with self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm):
             try:
                 losses = vmap(loss_of)(params, buffers, inputs, labels)
             except RuntimeError as err:
@@ -211,6 +215,49 @@ def vmappable(stack: Tensor) -> Tensor:
     there the stack is made contiguous. On CPU it keeps the sequential trainer's layout, so
     both sum in the same order."""
     return stack.contiguous() if stack.is_cuda else stack
+
+
+def explicit_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                        weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+                        momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """``F.batch_norm`` in plain tensor operations, computed in float32 and cast back to the
+    input's dtype: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` over every dimension
+    but the channels, with the batch's biased variance in training (and the running
+    statistics updated: ``r = (1 - momentum) r + momentum s``, the variance's ``s`` unbiased),
+    the running statistics otherwise."""
+    x = input.float()
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training or running_mean is None:
+        dims = [0] + list(range(2, x.dim()))
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if training and running_mean is not None and running_var is not None:
+            count = x.numel() // x.shape[1]
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(momentum * mean.detach().to(running_mean.dtype))
+                unbiased = var.detach() * (count / max(count - 1, 1))
+                running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.float().view(shape)
+    if bias is not None:
+        y = y + bias.float().view(shape)
+    return y.to(input.dtype)
+
+
+@contextmanager
+def batch_norm_as_tensor_ops(enabled: bool) -> Iterator[None]:
+    """While open (and ``enabled``), every BatchNorm module computes with
+    :func:`explicit_batch_norm` (BatchNorm's forward calls ``F.batch_norm``)."""
+    if not enabled:
+        yield
+        return
+    original, F.batch_norm = F.batch_norm, explicit_batch_norm
+    try:
+        yield
+    finally:
+        F.batch_norm = original
 
 
 def next_batches(streams: list[Iterator[tuple[Tensor, Tensor]]], active: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
