@@ -9,6 +9,7 @@ selected client attacked).
 
 from __future__ import annotations
 
+import math
 from statistics import fmean
 
 
@@ -30,12 +31,13 @@ def detection_metrics(attacking: list[bool], excluded: list[bool], weights: list
 
 
 def summarise_detection(per_round: list[dict | None]) -> dict | None:
-    """Mean of each rate over the rounds that had attackers (None values skipped)."""
+    """Mean of each rate over the rounds that had attackers (None and NaN values skipped:
+    a defense whose scores went NaN gives NaN weights in that round)."""
     rounds = [d for d in per_round if d is not None]
     if not rounds:
         return None
     summary: dict = {"rounds": len(rounds)}
     for key in ("tpr", "fpr", "precision", "recall", "malicious_weight"):
-        values = [d[key] for d in rounds if d[key] is not None]
+        values = [d[key] for d in rounds if d[key] is not None and math.isfinite(d[key])]
         summary[key] = fmean(values) if values else None
     return summary

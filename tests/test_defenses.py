@@ -169,6 +169,8 @@ def test_detection_metrics_by_hand():
     assert detection_metrics([True], [False], [1.0])["precision"] is None
     summary = summarise_detection([None, metrics, {**metrics, "tpr": 1.0, "precision": None}])
     assert summary["rounds"] == 2 and summary["tpr"] == 0.75 and summary["precision"] == 0.5
+    with_nan = summarise_detection([metrics, {**metrics, "malicious_weight": float("nan")}])
+    assert with_nan["malicious_weight"] == pytest.approx(0.3), "a round with NaN weights is skipped"
 
 
 def test_batcher_network_sorts_every_column():
