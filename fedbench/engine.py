@@ -180,6 +180,8 @@ class FederatedRun:
         self.checkpoints = Checkpoints(self.run_dir, fabric)
         self._progress = None
         self.start_round = 0
+        self.earlier_wall_time = 0.0  # seconds spent by earlier attempts, from the checkpoint
+        self.started = time.perf_counter()
         self._setup_data()
         self._setup_model()
         self._setup_attack_and_defense()
@@ -596,6 +598,7 @@ class FederatedRun:
             "records": self.records,
             "defense": self.exp.defense.state_dict(),
             "attack": self.exp.attack.state_dict(),
+            "wall_time_s": self.wall_time(),
         }, clients={"hook": self.hook.state_dict() if self.hook else {}})
 
     def _resume(self) -> None:
@@ -611,11 +614,12 @@ class FederatedRun:
         if self.hook:
             self.hook.load_state_dict(clients["hook"])
         self.start_round = int(server["round"]) + 1
+        self.earlier_wall_time = float(server.get("wall_time_s", 0.0))  # absent in older checkpoints
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         exp = self.exp
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         if self.rank == 0:
             self._write_run_start()
         progress = self._progress = self._progress_bar() if self.rank == 0 and exp.output.progress else None
@@ -633,13 +637,17 @@ class FederatedRun:
         if progress is not None:
             progress.close()
 
-        summary = self.summary(time.perf_counter() - started)
+        summary = self.summary(self.wall_time())
         summary["final"].update(self.defense_final_numbers())
         if self.rank == 0:
             self.fabric.log_dict({f"final/{k}": v for k, v in summary["final"].items() if v is not None},
                                  step=exp.federation.rounds)
             write_json_atomic(self.run_dir / SUMMARY, summary)
         return summary
+
+    def wall_time(self) -> float:
+        """Seconds this run has taken so far, earlier attempts (up to their checkpoint) included."""
+        return self.earlier_wall_time + time.perf_counter() - self.started
 
     def _write_run_start(self) -> None:
         """partition.json, the metrics file as the checkpoint has it, the loggers' hyperparameters."""

@@ -372,15 +372,25 @@ def reference_cells(reference_dir: Path, results: list[CellResult]) -> list[Cell
     return [dataclasses.replace(r, setting=setting) for r in clean for setting in settings]
 
 
+def cell_seconds(cell: CellResult) -> float | None:
+    """A cell's wall time, or the sum of its rounds' times where that is larger: a cell
+    resumed from a checkpoint written before checkpoints kept the time so far has only
+    its last attempt's wall time."""
+    rounds = sum((r.get("time") or {}).get("round") or 0.0 for r in cell.records)
+    if cell.wall_time_s is None:
+        return rounds or None
+    return max(cell.wall_time_s, rounds)
+
+
 def run_time(cells: list[CellResult], jobs: int) -> str:
     """The cells' summed wall time, slowest cell and devices ("" when none was timed)."""
-    timed = [r.wall_time_s for r in cells if r.wall_time_s is not None]
+    timed = [t for t in map(cell_seconds, cells) if t is not None]
     if not timed:
         return ""
     devices = ", ".join(sorted({r.device for r in cells if r.device}))
     parallel = f", {jobs} cells at a time" if jobs > 1 else ""
-    return (f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the runs' wall times{parallel}; "
-            f"slowest cell {max(timed):.0f} s) on {devices}.\n")
+    return (f"Run time: {sum(timed) / 60:.1f} min for {len(timed)} cells (sum of the cells' wall times over all "
+            f"their attempts{parallel}; slowest cell {max(timed):.0f} s) on {devices}.\n")
 
 
 def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb_mode: str | None = None,

@@ -259,6 +259,17 @@ def write_cell(grid_dir, name, device, code, torch_version="2.14.1", asr=50.0, n
         "non_finite_aggregate_rounds": list(non_finite_rounds)}))
 
 
+def test_the_run_time_of_a_cell_resumed_without_its_earlier_time_is_the_sum_of_its_rounds(tmp_path):
+    import json as json_
+
+    from fedbench.report import collect, run_time
+
+    write_cell(tmp_path / "g", "pixel_pattern-fedavg-s0", "cpu", "abc")  # wall time 10 s, one round
+    metrics = tmp_path / "g" / "cells" / "pixel_pattern-fedavg-s0" / "metrics.jsonl"
+    metrics.write_text("".join(json_.dumps({"round": r, "time": {"round": 30.0}}) + "\n" for r in range(4)))
+    assert run_time(collect(tmp_path / "g"), jobs=1).startswith("Run time: 2.0 min for 1 cells"), "4 x 30 s"
+
+
 def test_the_report_marks_cells_whose_aggregate_was_refused_and_says_when(tmp_path):
     from fedbench.report import make_report
 

@@ -137,8 +137,11 @@ def test_checkpoints_load_with_weights_only_and_a_resumed_run_equals_an_uninterr
     assert sorted(p.name for p in folder.iterdir()) == ["clients.rank0.round1.pt", "last.pt"]
     resumed = FederatedRun(experiment("split", 4))
     assert resumed.start_round == 2
-    resumed.run()
+    summary = resumed.run()
     assert torch.equal(resumed.global_params, whole.global_params)
+    first_two = sum(r["time"]["round"] for r in state["records"])
+    assert state["wall_time_s"] >= first_two, "the checkpoint keeps the time spent so far"
+    assert summary["wall_time_s"] >= sum(r["time"]["round"] for r in resumed.records), "all four rounds counted"
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time", "peak_memory_mb")} for r in rs]
     assert strip(read_jsonl(tmp_path / "split" / "run" / "metrics.jsonl")) == \
         strip(read_jsonl(tmp_path / "whole" / "run" / "metrics.jsonl"))
