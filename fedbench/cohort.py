@@ -220,29 +220,32 @@ def vmappable(stack: Tensor) -> Tensor:
 def explicit_batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                         weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                         momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """``F.batch_norm`` in plain tensor operations, computed in float32 and cast back to the
-    input's dtype: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` over every dimension
-    but the channels, with the batch's biased variance in training (and the running
-    statistics updated: ``r = (1 - momentum) r + momentum s``, the variance's ``s`` unbiased),
-    the running statistics otherwise."""
-    x = input.float()
+    """``F.batch_norm`` in plain tensor operations, computed in float32 (float64 stays
+    float64) and cast back to the input's dtype: ``y = (x - mean) / sqrt(var + eps) * weight
+    + bias`` over every dimension but the channels, with the batch's biased variance in
+    training (and the running statistics updated: ``r = (1 - momentum) r + momentum s``, the
+    variance's ``s`` unbiased), the running statistics otherwise."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x = input.to(compute)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if training or running_mean is None:
         dims = [0] + list(range(2, x.dim()))
+        count = x.numel() // x.shape[1]
+        if training and count <= 1:  # as F.batch_norm: one value per channel has no variance
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
         if training and running_mean is not None and running_var is not None:
-            count = x.numel() // x.shape[1]
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(momentum * mean.detach().to(running_mean.dtype))
                 unbiased = var.detach() * (count / max(count - 1, 1))
                 running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
     else:
-        mean, var = running_mean.float(), running_var.float()
+        mean, var = running_mean.to(compute), running_var.to(compute)
     y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
     if weight is not None:
-        y = y * weight.float().view(shape)
+        y = y * weight.to(compute).view(shape)
     if bias is not None:
-        y = y + bias.float().view(shape)
+        y = y + bias.to(compute).view(shape)
     return y.to(input.dtype)
 
 

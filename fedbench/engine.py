@@ -104,6 +104,7 @@ class Verdict:
     excluded: Tensor
     aggregate: Aggregate | None = None
     non_finite_aggregate: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # the defense's numbers, kept when refused
 
 
 def versions() -> dict[str, str]:
@@ -476,13 +477,19 @@ class FederatedRun:
             uploads={k: v[kept] for k, v in round_.uploads.items()},
             generator=torch_generator(self.seed, "defense", round_.clients[0].round, device=self.device),
         )
-        aggregate = self.exp.defense.aggregate(round_.updates[kept], self.num_samples[client_ids].to(self.device), ctx)
+        defense = self.exp.defense
+        state_before = copy.deepcopy(defense.state_dict())  # what a refused round must not change
+        aggregate = defense.aggregate(round_.updates[kept], self.num_samples[client_ids].to(self.device), ctx)
         verdict.weights[kept_cpu] = aggregate.weights.detach().double().cpu()
         verdict.excluded[kept_cpu] = aggregate.excluded.cpu()
+        verdict.info = aggregate.info
         # Finite updates can still sum to Inf/NaN (huge ones weighted up): the server refuses
-        # such an aggregate as it refuses a non-finite update, keeps its model and records the
-        # round, so a diverging defense gives a number (its last finite model) and a flag, not a crash.
+        # such an aggregate as it refuses a non-finite update, keeps its model and the defense's
+        # state, and records the round, so a diverging defense gives a number (its last finite
+        # model) and a flag, not a crash.
         verdict.non_finite_aggregate = not bool(torch.isfinite(aggregate.update).all())
+        if verdict.non_finite_aggregate:
+            defense.load_state_dict(state_before)
         verdict.aggregate = None if verdict.non_finite_aggregate else aggregate
 
     # ------------------------------------------------------------------ 7. server step
@@ -586,7 +593,7 @@ class FederatedRun:
             "rejected": {str(c): r for c, r in zip(selected, verdict.reasons) if r is not None},
             "non_finite_aggregate": verdict.non_finite_aggregate,
             "detection": detection,
-            "defense": verdict.aggregate.info if verdict.aggregate is not None else {},
+            "defense": verdict.info,
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -210,9 +210,11 @@ def markdown_tables(rows: list[dict], defenses: list[str], attacks: list[str]) -
                 row = here.get((defense, attack))
                 mark = "†" if row and row.get("non_finite_aggregates") else ""
                 for key in columns[attack]:
-                    cells.append(_fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) + mark if row else "-")
+                    text = _fmt(row[f"{key}_mean"], row[f"{key}_std"], row["seeds"]) if row else "-"
+                    cells.append(text + mark if text != "-" else text)
             out.write("| " + " | ".join(cells) + " |\n")
-        out.write(non_finite_footnote([here[k] for k in here if here[k].get("non_finite_aggregates")]))
+        shown = [here[(d, a)] for d in defenses for a in shown_attacks if (d, a) in here]
+        out.write(non_finite_footnote([row for row in shown if row.get("non_finite_aggregates")]))
     return out.getvalue()
 
 

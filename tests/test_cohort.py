@@ -118,30 +118,63 @@ def test_the_cohort_batchnorm_of_cuda_in_tensor_ops_equals_sequential_on_cpu(tin
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_explicit_batch_norm_under_vmap_equals_torch_batch_norm_client_by_client(training):
+@pytest.mark.parametrize("case", ["2d images", "1d features", "float64", "no affine", "no running stats"])
+def test_explicit_batch_norm_under_vmap_equals_torch_batch_norm_client_by_client(training, case):
     from torch.func import vmap
 
     from fedbench.cohort import explicit_batch_norm
 
     torch.manual_seed(0)
     clients, channels = 3, 4
-    x = torch.randn(clients, 8, channels, 5, 5) * 3 + 1
-    weight, bias = torch.rand(clients, channels) + 0.5, torch.randn(clients, channels)
-    mean0, var0 = torch.randn(clients, channels), torch.rand(clients, channels) + 0.5
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = (torch.randn(clients, 8, channels) if case == "1d features" else torch.randn(clients, 8, channels, 5, 5))
+    x = (x * 3 + 1).to(dtype)
+    weight, bias = (torch.rand(clients, channels, dtype=dtype) + 0.5, torch.randn(clients, channels, dtype=dtype))
+    mean0, var0 = torch.randn(clients, channels, dtype=dtype), torch.rand(clients, channels, dtype=dtype) + 0.5
+    if case == "no running stats":  # BatchNorm(track_running_stats=False) always normalises by the batch
+        training = True
     mean, var = mean0.clone(), var0.clone()
-    out = vmap(lambda *a: explicit_batch_norm(*a, training, 0.1, 1e-5))(x, mean, var, weight, bias)
+    per_client = {"x": x, "mean": mean, "var": var, "weight": weight, "bias": bias}
+    if case == "no affine":
+        del per_client["weight"], per_client["bias"]
+    if case == "no running stats":
+        del per_client["mean"], per_client["var"]
+
+    def norm(inputs: dict) -> torch.Tensor:
+        return explicit_batch_norm(inputs["x"], inputs.get("mean"), inputs.get("var"), inputs.get("weight"),
+                                   inputs.get("bias"), training, 0.1, 1e-5)
+
+    out = vmap(norm)(per_client)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     for k in range(clients):
         ref_mean, ref_var = mean0[k].clone(), var0[k].clone()
-        ref = torch.nn.functional.batch_norm(x[k], ref_mean, ref_var, weight[k], bias[k], training, 0.1, 1e-5)
-        assert torch.allclose(out[k], ref, atol=1e-5), k
-        assert torch.allclose(mean[k], ref_mean, atol=1e-6) and torch.allclose(var[k], ref_var, atol=1e-5), k
-    assert training == (not torch.equal(mean, mean0)), "running statistics move in training only"
-    low_input = x[0].bfloat16()
-    low = explicit_batch_norm(low_input, mean0[0].clone(), var0[0].clone(), weight[0], bias[0], training)
-    ref = torch.nn.functional.batch_norm(low_input.float(), mean0[0].clone(), var0[0].clone(), weight[0], bias[0],
-                                         training, 0.1, 1e-5)
+        ref = torch.nn.functional.batch_norm(
+            x[k], ref_mean if "mean" in per_client else None, ref_var if "var" in per_client else None,
+            weight[k] if "weight" in per_client else None, bias[k] if "bias" in per_client else None,
+            training, 0.1, 1e-5)
+        assert out.dtype == dtype and torch.allclose(out[k], ref, atol=tolerance), k
+        if "mean" in per_client:
+            assert torch.allclose(mean[k], ref_mean, atol=tolerance) and torch.allclose(var[k], ref_var, atol=tolerance)
+    if "mean" in per_client:
+        assert training == (not torch.equal(mean, mean0)), "running statistics move in training only"
+
+
+def test_explicit_batch_norm_keeps_bf16_out_and_refuses_one_value_per_channel_as_torch_does():
+    from fedbench.cohort import explicit_batch_norm
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(8, 4, 5, 5) * 3 + 1, torch.rand(4) + 0.5, torch.randn(4)
+    low_input = x.bfloat16()
+    low = explicit_batch_norm(low_input, torch.zeros(4), torch.ones(4), weight, bias, True)
+    ref = torch.nn.functional.batch_norm(low_input.float(), torch.zeros(4), torch.ones(4), weight, bias, True)
     assert low.dtype == torch.bfloat16, "the input's dtype out"
     assert torch.allclose(low.float(), ref, rtol=2 ** -7, atol=1e-2), "float32 inside: only the output is rounded"
+    single = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError) as torch_error:
+        torch.nn.functional.batch_norm(single, torch.zeros(4), torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel") as ours:
+        explicit_batch_norm(single, torch.zeros(4), torch.ones(4), training=True)
+    assert "more than 1 value per channel" in str(torch_error.value) and ours.type is torch_error.type
 
 
 def test_three_cohort_rounds_give_the_same_accuracy_and_asr(tiny_root, tmp_path):

@@ -82,30 +82,50 @@ def test_when_every_update_is_rejected_the_global_model_does_not_move(tiny_root,
 
 
 class OverflowsInRoundZero(FedAvg):
-    """FedAvg whose round-0 aggregate holds a NaN (what a weighting that overflows gives)."""
+    """FedAvg whose round-0 aggregate holds a NaN (what a weighting that overflows gives);
+    it counts its aggregations as its state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aggregated = 0
 
     def aggregate(self, updates, num_samples, ctx):
+        self.aggregated += 1
         result = super().aggregate(updates, num_samples, ctx)
+        result.info = {"round": ctx.round}
         if ctx.round == 0:
             result.update = result.update.clone()
             result.update[0] = float("nan")
         return result
 
+    def state_dict(self):
+        return {"aggregated": self.aggregated}
+
+    def load_state_dict(self, state):
+        self.aggregated = state.get("aggregated", 0)
+
 
 def test_a_non_finite_aggregate_is_refused_flagged_and_the_run_goes_on(tiny_root, tmp_path):
+    from fedbench.models import ModelConfig
+
     exp = tiny_experiment(tiny_root, tmp_path, defense=OverflowsInRoundZero(),
+                          model=ModelConfig(name="test_cohort.small_bn_net"),
                           federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2))
     run = FederatedRun(exp)
-    start = run.global_params.clone()
+    start, start_buffers = run.global_params.clone(), run.global_buffers.clone()
     first = run.run_round(0)
     assert torch.equal(run.global_params, start), "the refused aggregate did not move the model"
+    assert torch.equal(run.global_buffers, start_buffers), "nor its BatchNorm statistics"
+    assert exp.defense.aggregated == 0, "nor the defense's state"
     counts = run.num_samples.double()
     assert first["non_finite_aggregate"] is True and first["rejected"] == {}
     assert first["weights"] == pytest.approx((counts / counts.sum()).tolist()), "the defense's verdict is kept"
+    assert first["defense"] == {"round": 0}, "and its numbers"
     run.records.append(first)
     second = run.run_round(1)
     run.records.append(second)
     assert second["non_finite_aggregate"] is False and not torch.equal(run.global_params, start)
+    assert not torch.equal(run.global_buffers, start_buffers) and exp.defense.aggregated == 1
     summary = run.summary(0.0)
     assert summary["status"] == "finished" and summary["non_finite_aggregate_rounds"] == [0]
     assert summary["final"]["A"] is not None

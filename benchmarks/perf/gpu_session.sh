@@ -14,7 +14,8 @@
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
-# CPU_GRID=FILE puts the machine's spare CPU cores to work meanwhile: that grid's cells run
+# CPU_GRID=FILE puts the machine's spare CPU cores to work meanwhile (they share the cores
+# with stage 1's launching thread: keep CPU_JOBS a few below the core count): that grid's cells run
 # on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS at a
 # time, only cells matching the patterns in CPU_CELLS) for CPU_SECONDS; its finished cells
 # come back in cpu_cells.tgz (metrics, summaries, logs; no checkpoints). EQUAL_CELL=ID
@@ -47,14 +48,16 @@ if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
   --out runs/fmnist_paper_gpu --jobs 6 --set train.cohort=true --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
+cohort_grid=$!
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
   --out runs/fmnist_paper_gpu_sequential --jobs 1 --set wandb.mode=disabled --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
-while sleep 30; do
-  jobs -r | grep -q . || break
+sequential_grid=$!
+while sleep 30; do  # the GPU grids only: a CPU grid (CPU_GRID) may still be running
+  kill -0 $cohort_grid 2>/dev/null || kill -0 $sequential_grid 2>/dev/null || break
   echo "$(( $(date +%s) - start )) s: $(ls runs/fmnist_paper_gpu/cells/*/summary.json 2>/dev/null | wc -l) cells done;" \
     "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
 done
-wait
+wait $cohort_grid $sequential_grid
 echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
 tar czf "$OUT/runs.tgz" runs/fmnist_paper_gpu runs/fmnist_paper_gpu_sequential
