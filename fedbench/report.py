@@ -24,6 +24,7 @@ from pathlib import Path
 from statistics import fmean, pstdev
 from typing import Any, Sequence
 
+from fedbench.config import dump_config, parse_config_dict
 from fedbench.errors import FedbenchError
 from fedbench.grid import CELLS, value_label
 from fedbench.metrics import headline
@@ -365,8 +366,10 @@ def reference_cells(reference_dir: Path, results: list[CellResult]) -> list[Cell
     clean = [r for r in collect(reference_dir) if r.attack == "none"]
     if not clean:
         raise FedbenchError(f"--reference {reference_dir}: no finished attack-free cells under {reference_dir / CELLS}")
+    # a key one side lacks was added to the config after that side ran: it ran with its default
+    defaults = flat_protocol(dump_config(parse_config_dict({})))
     mine, theirs = flat_protocol(results[0].config), flat_protocol(clean[0].config)
-    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k, defaults.get(k)) != theirs.get(k, defaults.get(k)))
     if differ:
         shown = ", ".join(f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in differ[:5])
         raise FedbenchError(f"--reference {reference_dir}: another protocol ({shown})")

@@ -404,3 +404,22 @@ def test_the_accuracy_drop_comes_seed_by_seed_from_a_reference_grid_of_the_same_
     write_summary(other, "none", "median", 0, 80.0, {**protocol, "train": {"lr": 0.01}})
     with pytest.raises(FedbenchError, match=r"another protocol \(train.lr: 0.05 here, 0.01 there\)"):
         make_report(byzantine, tmp_path / "out2", wandb_mode="disabled", reference=other)
+
+
+def test_a_reference_grid_that_predates_a_config_key_ran_with_that_keys_default(tmp_path):
+    """``train.cohort`` came after the quick grid ran: its cells lack the key, which then
+    means the default (false); a value other than the default is still another protocol."""
+    from fedbench.report import make_report
+
+    older = {"seed": 0, "train": {"lr": 0.05}, "attack": {}, "defense": {}}
+    newer = {**older, "train": {"lr": 0.05, "cohort": False}}
+    quick, byzantine = tmp_path / "quick", tmp_path / "byzantine"
+    write_summary(quick, "none", "median", 0, 80.0, older)
+    write_summary(byzantine, "sign_flip", "median", 0, 50.0, newer)
+    report = make_report(byzantine, tmp_path / "out", wandb_mode="disabled", reference=quick)
+    assert next(r for r in report["rows"] if r["attack"] == "sign_flip")["A_drop_mean"] == pytest.approx(30.0)
+
+    cohort = tmp_path / "cohort"
+    write_summary(cohort, "sign_flip", "median", 0, 50.0, {**older, "train": {"lr": 0.05, "cohort": True}})
+    with pytest.raises(FedbenchError, match=r"another protocol \(train.cohort: True here, None there\)"):
+        make_report(cohort, tmp_path / "out2", wandb_mode="disabled", reference=quick)

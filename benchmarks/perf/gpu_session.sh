@@ -14,12 +14,15 @@
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
-# CPU_GRID=FILE puts the machine's spare CPU cores to work meanwhile (they share the cores
-# with stage 1's launching thread: keep CPU_JOBS a few below the core count): that grid's cells run
-# on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS at a
-# time, only cells matching the patterns in CPU_CELLS) for CPU_SECONDS; its finished cells
-# come back in cpu_cells.tgz (metrics, summaries, logs; no checkpoints). EQUAL_CELL=ID
-# re-runs one cell a CPU machine already finished, to compare the numbers across machines.
+# PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models.
+# CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
+# cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'
+# cells run on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS
+# at a time, only cells matching the patterns in CPU_CELLS), one file after the other until
+# CPU_SECONDS have passed in all; finished cells come back in cpu_cells.tgz (metrics,
+# summaries, logs; no checkpoints: on a machine still warm a second call resumes them).
+# EQUAL_CELL=ID re-runs one cell of the first file that a CPU machine already finished, to
+# compare the numbers across machines.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,20 +31,27 @@ PY=${PYTHON:-python3}
 nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 
+cpu_deadline=$(( $(date +%s) + ${CPU_SECONDS:-420} ))
 cpu_grid() {  # grid file, output folder, patterns...
   local file=$1 out=$2; shift 2
   local patterns=(); for p in "$@"; do patterns+=(--cells "$p"); done
-  CUDA_VISIBLE_DEVICES= timeout -k 30 "${CPU_SECONDS:-420}" $PY -m fedbench.cli grid "$file" --out "$out" \
+  local left=$(( cpu_deadline - $(date +%s) ))
+  [ "$left" -gt 60 ] || return 0
+  CUDA_VISIBLE_DEVICES= timeout -k 30 "$left" $PY -m fedbench.cli grid "$file" --out "$out" \
     --jobs "${CPU_JOBS:-12}" --set wandb.mode=disabled "${patterns[@]}"
 }
 if [ -n "${CPU_GRID:-}" ]; then
-  [ -n "${EQUAL_CELL:-}" ] && CPU_JOBS=1 cpu_grid "$CPU_GRID" runs/cpu_equal "$EQUAL_CELL" >"$OUT/cpu_equal.log" 2>&1 &
-  (set -f; cpu_grid "$CPU_GRID" runs/cpu_grid ${CPU_CELLS:-*}) >"$OUT/cpu_grid.log" 2>&1 &
+  first=${CPU_GRID%% *}
+  [ -n "${EQUAL_CELL:-}" ] && CPU_JOBS=1 cpu_grid "$first" runs/cpu_equal "$EQUAL_CELL" >"$OUT/cpu_equal.log" 2>&1 &
+  (set -f; for file in $CPU_GRID; do
+     stem=$(basename "$file" .yaml)
+     cpu_grid "$file" "runs/cpu_grid/$stem" ${CPU_CELLS:-*} >"$OUT/cpu_grid_$stem.log" 2>&1
+   done) &
 fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
   timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
-    --models simple_cnn resnet18 --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
+    --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
 fi
 
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
@@ -65,7 +75,7 @@ fi
 
 if [ -n "${CPU_GRID:-}" ]; then
   wait
-  finished=$(grep -l '"status": "finished"' runs/cpu_*/cells/*/summary.json | xargs -r -n1 dirname)
+  finished=$(grep -l '"status": "finished"' runs/cpu_equal/cells/*/summary.json runs/cpu_grid/*/cells/*/summary.json 2>/dev/null | xargs -r -n1 dirname)
   echo "CPU cells finished: $(echo "$finished" | grep -c .)"
   [ -n "$finished" ] && tar czf "$OUT/cpu_cells.tgz" --exclude=checkpoints --exclude=wandb $finished
   tail -n 2 "$OUT"/cpu_*.log
