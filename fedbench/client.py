@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attacks.base import BatchPoisoning, ClientInfo
-from fedbench.data import ImagePipeline, ImageSet
+from fedbench.data import Augmentation, ImagePipeline, ImageSet
 from fedbench.errors import Problem, Problems
 
 if TYPE_CHECKING:
@@ -72,6 +72,39 @@ def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool) -> int
     return -(-num_samples // batch_size)
 
 
+@dataclass
+class RawBatch:
+    """One client batch before the pipeline: the stored samples, their labels, their indices
+    in the client's data, and the pipeline's random draws for them (made when the batch is
+    taken, in the order the pipeline has always made them)."""
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor
+    draws: Augmentation | None
+
+
+def raw_batches(
+    data: ImageSet,
+    pipeline: ImagePipeline,
+    batch_size: int,
+    generator: torch.Generator | None,
+    *,
+    train: bool = True,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[RawBatch]:
+    """One epoch of batches, each drawn as it is taken (so a client's draws come in the same
+    order whether its batches are finished one by one or together with other clients')."""
+    n = len(data)
+    device = data.labels.device
+    order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
+    for b in range(batches_per_epoch(n, batch_size, drop_last)):
+        index = order[b * batch_size : (b + 1) * batch_size]
+        draws = pipeline.draw(len(index), data.images.device, generator) if train else None
+        yield RawBatch(data.images[index], data.labels[index], index, draws)
+
+
 def iterate_batches(
     data: ImageSet,
     pipeline: ImagePipeline,
@@ -84,16 +117,16 @@ def iterate_batches(
     poison: BatchPoisoning | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of model-ready ``(inputs, labels)`` batches, built on the data's device."""
-    n = len(data)
-    device = data.labels.device
-    order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
-    for b in range(batches_per_epoch(n, batch_size, drop_last)):
-        index = order[b * batch_size : (b + 1) * batch_size]
-        inputs = pipeline(data.images[index], generator, train=train)
-        labels = data.labels[index]
-        if poison is not None:
-            inputs, labels = poison.apply(inputs, labels, index)
-        yield inputs, labels
+    for raw in raw_batches(data, pipeline, batch_size, generator, train=train, shuffle=shuffle, drop_last=drop_last):
+        yield finished(pipeline, raw, poison)
+
+
+def finished(pipeline: ImagePipeline, raw: RawBatch, poison: BatchPoisoning | None) -> tuple[Tensor, Tensor]:
+    """A raw batch through the pipeline, then the client's poisoning."""
+    inputs, labels = pipeline.apply(raw.images, raw.draws), raw.labels
+    if poison is not None:
+        inputs, labels = poison.apply(inputs, labels, raw.index)
+    return inputs, labels
 
 
 @dataclass
@@ -132,12 +165,16 @@ class LocalTrainer:
         self, data: ImageSet, generator: torch.Generator, poison: BatchPoisoning | None, endless: bool
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """``local_epochs`` epochs of batches, or endless ones when training by steps."""
+        for raw in self.raw_epochs(data, generator, endless):
+            yield finished(self.pipeline, raw, poison)
+
+    def raw_epochs(self, data: ImageSet, generator: torch.Generator, endless: bool) -> Iterator[RawBatch]:
+        """The batches of :meth:`epochs` before the pipeline and the poisoning (the cohort
+        finishes several clients' batches in one pass)."""
         epoch = 0
         while endless or epoch < self.config.local_epochs:
-            yield from iterate_batches(
-                data, self.pipeline, self.config.batch_size, generator,
-                train=True, drop_last=self.config.drop_last, poison=poison,
-            )
+            yield from raw_batches(data, self.pipeline, self.config.batch_size, generator,
+                                   drop_last=self.config.drop_last)
             epoch += 1
 
     def prepare(self, inputs: Tensor) -> Tensor:

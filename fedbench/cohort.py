@@ -4,8 +4,9 @@ over every client's parameters. The parameters and buffers are stacked once per 
 (:class:`ClientStacks`) and each client's model points into its row, so no step copies.
 
 What stays each client's own: its copy of the model (so every client hook sees a normal
-module), its data order, augmentation and poisoning (its own seeded batch stream, drawn
-in the same order as sequential training), its extra loss terms and after-step hooks,
+module), its data order, augmentation draws and poisoning (its own seeded batch stream,
+drawn in the same order as sequential training; the pipeline itself runs once over all
+the cohort's samples with each client's draws), its extra loss terms and after-step hooks,
 its SGD momentum, and its number of steps: a client whose epochs (or ``local_steps``)
 are done drops out of the cohort and stops moving. Clients whose batch of this step has
 another shape (a client smaller than one batch) are stepped in a cohort of their own.
@@ -35,7 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from fedbench.client import ClientJob, LocalResult, LocalTrainer
+from attacks.base import BatchPoisoning
+from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
+from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 
 
@@ -50,48 +53,54 @@ class CohortTrainer:
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
         limit = config.local_steps
-        streams = [self.trainer.epochs(job.data, job.generator, job.plan, endless=limit is not None) for job in jobs]
+        streams = [self.trainer.raw_epochs(job.data, job.generator, endless=limit is not None) for job in jobs]
         stacks = ClientStacks([job.model for job in jobs])
         optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
         self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
         steps = [0] * len(jobs)
-        loss_sums = [torch.zeros((), device=fabric.device) for _ in jobs]
+        loss_sums = torch.zeros(len(jobs), device=fabric.device)
         active = list(range(len(jobs)))
         while active:
             batches = next_batches(streams, active)
             if not batches:
                 break
-            losses = self.step(jobs, batches, stacks, optimizer)
-            for k, loss in losses.items():
+            stepped, losses = self.step(jobs, batches, stacks, optimizer)
+            if len(stepped) == len(jobs):  # every client stepped, in client order: one add for all
+                loss_sums += losses
+            else:
+                loss_sums[stepped] += losses
+            for k in stepped:
                 if jobs[k].after_step is not None:
                     jobs[k].after_step()
-                loss_sums[k] += loss
                 steps[k] += 1
             active = [k for k in batches if limit is None or steps[k] < limit]
-        return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums)]
+        return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
 
-    def step(self, jobs: list[ClientJob], batches: dict[int, tuple[Tensor, Tensor]], stacks: "ClientStacks",
-             optimizer: "StackedSGD") -> dict[int, Tensor]:
-        """One optimizer step of every client in ``batches``; returns each one's loss."""
+    def step(self, jobs: list[ClientJob], batches: dict[int, RawBatch], stacks: "ClientStacks",
+             optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
+        """One optimizer step of every client in ``batches``; returns those clients (in
+        client order) and their losses."""
         stacks.zero_grad()
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
-            for k, loss in zip(group, self.group_losses(stacks, group, [batches[k] for k in group])):
+            raws, plans = [batches[k] for k in group], [jobs[k].plan for k in group]
+            inputs, labels = cohort_batch(self.trainer.pipeline, raws, plans)
+            for k, loss in zip(group, self.group_losses(stacks, group, inputs, labels)):
                 regularizer = jobs[k].regularizer
                 losses[k] = loss + regularizer() if regularizer is not None else loss
-        self.trainer.fabric.backward(torch.stack(list(losses.values())).sum())
-        stacks.collect_model_grads([k for k in losses if jobs[k].regularizer is not None])
-        optimizer.step(None if len(losses) == len(jobs) else stacks.rows(list(losses)))
-        return {k: loss.detach() for k, loss in losses.items()}
+        stepped = sorted(losses)
+        per_client = torch.stack([losses[k] for k in stepped])
+        self.trainer.fabric.backward(per_client.sum())
+        stacks.collect_model_grads([k for k in stepped if jobs[k].regularizer is not None])
+        optimizer.step(None if len(stepped) == len(jobs) else stacks.rows(stepped))
+        return stepped, per_client.detach()
 
-    def group_losses(self, stacks: "ClientStacks", group: list[int], batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def group_losses(self, stacks: "ClientStacks", group: list[int], inputs: Tensor, labels: Tensor) -> Tensor:
         """Each client's cross-entropy on its batch, ``[K]``, in one vmapped pass; BatchNorm
         statistics land in the stacks."""
         params, buffers = stacks.select(group)
-        inputs = vmappable(torch.stack([x for x, _ in batches]))
-        labels = torch.stack([y for _, y in batches])
 
         def loss_of(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(functional_call(self.template, {**p, **b}, (x,)), y)
@@ -194,9 +203,11 @@ class StackedSGD:
             grads = momenta if rows is None else masked(rows, momenta, old)
             for i, momentum in zip(live, grads):
                 self.momenta[i] = momentum
+        if rows is None:  # every client moves: in place, one foreach kernel
+            torch._foreach_add_(stacks, grads, alpha=-self.lr)
+            return
         moved = torch._foreach_add(stacks, grads, alpha=-self.lr)
-        for stack, new in zip(stacks, moved if rows is None else masked(rows, moved, stacks)):
-            stack.copy_(new)
+        torch._foreach_copy_(stacks, masked(rows, moved, stacks))
 
 
 def masked(rows: Tensor, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:
@@ -263,7 +274,22 @@ def batch_norm_as_tensor_ops(enabled: bool) -> Iterator[None]:
         F.batch_norm = original
 
 
-def next_batches(streams: list[Iterator[tuple[Tensor, Tensor]]], active: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+def cohort_batch(pipeline: ImagePipeline, raws: list[RawBatch],
+                 plans: list[BatchPoisoning | None]) -> tuple[Tensor, Tensor]:
+    """Model inputs ``[K, B, ...]`` and labels ``[K, B]`` of K same-shape client batches: one
+    pipeline pass over all their samples with each client's own draws (every step is per
+    image, so each row is bit for bit that client's batch, for a launch count that does not
+    grow with K), then each client's own poisoning."""
+    inputs = pipeline.apply(torch.cat([raw.images for raw in raws]), Augmentation.concat([raw.draws for raw in raws]))
+    inputs = inputs.unflatten(0, (len(raws), -1))
+    labels = torch.stack([raw.labels for raw in raws])
+    for k, (raw, plan) in enumerate(zip(raws, plans)):
+        if plan is not None:
+            inputs[k], labels[k] = plan.apply(inputs[k], labels[k], raw.index)
+    return vmappable(inputs), labels
+
+
+def next_batches(streams: list[Iterator[RawBatch]], active: list[int]) -> dict[int, RawBatch]:
     """The next batch of every active client whose epochs are not done."""
     batches = {}
     for k in active:
@@ -273,9 +299,9 @@ def next_batches(streams: list[Iterator[tuple[Tensor, Tensor]]], active: list[in
     return batches
 
 
-def same_shape_groups(batches: dict[int, tuple[Tensor, Tensor]]) -> list[list[int]]:
+def same_shape_groups(batches: dict[int, RawBatch]) -> list[list[int]]:
     """Clients grouped by their batch's shape (in client order)."""
     groups: dict[tuple, list[int]] = {}
-    for k, (inputs, _) in batches.items():
-        groups.setdefault(tuple(inputs.shape), []).append(k)
+    for k, raw in batches.items():
+        groups.setdefault(tuple(raw.images.shape), []).append(k)
     return list(groups.values())

@@ -385,6 +385,24 @@ def load_federated_data(config: DataConfig, seed: int, device: torch.device | st
     return FederatedData(train_split.num_classes, client_pool.to(device), server.to(device), test.to(device), pipeline)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """One training batch's random draws: crop offsets ``[2, B]`` (row, column) and flip
+    flags ``[B]``, each None where the pipeline does not draw it."""
+
+    offsets: Tensor | None
+    flips: Tensor | None
+
+    @staticmethod
+    def concat(draws: list[Augmentation | None]) -> Augmentation | None:
+        """Several batches' draws as one (batches in the given order)."""
+        if not draws or draws[0] is None:
+            return None
+        offsets = None if draws[0].offsets is None else torch.cat([d.offsets for d in draws], dim=1)
+        flips = None if draws[0].flips is None else torch.cat([d.flips for d in draws])
+        return Augmentation(offsets, flips)
+
+
 class ImagePipeline:
     """uint8 batch -> normalised float model input, batched on the batch's device.
 
@@ -414,13 +432,28 @@ class ImagePipeline:
         self.crop_padding = crop_padding
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None, train: bool = False) -> Tensor:
+        draws = self.draw(images.shape[0], images.device, generator) if train else None
+        return self.apply(images, draws)
+
+    def draw(self, batch: int, device: torch.device, generator: torch.Generator | None) -> Augmentation | None:
+        """A training batch's random draws, in the order the pipeline has always made them:
+        the crop offsets, then the flips. None when nothing is random."""
+        if not self.augment:
+            return None
+        offsets = (torch.randint(0, 2 * self.crop_padding + 1, (2, batch), device=device, generator=generator)
+                   if self.crop_padding > 0 else None)
+        flips = torch.rand(batch, device=device, generator=generator) < 0.5 if self.hflip else None
+        return Augmentation(offsets, flips)
+
+    def apply(self, images: Tensor, draws: Augmentation | None) -> Tensor:
+        """The pipeline with these draws (None: evaluation). Every step is per image, so one
+        call over several clients' batches (their draws concatenated) gives each client's
+        batch bit for bit (the cohort builds its inputs this way)."""
         x = images.float().div_(255.0)
-        if train and self.augment:
-            if self.crop_padding > 0:
-                x = random_crop(x, self.crop_padding, generator)
-            if self.hflip:
-                flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        if draws is not None and draws.offsets is not None:
+            x = crop(x, self.crop_padding, draws.offsets)
+        if draws is not None and draws.flips is not None:
+            x = torch.where(draws.flips.view(-1, 1, 1, 1), x.flip(3), x)
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         return (x - self.mean) / self.std
@@ -432,9 +465,13 @@ class ImagePipeline:
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None) -> Tensor:
     """Batched ``RandomCrop(size, padding)``: one offset per image, zero padding."""
+    return crop(x, padding, torch.randint(0, 2 * padding + 1, (2, x.shape[0]), device=x.device, generator=generator))
+
+
+def crop(x: Tensor, padding: int, offsets: Tensor) -> Tensor:
+    """Image i's window at (row, column) ``offsets[:, i]`` of the image zero-padded by ``padding``."""
     b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), device=x.device, generator=generator)
     rows = offsets[0].unsqueeze(1) + torch.arange(h, device=x.device)
     cols = offsets[1].unsqueeze(1) + torch.arange(w, device=x.device)
     batch = torch.arange(b, device=x.device).view(b, 1, 1)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from attacks.base import BatchPoisoning
 from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
 from conftest import spy_on_clients, tiny_experiment
 from defenses.sdfc import SDFC
-from fedbench.client import LocalTrainConfig
+from fedbench.client import LocalTrainConfig, iterate_batches, raw_batches
+from fedbench.cohort import cohort_batch, next_batches, same_shape_groups
+from fedbench.data import ImagePipeline, ImageSet
 from fedbench.engine import FederatedRun
 from fedbench.experiment import FederationConfig
 from fedbench.models import ModelConfig
@@ -83,6 +87,7 @@ def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_roo
         assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
     assert coh_rec[0]["weights"] == pytest.approx(seq_rec[0]["weights"], rel=1e-4), "SDFC's uploads agree too"
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4), "losses of finished clients kept"
 
 
 def test_a_cohort_runs_the_attack_step_hook_of_each_client(tiny_root, tmp_path):
@@ -186,8 +191,9 @@ def test_three_cohort_rounds_give_the_same_accuracy_and_asr(tiny_root, tmp_path)
 
 def test_clients_whose_batches_differ_in_shape_step_in_their_own_cohort(tiny_root, tmp_path):
     # batch 250: a client with fewer samples trains on one smaller batch of all it has
-    (seq, seq_sent, seq_rec), (coh, coh_sent, _) = both_ways(
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=250))
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4)
     sizes = seq.num_samples.tolist()
     assert min(sizes) < 250 <= max(sizes), f"sizes {sizes}: both kinds of batch occur, so the grouping is tested"
     for client in seq_sent:
@@ -263,3 +269,73 @@ def test_frozen_and_unused_parameters_stay_as_sequential_training_leaves_them(ti
         assert all(float(update[-12:].abs().max()) == 0.0 for update in coh_sent.values())
     frozen = [m.head.bias for m in coh._cohort_models]
     assert all(torch.equal(bias, coh.model.head.bias) for bias in frozen), "the frozen bias never moves"
+
+
+class MarkFirstPixel(BatchPoisoning):
+    """Poisoning with a visible mark: the chosen samples get 9.0 in their first pixel and label 2."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def apply(self, images, labels, index):
+        chosen = self.mask[index]
+        images = images.clone()
+        images[chosen, :, 0, 0] = 9.0
+        return images, torch.where(chosen, torch.full_like(labels, 2), labels)
+
+
+def reference_batches(data, generator, plan, batch_size, epochs):
+    """The pipeline written out as one explicit loop: per epoch a permutation, per batch the
+    crop offsets then the flips from the client's generator, grey to 3 channels, mean 0.5 and
+    std 0.25, then the poisoning mark; the last short batch kept."""
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for start in range(0, len(data), batch_size):
+            index = order[start:start + batch_size]
+            x = torch.nn.functional.pad(data.images[index].float() / 255, (2, 2, 2, 2))
+            offsets = torch.randint(0, 5, (2, len(index)), generator=generator)
+            x = torch.stack([x[i, :, r:r + 8, c:c + 8] for i, (r, c) in enumerate(offsets.T.tolist())])
+            flips = torch.rand(len(index), generator=generator) < 0.5
+            x = torch.stack([image.flip(-1) if flip else image for image, flip in zip(x, flips)])
+            x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.25
+            labels = data.labels[index].clone()
+            if plan is not None:
+                chosen = plan.mask[index]
+                x[chosen, :, 0, 0], labels[chosen] = 9.0, 2
+            out.append((x, labels))
+    return out
+
+
+def test_one_pipeline_pass_gives_every_client_its_own_batches_bit_for_bit():
+    """Crop, flip, grey to 3 channels and one poisoning client; clients of 40, 40 and 30
+    images, batches of 16 with the short last batch kept (so the clients' last batches
+    differ in shape and step in groups of their own), two epochs: the cohort's pipeline pass
+    over each group gives every client exactly the batches of the explicit reference loop,
+    and leaves every client's generator where that loop leaves it."""
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=3, augment=True, hflip=True, crop_padding=2)
+    source = torch.Generator().manual_seed(0)
+    sets = [ImageSet(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=source),
+                     torch.randint(0, 10, (n,), generator=source)) for n in (40, 40, 30)]
+    plans = [None, MarkFirstPixel(torch.arange(40) % 2 == 0), None]
+    alone = [torch.Generator().manual_seed(7 + k) for k in range(3)]
+    together = [torch.Generator().manual_seed(7 + k) for k in range(3)]
+    expected = [reference_batches(data, gen, plan, 16, 2) for data, gen, plan in zip(sets, alone, plans)]
+
+    def two_epochs(data, gen):
+        return itertools.chain(raw_batches(data, pipeline, 16, gen, drop_last=False),
+                               raw_batches(data, pipeline, 16, gen, drop_last=False))
+
+    streams = [two_epochs(data, gen) for data, gen in zip(sets, together)]
+    groups_seen = set()
+    for step in range(6):
+        raws = next_batches(streams, [0, 1, 2])
+        for group in same_shape_groups(raws):
+            groups_seen.add(tuple(group))
+            inputs, labels = cohort_batch(pipeline, [raws[k] for k in group], [plans[k] for k in group])
+            for row, k in enumerate(group):
+                assert torch.equal(inputs[row], expected[k][step][0]), (step, k)
+                assert torch.equal(labels[row], expected[k][step][1]), (step, k)
+    assert {(0, 1, 2), (0, 1), (2,)} <= groups_seen, "full and split groups both occur"
+    assert next_batches(streams, [0, 1, 2]) == {}, "two epochs of three batches each"
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, together))
