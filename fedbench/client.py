@@ -105,19 +105,11 @@ def raw_batches(
         yield RawBatch(data.images[index], data.labels[index], index, draws)
 
 
-def iterate_batches(
-    data: ImageSet,
-    pipeline: ImagePipeline,
-    batch_size: int,
-    generator: torch.Generator | None,
-    *,
-    train: bool = True,
-    shuffle: bool = True,
-    drop_last: bool = True,
-    poison: BatchPoisoning | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of model-ready ``(inputs, labels)`` batches, built on the data's device."""
-    for raw in raw_batches(data, pipeline, batch_size, generator, train=train, shuffle=shuffle, drop_last=drop_last):
+def iterate_batches(data: ImageSet, pipeline: ImagePipeline, batch_size: int, generator: torch.Generator | None,
+                    *, poison: BatchPoisoning | None = None, **epoch: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of model-ready ``(inputs, labels)`` batches, built on the data's device
+    (``epoch``: :func:`raw_batches`'s ``train``, ``shuffle`` and ``drop_last``)."""
+    for raw in raw_batches(data, pipeline, batch_size, generator, **epoch):
         yield finished(pipeline, raw, poison)
 
 
