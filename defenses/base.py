@@ -130,6 +130,23 @@ class FinalView:
     generator: torch.Generator
 
 
+@dataclass
+class QuadraticPull:
+    """An extra loss term that pulls parameters towards an anchor, coordinate by coordinate:
+    ``weight * sum_i (params_i - anchor_i)^2 * scale_i`` (summed over every coordinate of
+    every tensor, in tensor order). It is a callable like any extra loss term; its form lets
+    a cohort (``train.cohort``) compute it for every client in one vectorised pass when
+    ``params`` are the client model's trainable parameters in order."""
+
+    params: list[Tensor]
+    anchor: list[Tensor]
+    scale: list[Tensor]
+    weight: float
+
+    def __call__(self) -> Tensor:
+        return self.weight * sum(((p - q).pow(2) * d).sum() for p, q, d in zip(self.params, self.anchor, self.scale))
+
+
 class ClientHook:
     """Client-side work a defense asks for. Methods run on the client, around local training.
 
@@ -155,7 +172,8 @@ class ClientHook:
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> Callable[[], Tensor] | None:
         """Called with the global model loaded; may return an extra loss term that is
-        added to every local step's loss."""
+        added to every local step's loss (a :class:`QuadraticPull` where it has that form:
+        a cohort then computes it for all its clients at once)."""
         return None
 
     def after_training(

@@ -10,8 +10,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import ClientInfo
-from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, RoundContext, \
-    none_excluded, sample_weights
+from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, QuadraticPull, \
+    RoundContext, none_excluded, sample_weights
 from fedbench.fisher import FisherEstimator, diagonal_fisher
 
 SCORE = "sdfc_score"
@@ -84,12 +84,7 @@ class SDFCClientHook(ClientHook):
             self._store(client, model, delta)
         delta, previous = self.delta[client.client_id], self.previous[client.client_id]
         params = [p for p in model.parameters() if p.requires_grad]
-        weight = defense.calibration_lambda
-
-        def calibration() -> Tensor:
-            return weight * sum(((p - q).pow(2) * d).sum() for p, q, d in zip(params, previous, delta))
-
-        return calibration
+        return QuadraticPull(params, previous, delta, defense.calibration_lambda)
 
     def after_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None

@@ -6,7 +6,9 @@ over every client's parameters. The parameters and buffers are stacked once per 
 What stays each client's own: its copy of the model (so every client hook sees a normal
 module), its data order, augmentation draws and poisoning (its own seeded batch stream,
 drawn in the same order as sequential training; the pipeline itself runs once over all
-the cohort's samples with each client's draws), its extra loss terms and after-step hooks,
+the cohort's samples with each client's draws), its extra loss terms (those of the form
+:class:`~defenses.base.QuadraticPull`, SDFC's calibration, computed for all clients in
+one pass over the stacks, row by row with the term's own arithmetic) and after-step hooks,
 its SGD momentum, and its number of steps: a client whose epochs (or ``local_steps``)
 are done drops out of the cohort and stops moving. Clients whose batch of this step has
 another shape (a client smaller than one batch) are stepped in a cohort of their own.
@@ -37,6 +39,7 @@ from torch import Tensor
 from torch.func import functional_call, vmap
 
 from attacks.base import BatchPoisoning
+from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
@@ -49,6 +52,7 @@ class CohortTrainer:
         self.trainer = trainer
         self.template = trainer.model
         self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
+        self.pull: StackedPull | None = None  # the round's stacked loss terms (None: no client has one)
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
@@ -56,6 +60,7 @@ class CohortTrainer:
         streams = [self.trainer.raw_epochs(job.data, job.generator, endless=limit is not None) for job in jobs]
         stacks = ClientStacks([job.model for job in jobs])
         optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
+        self.pull = StackedPull.of(jobs, stacks)
         self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
@@ -83,17 +88,23 @@ class CohortTrainer:
         """One optimizer step of every client in ``batches``; returns those clients (in
         client order) and their losses."""
         stacks.zero_grad()
+        pull = self.pull
+        pulls = pull.terms(stacks) if pull is not None else None
+        pulled = pull.rows if pull is not None else set()
+        own_terms = {k for k, job in enumerate(jobs) if job.regularizer is not None and k not in pulled}
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
             raws, plans = [batches[k] for k in group], [jobs[k].plan for k in group]
             inputs, labels = cohort_batch(self.trainer.pipeline, raws, plans)
-            for k, loss in zip(group, self.group_losses(stacks, group, inputs, labels)):
-                regularizer = jobs[k].regularizer
-                losses[k] = loss + regularizer() if regularizer is not None else loss
+            group_losses = self.group_losses(stacks, group, inputs, labels)
+            if pulls is not None:  # clients without a pull have weight 0 there: + 0 exactly
+                group_losses = group_losses + (pulls if group == stacks.everyone else pulls[group])
+            for k, loss in zip(group, group_losses):
+                losses[k] = loss + jobs[k].regularizer() if k in own_terms else loss
         stepped = sorted(losses)
         per_client = torch.stack([losses[k] for k in stepped])
         self.trainer.fabric.backward(per_client.sum())
-        stacks.collect_model_grads([k for k in stepped if jobs[k].regularizer is not None])
+        stacks.collect_model_grads([k for k in stepped if k in own_terms])
         optimizer.step(None if len(stepped) == len(jobs) else stacks.rows(stepped))
         return stepped, per_client.detach()
 
@@ -175,6 +186,42 @@ class ClientStacks:
         return mask
 
 
+class StackedPull:
+    """The clients' :class:`~defenses.base.QuadraticPull` terms as stacks: ``[K]`` terms
+    ``weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]`` in one pass over the parameter stacks
+    (a client without one has weight and scale 0 in its row). The per-row arithmetic is
+    the term's own, so each client's gradient is the one it gets alone."""
+
+    def __init__(self, names: list[str], rows: set[int], anchor: dict[str, Tensor], scale: dict[str, Tensor],
+                 weight: Tensor) -> None:
+        self.names, self.rows, self.anchor, self.scale, self.weight = names, rows, anchor, scale, weight
+
+    @classmethod
+    def of(cls, jobs: list[ClientJob], stacks: "ClientStacks") -> "StackedPull | None":
+        """The jobs' pulls over their models' trainable parameters (in order), or None if no
+        job has one (other loss terms stay each client's own)."""
+        names = [name for name, p in jobs[0].model.named_parameters() if p.requires_grad]
+        rows = {k for k, job in enumerate(jobs) if isinstance(job.regularizer, QuadraticPull)
+                and len(job.regularizer.params) == len(names)
+                and all(a is b for a, b in zip(job.regularizer.params, trainable(job.model)))}
+        if not rows:
+            return None
+        anchor = {name: torch.zeros_like(stacks.params[name], requires_grad=False) for name in names}
+        scale = {name: torch.zeros_like(stacks.params[name], requires_grad=False) for name in names}
+        weight = torch.zeros(len(jobs), device=stacks.device)
+        for k in rows:
+            pull = jobs[k].regularizer
+            for name, q, d in zip(names, pull.anchor, pull.scale):
+                anchor[name][k], scale[name][k] = q, d
+            weight[k] = pull.weight
+        return cls(names, rows, anchor, scale, weight)
+
+    def terms(self, stacks: "ClientStacks") -> Tensor:
+        total = sum(((stacks.params[name] - self.anchor[name]).pow(2) * self.scale[name]).flatten(1).sum(1)
+                    for name in self.names)
+        return self.weight * total
+
+
 class StackedSGD:
     """``torch.optim.SGD(foreach=True)``'s update (weight decay, momentum; no dampening, no
     Nesterov) on the stacks, with the same foreach operations so the numbers match. As
@@ -208,6 +255,10 @@ class StackedSGD:
             return
         moved = torch._foreach_add(stacks, grads, alpha=-self.lr)
         torch._foreach_copy_(stacks, masked(rows, moved, stacks))
+
+
+def trainable(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def masked(rows: Tensor, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table  # noqa: E402
 
 from attacks.none import NoAttack  # noqa: E402
-from defenses.fedavg import FedAvg  # noqa: E402
+from defenses.base import DEFENSES  # noqa: E402
+from fedbench.data import DataConfig  # noqa: E402
 from fedbench.client import LocalTrainConfig  # noqa: E402
 from fedbench.errors import FedbenchError  # noqa: E402
 from fedbench.engine import FederatedRun  # noqa: E402
@@ -36,9 +37,20 @@ from fedbench.models import ModelConfig  # noqa: E402
 from fedbench.tracking import WandbConfig  # noqa: E402
 
 
-def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path) -> FederatedRun:
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the clients run besides plain local SGD: a defense whose client hook adds a loss
+    term (sdfc: its Fisher calibration in every step), on a subset of the clients' pool."""
+
+    defense: str = "fedavg"
+    train_subset: int | None = None
+
+
+def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path,
+             workload: Workload = Workload()) -> FederatedRun:
     exp = Experiment(
-        attack=NoAttack(), defense=FedAvg(), model=ModelConfig(name=model),
+        attack=NoAttack(), defense=DEFENSES.get(workload.defense)(), model=ModelConfig(name=model),
+        data=DataConfig(train_subset=workload.train_subset),
         train=LocalTrainConfig(local_steps=steps, cohort=cohort),
         federation=FederationConfig(rounds=1, final_rounds=1),
         fabric=FabricConfig(accelerator=device, precision=precision),
@@ -91,23 +103,25 @@ def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
     return best
 
 
-def measure_row(model: str, precision: str, steps: int, repeat: int, device: str, out: Path) -> list:
+def measure_row(model: str, precision: str, steps: int, repeat: int, device: str, out: Path,
+                workload: Workload = Workload()) -> list:
     """Launches (per round, and per further step: the round at 2 x ``steps`` minus the round
     at ``steps``, over ``steps``, which leaves out each client's fixed cost of loading and
     flattening its model) and samples/s, sequential and cohort; a failure says why."""
     measured = {}
+    label = model if workload.defense == "fedavg" else f"{model} + {workload.defense}"
     try:
         for cohort in (False, True):
-            run = make_run(model, cohort, steps, precision, device, out)
+            run = make_run(model, cohort, steps, precision, device, out, workload)
             cuda = run.device.type == "cuda"
             per_round = launches(run, cuda)
-            longer = launches(make_run(model, cohort, 2 * steps, precision, device, out), cuda)
+            longer = launches(make_run(model, cohort, 2 * steps, precision, device, out, workload), cuda)
             measured[cohort] = (per_round, (longer - per_round) / steps, seconds(run, repeat, cuda))
     except (FedbenchError, RuntimeError) as err:  # one row's failure (a refusal or a CUDA error) leaves the others
-        return [model, precision, f"failed: {err}"[:120]] + [""] * 7
+        return [label, precision, f"failed: {err}"[:120]] + [""] * 7
     samples = 10 * steps * run.exp.train.batch_size
     (seq_k, seq_step, seq_s), (coh_k, coh_step, coh_s) = measured[False], measured[True]
-    return [model, precision, seq_k, coh_k, round(seq_step), round(coh_step), f"{seq_step / coh_step:.1f}x",
+    return [label, precision, seq_k, coh_k, round(seq_step), round(coh_step), f"{seq_step / coh_step:.1f}x",
             round(samples / seq_s), round(samples / coh_s), f"{seq_s / coh_s:.2f}x"]
 
 
@@ -118,12 +132,15 @@ def main(argv=None) -> str:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--defense", default="fedavg", help="e.g. sdfc: its calibration term in every step")
+    parser.add_argument("--train-subset", type=int, default=None, help="clients' pool size (default: all)")
     args = parser.parse_args(argv)
+    workload = Workload(args.defense, args.train_subset)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for model in args.models:
             for precision in args.precisions:
-                rows.append(measure_row(model, precision, args.steps, args.repeat, args.device, Path(out)))
+                rows.append(measure_row(model, precision, args.steps, args.repeat, args.device, Path(out), workload))
                 # each row as soon as it is measured: a run stopped at its time limit keeps them
                 print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
