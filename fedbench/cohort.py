@@ -52,7 +52,8 @@ class CohortTrainer:
         self.trainer = trainer
         self.template = trainer.model
         self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
-        self.pull: StackedPull | None = None  # the round's stacked loss terms (None: no client has one)
+        self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
+        self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
@@ -81,6 +82,8 @@ class CohortTrainer:
                     jobs[k].after_step()
                 steps[k] += 1
             active = [k for k in batches if limit is None or steps[k] < limit]
+        self.pulled_rows = self.pull.rows if self.pull is not None else []
+        self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
         return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
 
     def step(self, jobs: list[ClientJob], batches: dict[int, RawBatch], stacks: "ClientStacks",
@@ -90,7 +93,7 @@ class CohortTrainer:
         stacks.zero_grad()
         pull = self.pull
         pulls = pull.terms(stacks) if pull is not None else None
-        pulled = pull.rows if pull is not None else set()
+        pulled = set(pull.rows) if pull is not None else set()
         own_terms = {k for k, job in enumerate(jobs) if job.regularizer is not None and k not in pulled}
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
@@ -187,39 +190,45 @@ class ClientStacks:
 
 
 class StackedPull:
-    """The clients' :class:`~defenses.base.QuadraticPull` terms as stacks: ``[K]`` terms
-    ``weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]`` in one pass over the parameter stacks
-    (a client without one has weight and scale 0 in its row). The per-row arithmetic is
-    the term's own, so each client's gradient is the one it gets alone."""
+    """The clients' :class:`~defenses.base.QuadraticPull` terms in one pass over the
+    parameter stacks: ``[K]`` terms ``weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]`` for
+    the clients that have one (their rows only, gathered when not every client has one)
+    and exactly 0 for the others. The per-row arithmetic, in the parameters' dtype, is the
+    term's own, so each client's gradient is the one it gets alone."""
 
-    def __init__(self, names: list[str], rows: set[int], anchor: dict[str, Tensor], scale: dict[str, Tensor],
-                 weight: Tensor) -> None:
-        self.names, self.rows, self.anchor, self.scale, self.weight = names, rows, anchor, scale, weight
+    def __init__(self, names: list[str], rows: list[int], size: int, anchor: dict[str, Tensor],
+                 scale: dict[str, Tensor], weight: Tensor) -> None:
+        self.names, self.rows, self.size = names, rows, size
+        self.anchor, self.scale, self.weight = anchor, scale, weight
+        self.index = None if len(rows) == size else torch.tensor(rows, device=weight.device)
 
     @classmethod
     def of(cls, jobs: list[ClientJob], stacks: "ClientStacks") -> "StackedPull | None":
         """The jobs' pulls over their models' trainable parameters (in order), or None if no
         job has one (other loss terms stay each client's own)."""
         names = [name for name, p in jobs[0].model.named_parameters() if p.requires_grad]
-        rows = {k for k, job in enumerate(jobs) if isinstance(job.regularizer, QuadraticPull)
+        rows = [k for k, job in enumerate(jobs) if isinstance(job.regularizer, QuadraticPull)
                 and len(job.regularizer.params) == len(names)
-                and all(a is b for a, b in zip(job.regularizer.params, trainable(job.model)))}
+                and all(a is b for a, b in zip(job.regularizer.params, trainable(job.model)))]
         if not rows:
             return None
-        anchor = {name: torch.zeros_like(stacks.params[name], requires_grad=False) for name in names}
-        scale = {name: torch.zeros_like(stacks.params[name], requires_grad=False) for name in names}
-        weight = torch.zeros(len(jobs), device=stacks.device)
-        for k in rows:
-            pull = jobs[k].regularizer
-            for name, q, d in zip(names, pull.anchor, pull.scale):
-                anchor[name][k], scale[name][k] = q, d
-            weight[k] = pull.weight
-        return cls(names, rows, anchor, scale, weight)
+        pulls = [jobs[k].regularizer for k in rows]
+        anchor = {name: torch.stack([pull.anchor[i] for pull in pulls]) for i, name in enumerate(names)}
+        scale = {name: torch.stack([pull.scale[i] for pull in pulls]) for i, name in enumerate(names)}
+        dtype = stacks.params[names[0]].dtype
+        weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
+        return cls(names, rows, len(jobs), anchor, scale, weight)
 
     def terms(self, stacks: "ClientStacks") -> Tensor:
-        total = sum(((stacks.params[name] - self.anchor[name]).pow(2) * self.scale[name]).flatten(1).sum(1)
+        def pulled(stack: Tensor) -> Tensor:
+            return stack if self.index is None else stack.index_select(0, self.index)
+
+        total = sum(((pulled(stacks.params[name]) - self.anchor[name]).pow(2) * self.scale[name]).flatten(1).sum(1)
                     for name in self.names)
-        return self.weight * total
+        terms = self.weight * total
+        if self.index is None:
+            return terms
+        return torch.zeros(self.size, dtype=terms.dtype, device=terms.device).index_add(0, self.index, terms)
 
 
 class StackedSGD:

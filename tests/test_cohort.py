@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from attacks.base import BatchPoisoning
+from attacks.cosine_constrained import CosineConstrained
 from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
 from conftest import spy_on_clients, tiny_experiment
@@ -90,7 +91,7 @@ def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_roo
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
     assert coh_rec[0]["weights"] == pytest.approx(seq_rec[0]["weights"], rel=1e-4), "SDFC's uploads agree too"
     assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4), "losses of finished clients kept"
-    assert coh.cohort_trainer.pull.rows == set(range(5)), "SDFC's calibration ran as one stacked pull"
+    assert coh.cohort_trainer.pulled_rows == list(range(5)), "SDFC's calibration ran as one stacked pull"
 
 
 def test_a_cohort_runs_the_attack_step_hook_of_each_client(tiny_root, tmp_path):
@@ -344,33 +345,53 @@ def test_one_pipeline_pass_gives_every_client_its_own_batches_bit_for_bit():
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(alone, together))
 
 
-def test_stacked_pulls_equal_each_clients_own_term_and_gradient_by_hand():
-    """Three clients of a 3->2 linear model: client 0 and 2 pull (weights 0.5 and 2.0, their
-    own anchors and scales), client 1 has another kind of loss term, which stays its own.
-    Each row's term is weight * sum (W - A)^2 * S, computed here in numpy, client 1's is 0;
-    the gradient of the summed terms is 2 * weight * (W - A) * S in the pulling rows, 0 in
-    client 1's."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_pulls_equal_each_clients_own_term_and_gradient_by_hand(dtype):
+    """Three clients of a 3->2 linear model: client 0 and 2 pull (weights 0.1 and 2.0, their
+    own anchors and scales), client 1 has another kind of loss term, which stays its own,
+    and parameters so large that a weight-0 row would overflow. Each pulling row's term is
+    weight * sum (W - A)^2 * S, computed here in numpy, client 1's is exactly 0; the gradient
+    of the summed terms is 2 * weight * (W - A) * S in the pulling rows, 0 in client 1's.
+    In float64 to 1e-12: the weight is not rounded to float32."""
     torch.manual_seed(0)
-    models = [nn.Linear(3, 2) for _ in range(3)]
+    models = [nn.Linear(3, 2).to(dtype) for _ in range(3)]
+    with torch.no_grad():
+        models[1].weight.fill_(1e30)
     jobs = [SimpleNamespace(model=m, regularizer=None) for m in models]
     stacks = ClientStacks(models)
     anchors = {k: [torch.randn_like(p) for p in models[k].parameters()] for k in (0, 2)}
     scales = {k: [torch.rand_like(p) for p in models[k].parameters()] for k in (0, 2)}
-    for k, weight in ((0, 0.5), (2, 2.0)):
+    for k, weight in ((0, 0.1), (2, 2.0)):
         jobs[k].regularizer = QuadraticPull(list(models[k].parameters()), anchors[k], scales[k], weight)
-    jobs[1].regularizer = lambda: models[1].weight.sum()
+    jobs[1].regularizer = lambda: models[1].bias.sum()
     pull = StackedPull.of(jobs, stacks)
-    assert pull.rows == {0, 2}
+    assert pull.rows == [0, 2]
     terms = pull.terms(stacks)
     terms.sum().backward()
     names = [name for name, _ in models[0].named_parameters()]
-    for k, weight in ((0, 0.5), (2, 2.0)):
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    for k, weight in ((0, 0.1), (2, 2.0)):
         rows = [stacks.params[name].detach()[k].numpy().astype(np.float64) for name in names]
         a = [t.numpy().astype(np.float64) for t in anchors[k]]
         s = [t.numpy().astype(np.float64) for t in scales[k]]
         expected = weight * sum(float(((w - q) ** 2 * d).sum()) for w, q, d in zip(rows, a, s))
-        assert float(terms[k]) == pytest.approx(expected, rel=1e-6)
+        assert float(terms[k]) == pytest.approx(expected, rel=tolerance)
         for name, w, q, d in zip(names, rows, a, s):
-            np.testing.assert_allclose(stacks.params[name].grad[k].numpy(), 2 * weight * (w - q) * d, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(stacks.params[name].grad[k].numpy(), 2 * weight * (w - q) * d,
+                                       rtol=tolerance, atol=1e-7)
     assert float(terms[1]) == 0.0
     assert all(float(stacks.params[name].grad[1].abs().sum()) == 0.0 for name in names)
+
+
+def test_a_cohort_with_pulls_and_attackers_own_terms_equals_sequential(tiny_root, tmp_path):
+    """SDFC's pull on every client, plus the cosine-constrained attackers' own loss term on
+    theirs (their sum stays each attacker's own closure): the benign clients' pulls are
+    stacked, the attackers' terms run per client, and every update equals sequential's."""
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+        tiny_root, tmp_path, attack=CosineConstrained(malicious_fraction=0.4), defense=SDFC())
+    flags = coh_rec[0]["malicious"]  # per selected client, in cohort order
+    assert sum(flags) == 2
+    assert coh.cohort_trainer.pulled_rows == [k for k, malicious in enumerate(flags) if not malicious]
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
