@@ -14,7 +14,8 @@
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
-# PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models.
+# PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
+# simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150).
 # CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
 # cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'
 # cells run on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS
@@ -52,6 +53,9 @@ fi
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
   timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
     --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
+  # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
+  [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
+    --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
 fi
 
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
