@@ -54,6 +54,7 @@ class CohortTrainer:
         self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
+        self.own_terms: set[int] = set()  # this round's clients whose loss term stays their own closure
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
@@ -62,6 +63,8 @@ class CohortTrainer:
         stacks = ClientStacks([job.model for job in jobs])
         optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
         self.pull = StackedPull.of(jobs, stacks)
+        pulled = set(self.pull.rows) if self.pull is not None else set()
+        self.own_terms = {k for k, job in enumerate(jobs) if job.regularizer is not None and k not in pulled}
         self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
@@ -91,10 +94,8 @@ class CohortTrainer:
         """One optimizer step of every client in ``batches``; returns those clients (in
         client order) and their losses."""
         stacks.zero_grad()
-        pull = self.pull
-        pulls = pull.terms(stacks) if pull is not None else None
-        pulled = set(pull.rows) if pull is not None else set()
-        own_terms = {k for k, job in enumerate(jobs) if job.regularizer is not None and k not in pulled}
+        pulls = self.pull.terms(stacks) if self.pull is not None else None
+        own_terms = self.own_terms
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
             raws, plans = [batches[k] for k in group], [jobs[k].plan for k in group]
