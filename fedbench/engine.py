@@ -8,7 +8,8 @@ A round (:meth:`FederatedRun.run_round`) reads as its steps, each a short method
    attack makes of the defense's client-side protocol;
 3. ``gather``: every process receives every client's :class:`ClientResult`, field by field;
 4. ``attack_server_side``: the attack sees the whole round and may replace its own rows;
-5. ``screen``: wrong-size and NaN/Inf updates (and, if set, too large ones) are rejected;
+5. ``screen``: wrong-size and NaN/Inf updates, NaN/Inf protocol uploads (and, if set, too
+   large updates) are rejected;
 6. ``aggregate``: the defense aggregates the rest and gives its verdicts (an aggregate with
    NaN/Inf is refused and the round flagged ``non_finite_aggregate``);
 7. ``server_step``: ``global += server_lr * aggregate``; buffers averaged over kept clients;
@@ -458,7 +459,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ 5. screen, 6. aggregate
     def screen(self, round_: GatheredRound) -> Verdict:
         accepted, reasons = screen_updates(round_.updates, self.exp.federation.max_update_norm,
-                                           round_.wrong_size.tolist())
+                                           round_.wrong_size.tolist(), round_.uploads)
         n = len(round_.clients)
         return Verdict(accepted, reasons, torch.zeros(n, dtype=torch.float64), ~accepted.cpu())
 

@@ -13,6 +13,7 @@ from attacks.base import Attack
 from attacks.huge_update import HugeUpdate
 from attacks.nan_update import NaNUpdate
 from conftest import tiny_experiment
+from defenses.fdcr import FDCR
 from defenses.fedavg import FedAvg
 from defenses.krum import Krum
 from defenses.sdfc import SDFC
@@ -221,3 +222,47 @@ def test_the_same_grid_twice_gives_the_same_numbers(tiny_root, tmp_path):
         a, b = json.loads(summary.read_text()), json.loads(twin.read_text())
         assert a["final"] == b["final"] and a["seeds"] == b["seeds"] and a["detection"] == b["detection"]
         assert set(a["versions"]) >= {"torch", "torchvision", "lightning", "fedbench"} and a["device"]
+
+
+def test_a_non_finite_protocol_upload_is_screened_out_with_its_own_reason():
+    """Three clients; client 1 uploads an Inf Fisher, client 2 a NaN score, client 0 is
+    clean; an integer upload is never judged. Worked by hand: only client 0 is accepted."""
+    from fedbench.screening import screen_updates
+
+    updates = torch.zeros(3, 4)
+    fisher = torch.tensor([[1.0, 2.0], [float("inf"), 0.0], [3.0, 4.0]])
+    score = torch.tensor([0.5, 0.25, float("nan")])
+    accepted, reasons = screen_updates(updates, None, [False, False, False],
+                                       {"fisher": fisher, "score": score, "count": torch.tensor([1, 2, 3])})
+    assert accepted.tolist() == [True, False, False]
+    assert reasons == [None, "non_finite_upload", "non_finite_upload"]
+    updates[2, 0] = float("nan")  # a non-finite update keeps its own reason
+    assert screen_updates(updates, None, None, {"score": score})[1] == [None, None, "non_finite"]
+
+
+class InfFisherFromClientsThreeAndFour(FDCR):
+    """FDCR whose clients 3 and 4 upload an Inf Fisher (what a diverged model gives)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        after_training = self.hook.after_training
+
+        def inf_for_three_and_four(client, model, local_batches, server_batches):
+            uploads = after_training(client, model, local_batches, server_batches)
+            if client.client_id in (3, 4):
+                uploads = {key: torch.full_like(value, float("inf")) for key, value in uploads.items()}
+            return uploads
+
+        self.hook.after_training = inf_for_three_and_four
+
+
+def test_fdcr_goes_on_when_a_client_uploads_an_inf_fisher(tiny_root, tmp_path):
+    # An adaptive-grid cell (cosine constrained, weight 10, against FDCR) crashed in FINCH on
+    # NaN distances when a diverged client's Fisher was Inf: such clients are screened out.
+    exp = tiny_experiment(tiny_root, tmp_path, defense=InfFisherFromClientsThreeAndFour(),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    record = run.run_round(0)
+    assert record["rejected"] == {"3": "non_finite_upload", "4": "non_finite_upload"}
+    assert record["weights"][3:] == [0.0, 0.0] and abs(sum(record["weights"]) - 1) < 1e-6
+    assert torch.isfinite(run.global_params).all()
