@@ -25,6 +25,7 @@ client), so the result equals the single-process run.
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import resource
 import time
@@ -160,6 +161,23 @@ def sum_of_terms(first: Callable[[], Tensor] | None, second: Callable[[], Tensor
     return lambda: first() + second()
 
 
+def in_training_precision(model: nn.Module, fabric) -> nn.Module:
+    """Fabric's true precisions (``64-true``, ``bf16-true``, ``16-true``) give the clients'
+    parameters that dtype: the model is converted, and a forward pre-hook casts its
+    floating inputs (the pipeline and the poisoning make them in float32) to it. Mixed
+    precisions keep float32 parameters and compute under ``fabric.autocast()``. The
+    server keeps float32 (global model, updates, aggregation)."""
+    model = fabric.strategy.precision.convert_module(model)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        model.register_forward_pre_hook(functools.partial(cast_floating_inputs, dtype))
+    return model
+
+
+def cast_floating_inputs(dtype: torch.dtype, module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+
 class FederatedRun:
     """One run of an :class:`Experiment` on a Fabric instance."""
 
@@ -207,12 +225,12 @@ class FederatedRun:
         exp, pipeline = self.exp, self.data.pipeline
         torch.manual_seed(derive_seed(self.seed, "model_init"))
         model = build_model(exp.model.name, self.data.num_classes, pipeline.channels, self.image_size)
-        model = self.fabric.to_device(model)
+        model = in_training_precision(self.fabric.to_device(model), self.fabric)
         if exp.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.layout = ParameterLayout(model)
-        self.global_params = self.layout.flatten(model).clone()
+        self.global_params = self.layout.flatten(model).float()  # the server computes in float32
         self.global_buffers = self.layout.flatten_buffers(model).clone()
         self.trainer = LocalTrainer(model, exp.train, pipeline, self.fabric)
         self.cohort_trainer = CohortTrainer(self.trainer)
@@ -312,7 +330,7 @@ class FederatedRun:
             attack.after_training(client, model)
         uploads = job.protocol.after_training(client, model, *job.batches) if job.protocol else {}
         time_hook = job.time_hook + time.perf_counter() - started
-        update = self.layout.flatten(model) - self.global_params
+        update = (self.layout.flatten(model) - self.global_params).to(self.global_params.dtype)
         if client.attacking:
             update = attack.craft_update(update, client)
         wrong_size = check_size(update, self.layout.dim) is not None

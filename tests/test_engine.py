@@ -72,6 +72,40 @@ def test_fedavg_global_model_is_the_sample_weighted_mean_of_client_models(tiny_r
     assert np.abs(expected - start.double().numpy()).max() > 1e-3, "so do trained and starting model"
 
 
+def test_64_true_trains_the_clients_in_float64_and_sends_float32_updates(tiny_root, tmp_path):
+    """fabric.precision=64-true: each client's update equals SGD written out by hand on a
+    float64 copy of the starting model (float64 batches), rounded to float32 for the server;
+    the same by hand in float32 is off by far more, so the test tells the two apart."""
+    from conftest import spy_on_clients
+    from fedbench.experiment import FabricConfig
+
+    exp = tiny_experiment(tiny_root, tmp_path, fabric=FabricConfig(precision="64-true"),
+                          federation=FederationConfig(num_clients=3, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    assert next(run.model.parameters()).dtype == torch.float64 and run.global_params.dtype == torch.float32
+    sent = spy_on_clients(run)
+    data, train = run.data, exp.train
+    channels, size = data.pipeline.channels, int(data.client_pool.images.shape[-1])
+    start = run.global_params.clone()
+    run.run_round(0)
+    for cid in range(3):
+        by_hand = {}
+        for dtype in (torch.float64, torch.float32):
+            model = build_model(exp.model.name, data.num_classes, channels, size).to(dtype)
+            load_flat(model, start.to(dtype))
+            batches = endless_training_batches(run.client_sets[cid], data.pipeline, train,
+                                               torch_generator(exp.seed, "train", 0, cid))
+            sgd_by_hand(model, ((x.to(dtype), y) for x, y in batches), train.local_steps, train.lr, train.momentum,
+                        train.weight_decay)
+            by_hand[dtype] = (flat_params(model).double() - start.double()).numpy()
+        got = sent[cid].double().numpy()
+        assert sent[cid].dtype == torch.float32
+        scale = np.abs(by_hand[torch.float64]).max()
+        gap_64, gap_32 = np.abs(got - by_hand[torch.float64]).max(), np.abs(got - by_hand[torch.float32]).max()
+        assert gap_64 <= 1e-7 * scale, (cid, gap_64 / scale)  # float32 rounding of the update only
+        assert gap_32 > 3e-7 * scale, (cid, gap_32 / scale)  # 7e-7 to 1.1e-6 measured: float32 training fails the bound
+
+
 def test_same_config_and_seed_give_bit_identical_numbers(tiny_root, tmp_path):
     runs = []
     for name in ("a", "b", "c"):
