@@ -21,6 +21,10 @@ vmap needs contiguous tensors there). On CUDA, BatchNorm runs as plain tensor op
 (:func:`explicit_batch_norm`): cuDNN's batch norm asks its input for a memory format, which
 vmap cannot answer, and refuses float32 running statistics for a bf16 input under vmap.
 
+With ``train.compile`` the vmapped forward and backward pass and the stacked loss terms
+are compiled (:func:`compiled`): inductor fuses their elementwise kernels, one graph per
+batch shape the process meets.
+
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
 all clients would skip every client's step when one overflows). Every client's
@@ -30,7 +34,7 @@ before-training hooks run before any client trains: hooks keep their state per c
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -52,6 +56,9 @@ class CohortTrainer:
         self.trainer = trainer
         self.template = trainer.model
         self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
+        self.compile = trainer.config.compile
+        self.vmapped_losses = compiled(vmap(self.loss_of), self.compile)
+        self.pull_terms = compiled(quadratic_terms, self.compile)
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
         self.own_terms: set[int] = set()  # this round's clients whose loss term stays their own closure
@@ -94,7 +101,7 @@ class CohortTrainer:
         """One optimizer step of every client in ``batches``; returns those clients (in
         client order) and their losses."""
         stacks.zero_grad()
-        pulls = self.pull.terms(stacks) if self.pull is not None else None
+        pulls = self.pull.terms(stacks, self.pull_terms) if self.pull is not None else None
         own_terms = self.own_terms
         losses: dict[int, Tensor] = {}
         for group in same_shape_groups(batches):
@@ -116,18 +123,20 @@ class CohortTrainer:
         """Each client's cross-entropy on its batch, ``[K]``, in one vmapped pass; BatchNorm
         statistics land in the stacks."""
         params, buffers = stacks.select(group)
-
-        def loss_of(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            return F.cross_entropy(functional_call(self.template, {**p, **b}, (x,)), y)
-
         with self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm):
             try:
-                losses = vmap(loss_of)(params, buffers, inputs, labels)
-            except RuntimeError as err:
+                losses = self.vmapped_losses(params, buffers, inputs, labels)
+            except RuntimeError as err:  # torch.compile's errors are RuntimeErrors too
+                compiling = " (or train.compile=null if compiling is what failed)" if self.compile else ""
                 raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
-                                    "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false") from err
+                                    "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false"
+                                    + compiling) from err
         stacks.write_back_buffers(group, buffers)
         return losses
+
+    def loss_of(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Tensor, labels: Tensor) -> Tensor:
+        """One client's cross-entropy on its batch (vmapped over the cohort)."""
+        return F.cross_entropy(functional_call(self.template, {**params, **buffers}, (inputs,)), labels)
 
 
 class ClientStacks:
@@ -220,13 +229,14 @@ class StackedPull:
         weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
         return cls(names, rows, len(jobs), anchor, scale, weight)
 
-    def terms(self, stacks: "ClientStacks") -> Tensor:
+    def terms(self, stacks: "ClientStacks", compute=None) -> Tensor:
+        """``[K]`` terms; ``compute`` is :func:`quadratic_terms` or a compiled copy of it."""
         def pulled(stack: Tensor) -> Tensor:
             return stack if self.index is None else stack.index_select(0, self.index)
 
-        total = sum(((pulled(stacks.params[name]) - self.anchor[name]).pow(2) * self.scale[name]).flatten(1).sum(1)
-                    for name in self.names)
-        terms = self.weight * total
+        terms = (compute or quadratic_terms)([pulled(stacks.params[name]) for name in self.names],
+                                             [self.anchor[name] for name in self.names],
+                                             [self.scale[name] for name in self.names], self.weight)
         if self.index is None:
             return terms
         return torch.zeros(self.size, dtype=terms.dtype, device=terms.device).index_add(0, self.index, terms)
@@ -265,6 +275,35 @@ class StackedSGD:
             return
         moved = torch._foreach_add(stacks, grads, alpha=-self.lr)
         torch._foreach_copy_(stacks, masked(rows, moved, stacks))
+
+
+def quadratic_terms(params: list[Tensor], anchors: list[Tensor], scales: list[Tensor], weight: Tensor) -> Tensor:
+    """``weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]`` for each row k of the ``[K, ...]`` stacks."""
+    total = sum(((w - a).pow(2) * s).flatten(1).sum(1) for w, a, s in zip(params, anchors, scales))
+    return weight * total
+
+
+# vmap specialises a graph on its batch size, so every cohort size and batch shape a process
+# meets compiles once: allow that many graphs before torch would fall back to eager.
+SHAPES_PER_COMPILED_FUNCTION = 256
+
+
+def compiled(fn: Callable[..., Tensor], mode: str | None) -> Callable[..., Tensor]:
+    """``fn`` itself (``mode`` None) or ``torch.compile(fn, mode=mode, dynamic=False)``: a
+    static graph per input shape, so which kernels compute a step depends on its shapes
+    only, never on which shapes came earlier in the process (a resumed run gives the same
+    numbers as one that ran through)."""
+    if mode is None:
+        return fn
+    import torch._dynamo  # only a compiling run pays for importing the compiler
+
+    compiled_fn = torch.compile(fn, mode=mode, dynamic=False)
+
+    def call(*args: object) -> Tensor:
+        with torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION):
+            return compiled_fn(*args)
+
+    return call
 
 
 def trainable(model: nn.Module) -> list[Tensor]:

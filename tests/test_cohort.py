@@ -59,7 +59,8 @@ def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = 
     runs = {}
     for cohort in (False, True):
         fresh = copy.deepcopy(sections)  # attacks and defenses keep state: one instance per run
-        exp = tiny_experiment(tiny_root, tmp_path / str(cohort), train=dataclasses.replace(train, cohort=cohort),
+        train_as = dataclasses.replace(train, cohort=cohort, compile=train.compile if cohort else None)
+        exp = tiny_experiment(tiny_root, tmp_path / str(cohort), train=train_as,
                               federation=FederationConfig(num_clients=5, rounds=rounds, final_rounds=1), **fresh)
         run = FederatedRun(exp)
         if cohort and explicit_batch_norm:
@@ -222,6 +223,58 @@ def test_a_cohort_refuses_16_mixed_and_names_models_it_cannot_vmap(tiny_root, tm
     run = FederatedRun(exp)
     with pytest.raises(FedbenchError, match="train.cohort=false"):
         run.run_round(0)
+
+
+def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_root, tmp_path):
+    """train.compile: the vmapped loss and the stacked SDFC pulls run as inductor graphs
+    (counted), and every update still equals plain sequential training's."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+        tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC(),
+        train=LocalTrainConfig(local_steps=3, batch_size=32, compile="default"))
+    assert coh.exp.train.compile == "default" and seq.exp.train.compile is None
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2, "the loss and the pulls were compiled"
+    assert coh.cohort_trainer.pulled_rows == list(range(5))
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4)
+
+
+def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_cpu(tiny_root, tmp_path):
+    """The path a GPU takes for ResNet-18 (BatchNorm in tensor ops, running statistics
+    updated in place inside the compiled graph), on CPU against sequential F.batch_norm, in
+    float64 so that only a real difference, not float32 rounding, could show: 1e-9."""
+    import shutil
+
+    from fedbench.experiment import FabricConfig
+
+    if shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
+    (seq, seq_sent, _), (coh, coh_sent, _) = both_ways(
+        tiny_root, tmp_path, model=ModelConfig(name="test_cohort.small_bn_net"), explicit_batch_norm=True,
+        fabric=FabricConfig(precision="64-true"), train=LocalTrainConfig(local_steps=3, batch_size=32, compile="default"))
+    assert seq.global_buffers.abs().sum() > 0
+    assert relative_gap(seq.global_buffers, coh.global_buffers) < 1e-9, "running means and variances"
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < 1e-9, client
+    assert relative_gap(seq.global_params, coh.global_params) < 1e-9
+
+
+@pytest.mark.parametrize("train, allowed", [
+    (LocalTrainConfig(cohort=True, compile="fast"), "one of: default, reduce-overhead"),
+    (LocalTrainConfig(cohort=False, compile="default"), "unless train.cohort=true"),
+])
+def test_bad_compile_settings_name_the_field_and_what_is_allowed(train, allowed):
+    problems = train.problems()
+    assert [field for field, _, _ in problems] == ["train.compile"]
+    assert allowed in problems[0][2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

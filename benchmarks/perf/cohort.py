@@ -8,6 +8,8 @@ CPU finishes quickly. Counted with torch.profiler over one round's local trainin
   which is what predicts the GPU gain (on CPU the cohort is not faster: the same arithmetic,
   in bigger but fewer kernels);
 - on a GPU, the CUDA kernels actually launched.
+``--compile MODE`` compiles the cohort (``train.compile``; its first round, which compiles,
+is left out of every count and time); on CPU inductor's fused C++ kernels count one each.
 Also timed (best of ``--repeat``), and samples per second (clients x steps x batch / s).
 """
 
@@ -44,6 +46,7 @@ class Workload:
 
     defense: str = "fedavg"
     train_subset: int | None = None
+    compile: str | None = None  # the cohort's train.compile
 
 
 def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path,
@@ -51,7 +54,7 @@ def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, 
     exp = Experiment(
         attack=NoAttack(), defense=DEFENSES.get(workload.defense)(), model=ModelConfig(name=model),
         data=DataConfig(train_subset=workload.train_subset),
-        train=LocalTrainConfig(local_steps=steps, cohort=cohort),
+        train=LocalTrainConfig(local_steps=steps, cohort=cohort, compile=workload.compile if cohort else None),
         federation=FederationConfig(rounds=1, final_rounds=1),
         fabric=FabricConfig(accelerator=device, precision=precision),
         output=OutputConfig(dir=str(out), progress=False), wandb=WandbConfig(mode="disabled"),
@@ -70,6 +73,8 @@ NO_KERNEL = {"aten::as_strided", "aten::as_strided_", "aten::view", "aten::_resh
 def launches(run: FederatedRun, cuda: bool) -> int:
     """Kernels of one round's local training: CUDA kernels on a GPU, leaf aten ops on CPU."""
     clients = run.select_clients(0)
+    if run.exp.train.compile:
+        run.train_clients(clients)  # compiles: not what a round costs afterwards
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         run.train_clients(clients)
@@ -84,7 +89,7 @@ def cpu_launches(event) -> int:
     if event.name.startswith("aten::_foreach"):
         return 1
     if not event.cpu_children:
-        return int(event.name.startswith("aten::") and event.name not in NO_KERNEL)
+        return int(event.name.startswith("aten::") and event.name not in NO_KERNEL or "cpp_fused" in event.name)
     return sum(cpu_launches(child) for child in event.cpu_children)
 
 
@@ -110,6 +115,7 @@ def measure_row(model: str, precision: str, steps: int, repeat: int, device: str
     flattening its model) and samples/s, sequential and cohort; a failure says why."""
     measured = {}
     label = model if workload.defense == "fedavg" else f"{model} + {workload.defense}"
+    label += f", cohort compiled ({workload.compile})" if workload.compile else ""
     try:
         for cohort in (False, True):
             run = make_run(model, cohort, steps, precision, device, out, workload)
@@ -134,8 +140,13 @@ def main(argv=None) -> str:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--defense", default="fedavg", help="e.g. sdfc: its calibration term in every step")
     parser.add_argument("--train-subset", type=int, default=None, help="clients' pool size (default: all)")
+    parser.add_argument("--compile", default=None, help="the cohort's train.compile mode, e.g. default")
     args = parser.parse_args(argv)
-    workload = Workload(args.defense, args.train_subset)
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
+    workload = Workload(args.defense, args.train_subset, args.compile)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for model in args.models:

@@ -15,7 +15,10 @@
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
-# simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150).
+# simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_COMPILE (default "default
+# reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
+# PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
+# compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE).
 # CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
 # cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'
 # cells run on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS
@@ -56,25 +59,33 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
   [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
+  # the cohort compiled (train.compile), each mode of PERF_COMPILE on PERF_COMPILE_MODELS, fp32
+  for mode in ${PERF_COMPILE:-default reduce-overhead}; do
+    timeout "${PERF_COMPILE_SECONDS:-180}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
+      --models ${PERF_COMPILE_MODELS:-simple_cnn resnet18} --compile "$mode" 2>&1 | tee -a "$OUT/cohort.md"
+  done
 fi
 
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
+compiled=(); [ -n "${GRID_COMPILE:-}" ] && compiled=(--set "train.compile=$GRID_COMPILE")
+cohort_runs="runs/fmnist_paper_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}"
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
-  --out runs/fmnist_paper_gpu --jobs 6 --set train.cohort=true --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
+  --out "$cohort_runs" --jobs 6 --set train.cohort=true \
+  "${compiled[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
 cohort_grid=$!
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
   --out runs/fmnist_paper_gpu_sequential --jobs 1 --set wandb.mode=disabled --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
 sequential_grid=$!
 while sleep 30; do  # the GPU grids only: a CPU grid (CPU_GRID) may still be running
   kill -0 $cohort_grid 2>/dev/null || kill -0 $sequential_grid 2>/dev/null || break
-  echo "$(( $(date +%s) - start )) s: $(ls runs/fmnist_paper_gpu/cells/*/summary.json 2>/dev/null | wc -l) cells done;" \
+  echo "$(( $(date +%s) - start )) s: $(ls "$cohort_runs"/cells/*/summary.json 2>/dev/null | wc -l) cells done;" \
     "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
 done
 wait $cohort_grid $sequential_grid
 echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
-tar czf "$OUT/runs.tgz" runs/fmnist_paper_gpu runs/fmnist_paper_gpu_sequential
+tar czf "$OUT/runs.tgz" "$cohort_runs" runs/fmnist_paper_gpu_sequential
 fi
 
 if [ -n "${CPU_GRID:-}" ]; then
