@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import ATTACKS, BorrowedTriggerBackdoor, ClientInfo
+from fedbench.params import trainable_parameters
 
 
 @ATTACKS.register("cosine_constrained")
@@ -52,7 +53,7 @@ class CosineConstrained(BorrowedTriggerBackdoor):
             return None
         assert self.env is not None and self.env.clean_update is not None, "the engine offers clean_update"
         honest = self.env.clean_update(client)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         starts = [p.detach().clone() for p in params]
         weight = self.weight
 

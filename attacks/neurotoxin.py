@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import ATTACKS, BorrowedTriggerBackdoor, ClientInfo
+from fedbench.params import trainable_parameters
 
 
 @ATTACKS.register("neurotoxin")
@@ -58,7 +59,7 @@ class Neurotoxin(BorrowedTriggerBackdoor):
     def step_hook(self, client: ClientInfo, model: nn.Module) -> Callable[[], None] | None:
         if self.frozen is None or not self.frozen.any():
             return None
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         starts = [p.detach().clone() for p in params]
         masks = [m.view_as(p) for m, p in zip(self.frozen.split([p.numel() for p in params]), params)]
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from attacks.base import ATTACKS, BorrowedTriggerBackdoor, ClientInfo
+from fedbench.params import trainable_parameters
 
 
 @ATTACKS.register("norm_bounded")
@@ -45,7 +46,7 @@ class NormBounded(BorrowedTriggerBackdoor):
             assert self.env is not None and self.env.clean_update is not None, "the engine offers clean_update"
             radius = float(torch.linalg.vector_norm(self.env.clean_update(client)))
         self.last_radius[client.client_id] = radius
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         starts = [p.detach().clone() for p in params]
 
         def project() -> None:

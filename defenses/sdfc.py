@@ -13,6 +13,7 @@ from attacks.base import ClientInfo
 from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, QuadraticPull, \
     RoundContext, none_excluded, sample_weights
 from fedbench.fisher import FisherEstimator, diagonal_fisher
+from fedbench.params import trainable_parameters
 
 SCORE = "sdfc_score"
 
@@ -63,7 +64,7 @@ class SDFCClientHook(ClientHook):
 
     def _store(self, client: ClientInfo, model: nn.Module, delta: list[Tensor]) -> None:
         self.delta[client.client_id] = [d.detach() for d in delta]
-        self.previous[client.client_id] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.previous[client.client_id] = [p.detach().clone() for p in trainable_parameters(model)]
         self.stored_round[client.client_id] = client.round
 
     def is_fresh(self, client: ClientInfo) -> bool:
@@ -83,7 +84,7 @@ class SDFCClientHook(ClientHook):
             delta = fisher_difference(model, local_batches, server_batches, defense.estimator)
             self._store(client, model, delta)
         delta, previous = self.delta[client.client_id], self.previous[client.client_id]
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         return QuadraticPull(params, previous, delta, defense.calibration_lambda)
 
     def after_training(

@@ -47,6 +47,7 @@ from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
+from fedbench.params import trainable_parameters
 
 
 class CohortTrainer:
@@ -219,7 +220,7 @@ class StackedPull:
         names = [name for name, p in jobs[0].model.named_parameters() if p.requires_grad]
         rows = [k for k, job in enumerate(jobs) if isinstance(job.regularizer, QuadraticPull)
                 and len(job.regularizer.params) == len(names)
-                and all(a is b for a, b in zip(job.regularizer.params, trainable(job.model)))]
+                and all(a is b for a, b in zip(job.regularizer.params, trainable_parameters(job.model)))]
         if not rows:
             return None
         pulls = [jobs[k].regularizer for k in rows]
@@ -292,22 +293,25 @@ def compiled(fn: Callable[..., Tensor], mode: str | None) -> Callable[..., Tenso
     """``fn`` itself (``mode`` None) or ``torch.compile(fn, mode=mode, dynamic=False)``: a
     static graph per input shape, so which kernels compute a step depends on its shapes
     only, never on which shapes came earlier in the process (a resumed run gives the same
-    numbers as one that ran through)."""
+    numbers as one that ran through; verified on CPU, on CUDA with inductor's
+    deterministic switch on, untested on a GPU yet). The max-autotune modes, which pick
+    kernels by timing them, are not offered."""
     if mode is None:
         return fn
     import torch._dynamo  # only a compiling run pays for importing the compiler
+    import torch._inductor.config as inductor_config
 
     compiled_fn = torch.compile(fn, mode=mode, dynamic=False)
+    # On CUDA inductor benchmarks Triton reduction configs, which sum in other orders: its
+    # deterministic switch (where this torch has it) turns that choice by timing off.
+    deterministic = {"deterministic": True} if hasattr(inductor_config, "deterministic") else {}
 
     def call(*args: object) -> Tensor:
-        with torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION):
+        with (torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION),
+              inductor_config.patch(**deterministic)):
             return compiled_fn(*args)
 
     return call
-
-
-def trainable(model: nn.Module) -> list[Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def masked(rows: Tensor, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:

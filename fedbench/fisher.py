@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
+from fedbench.params import trainable_parameters
+
 FisherEstimator = Literal["empirical", "published"]
 
 
@@ -59,7 +61,7 @@ def layerwise_empirical_fisher(model: nn.Module, batches: Iterable[tuple[Tensor,
     ``G_n U_n^T`` with U_n the unfolded input patches (one batched matmul). The output
     gradients of ``sum_n log p(y_n | x_n)`` are per-sample because in eval mode the
     samples of a batch do not interact. Returns None for inputs it does not cover."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     totals = {p: torch.zeros_like(p) for p in params}
     count = 0
     captured: list[tuple[nn.Module, Tensor, Tensor]] = []

@@ -18,6 +18,11 @@ import torch.nn as nn
 from torch import Tensor
 
 
+def trainable_parameters(model: nn.Module) -> list[Tensor]:
+    """The parameters that local training moves and the update holds, in ``named_parameters()`` order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class ParameterLayout:
     def __init__(self, model: nn.Module) -> None:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -30,7 +35,7 @@ class ParameterLayout:
         self.buffer_dim = sum(self.buffer_numels)
 
     def _params(self, model: nn.Module) -> list[Tensor]:
-        return [p for _, p in model.named_parameters() if p.requires_grad]
+        return trainable_parameters(model)
 
     def flatten(self, model: nn.Module) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self._params(model)])

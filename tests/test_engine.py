@@ -106,6 +106,23 @@ def test_64_true_trains_the_clients_in_float64_and_sends_float32_updates(tiny_ro
         assert gap_32 > 3e-7 * scale, (cid, gap_32 / scale)  # 7e-7 to 1.1e-6 measured: float32 training fails the bound
 
 
+def test_under_bf16_true_a_client_that_did_not_move_sends_a_zero_update(tiny_root, tmp_path):
+    """The bf16 client starts from the float32 global model rounded to bf16: that rounding
+    (about 10% of an update's norm) is not part of what it sends."""
+    from fedbench.experiment import FabricConfig
+
+    run = FederatedRun(tiny_experiment(tiny_root, tmp_path, fabric=FabricConfig(precision="bf16-true")))
+    assert next(run.model.parameters()).dtype == torch.bfloat16
+    # a global model after aggregation: float32 values that bf16 cannot hold
+    noise = torch.randn(run.global_params.shape, generator=torch.Generator().manual_seed(0))
+    run.global_params = run.global_params + 1e-4 * noise
+    run.layout.load(run.model, run.global_params)
+    rounded = run.global_params.to(torch.bfloat16).float()
+    assert (rounded != run.global_params).any(), "the rounding is there to leave out"
+    update = run.trained_minus(run.model, run.global_params)
+    assert update.dtype == torch.float32 and torch.count_nonzero(update) == 0
+
+
 def test_same_config_and_seed_give_bit_identical_numbers(tiny_root, tmp_path):
     runs = []
     for name in ("a", "b", "c"):
