@@ -178,6 +178,15 @@ def cast_floating_inputs(dtype: torch.dtype, module: nn.Module, args: tuple) -> 
     return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
+@dataclass
+class OpenRound:
+    """A round whose clients are chosen and not yet trained."""
+
+    index: int
+    clients: list[ClientInfo]
+    started: float
+
+
 class FederatedRun:
     """One run of an :class:`Experiment` on a Fabric instance."""
 
@@ -298,13 +307,17 @@ class FederatedRun:
         """The clients trained together (see fedbench.cohort), each on its own copy of the
         model; every hook runs as in :meth:`train_client`. Each client is charged an equal
         share of the cohort's training time."""
-        while len(self._cohort_models) < len(clients):
-            self._cohort_models.append(copy.deepcopy(self.model))
-        jobs = [self.prepare_client(c, m) for c, m in zip(clients, self._cohort_models)]
+        jobs = self.cohort_jobs(clients)
         started = time.perf_counter()
         trained = self.cohort_trainer.train(jobs)
         share = (time.perf_counter() - started) / len(jobs)
         return [self.finish_client(job, result, share) for job, result in zip(jobs, trained)]
+
+    def cohort_jobs(self, clients: list[ClientInfo]) -> list[ClientJob]:
+        """The clients prepared for a cohort, each on its own copy of the model."""
+        while len(self._cohort_models) < len(clients):
+            self._cohort_models.append(copy.deepcopy(self.model))
+        return [self.prepare_client(c, m) for c, m in zip(clients, self._cohort_models)]
 
     def prepare_client(self, client: ClientInfo, model: nn.Module) -> ClientJob:
         """Load the global model into ``model`` and run the hooks that come before training."""
@@ -574,13 +587,23 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ one round
     def run_round(self, round_index: int) -> dict:
-        times: dict[str, float] = {}
+        opened = self.open_round(round_index)
+        return self.close_round(opened, self.train_clients(opened.clients))
+
+    def open_round(self, round_index: int) -> "OpenRound":
+        """Steps 1 and 2's start: the round's clients, chosen; the attack told the round began."""
         started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         clients = self.select_clients(round_index)
         self.exp.attack.round_start(round_index, self.global_params)
-        round_ = self.gather(clients, self.train_clients(clients))
+        return OpenRound(round_index, clients, started)
+
+    def close_round(self, opened: "OpenRound", results: list[ClientResult]) -> dict:
+        """Steps 3-8 on the clients' results; the round's record."""
+        round_index, started = opened.index, opened.started
+        times: dict[str, float] = {}
+        round_ = self.gather(opened.clients, results)
         attack_started = time.perf_counter()
         self.attack_server_side(round_)
         times["server_attack"] = time.perf_counter() - attack_started
@@ -654,25 +677,41 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        exp = self.exp
+        self.begin()
+        for round_index in range(self.start_round, self.exp.federation.rounds):
+            self.keep(self.run_round(round_index))
+        return self.end()
+
+    @property
+    def next_round(self) -> int | None:
+        """The round to run next (every round leaves one record), None when all are done."""
+        return len(self.records) if len(self.records) < self.exp.federation.rounds else None
+
+    def begin(self) -> None:
+        """Before the first round of this attempt: the run's files, loggers and progress bar."""
         self.started = time.perf_counter()
         if self.rank == 0:
             self._write_run_start()
-        progress = self._progress = self._progress_bar() if self.rank == 0 and exp.output.progress else None
-        for round_index in range(self.start_round, exp.federation.rounds):
-            record = self.run_round(round_index)
-            self.records.append(record)
-            if self.rank == 0:
-                append_jsonl(self.run_dir / METRICS, record)
-                self.fabric.log_dict(flat_metrics(record), step=round_index)
-            if exp.output.checkpoint_every and (round_index + 1) % exp.output.checkpoint_every == 0:
-                self.save_checkpoint(round_index)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(acc=record["clean_acc"], asr=record["asr"])
-        if progress is not None:
-            progress.close()
+        self._progress = self._progress_bar() if self.rank == 0 and self.exp.output.progress else None
 
+    def keep(self, record: dict) -> None:
+        """A finished round: its record kept, written, logged, checkpointed when due."""
+        round_index, every = record["round"], self.exp.output.checkpoint_every
+        self.records.append(record)
+        if self.rank == 0:
+            append_jsonl(self.run_dir / METRICS, record)
+            self.fabric.log_dict(flat_metrics(record), step=round_index)
+        if every and (round_index + 1) % every == 0:
+            self.save_checkpoint(round_index)
+        if self._progress is not None:
+            self._progress.update(1)
+            self._progress.set_postfix(acc=record["clean_acc"], asr=record["asr"])
+
+    def end(self) -> dict:
+        """After the last round: the summary, with the defense's final numbers, written."""
+        exp = self.exp
+        if self._progress is not None:
+            self._progress.close()
         summary = self.summary(self.wall_time())
         summary["final"].update(self.defense_final_numbers())
         if self.rank == 0:

@@ -68,7 +68,10 @@ def test_dry_run_lists_cells_and_a_bad_cell_fails_before_training(tiny_root, tmp
 def test_a_killed_grid_resumes_without_redoing_or_losing_cells(tiny_root, tmp_path, how):
     path = write_grid(tmp_path, tiny_root, AXES, rounds=3)
     out = tmp_path / "out"
-    process = grid_cli("grid", str(path), "--out", str(out), start_new_session=True)
+    # SIGINT as a terminal sends it: a shell starts background jobs with SIGINT ignored, and
+    # a grid run from one (a CI script started with &) would inherit that and never stop.
+    process = grid_cli("grid", str(path), "--out", str(out), start_new_session=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("cells/*/summary.json"))) < 1:
         time.sleep(0.2)

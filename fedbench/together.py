@@ -1,0 +1,90 @@
+"""Several runs (grid cells) whose local training is one cohort: cross-cell cohorts.
+
+A paper cell's cohort holds its round's 10 clients; on a GPU each step of that cohort is
+still a few hundred small kernels. Runs of the same model on the same data with the same
+local-training settings (cells that differ in attack, defense, seed) can step together:
+each round, every unfinished run chooses its clients and runs its hooks, the clients of
+all of them train as ONE cohort (:class:`~fedbench.cohort.CohortTrainer`: per step one
+vmapped forward and backward over every client of every run), then each run aggregates,
+evaluates, records and checkpoints on its own, exactly as :meth:`FederatedRun.run` does.
+
+Every client keeps its own model copy, data, generator, poisoning, loss terms and step
+count, so each run's numbers equal those it gets alone with ``train.cohort`` up to float
+rounding (vmapped kernels over more clients may sum in another order). Runs that resumed
+from different rounds still step together (each its own next round); a run whose rounds
+are done drops out. Single process only; no run's training waits on another's server.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fedbench.client import ClientJob
+from fedbench.engine import ClientResult, FederatedRun, OpenRound
+from fedbench.errors import FedbenchError
+
+
+def run_together(runs: list[FederatedRun]) -> list[dict]:
+    """Every run to its last round, the clients of each round of all of them trained as
+    one cohort; returns each run's summary (what :meth:`FederatedRun.run` returns)."""
+    check_compatible(runs)
+    for run in runs:
+        run.begin()
+    while True:
+        active = [run for run in runs if run.next_round is not None]
+        if not active:
+            break
+        opened = [run.open_round(run.next_round) for run in active]
+        results = train_together(active, opened)
+        for run, round_, result in zip(active, opened, results):
+            run.keep(run.close_round(round_, result))
+    return [run.end() for run in runs]
+
+
+def train_together(runs: list[FederatedRun], opened: list[OpenRound]) -> list[list[ClientResult]]:
+    """Each run's clients of its open round, all trained in one cohort (the first run's
+    cohort trainer: every run's is configured alike); each client is charged an equal
+    share of the cohort's time."""
+    jobs: list[list[ClientJob]] = [run.cohort_jobs(round_.clients) for run, round_ in zip(runs, opened)]
+    everyone = [job for run_jobs in jobs for job in run_jobs]
+    started = time.perf_counter()
+    trained = runs[0].cohort_trainer.train(everyone) if everyone else []
+    share = (time.perf_counter() - started) / max(len(everyone), 1)
+    results, position = [], 0
+    for run, run_jobs in zip(runs, jobs):
+        mine = trained[position:position + len(run_jobs)]
+        position += len(run_jobs)
+        results.append([run.finish_client(job, result, share) for job, result in zip(run_jobs, mine)])
+    return results
+
+
+def check_compatible(runs: list[FederatedRun]) -> None:
+    """One message naming what differs when the runs cannot share a cohort: the model,
+    local training, precision and device, the input pipeline, or the parameter layout."""
+    if not runs:
+        raise FedbenchError("run_together needs at least one run")
+    first = runs[0]
+    if not first.exp.train.cohort:
+        raise FedbenchError("runs trained together train as one cohort: set train.cohort=true in each")
+    for run in runs:
+        if run.world != 1:
+            raise FedbenchError("runs trained together need one process each (fabric.devices=1)")
+        for field, mine, theirs in differences(first, run):
+            raise FedbenchError(f"runs trained together must share {field}: {first.exp.run_name} has {mine!r}, "
+                                f"{run.exp.run_name} has {theirs!r}")
+
+
+def differences(first: FederatedRun, other: FederatedRun) -> list[tuple[str, object, object]]:
+    """(field, first's value, other's value) for each setting that a shared cohort needs alike."""
+    def pipeline(run: FederatedRun) -> tuple:
+        p = run.data.pipeline
+        return (p.mean.flatten().tolist(), p.std.flatten().tolist(), p.channels, p.augment, p.hflip, p.crop_padding)
+
+    def layout(run: FederatedRun) -> tuple:
+        return tuple(run.layout.names), tuple(tuple(s) for s in run.layout.shapes), tuple(run.layout.buffer_names)
+
+    pairs = [("model", first.exp.model, other.exp.model), ("train", first.exp.train, other.exp.train),
+             ("fabric", first.exp.fabric, other.exp.fabric), ("device", first.device, other.device),
+             ("the input pipeline", pipeline(first), pipeline(other)),
+             ("the parameter layout", layout(first), layout(other))]
+    return [(field, mine, theirs) for field, mine, theirs in pairs if mine != theirs]
