@@ -118,17 +118,22 @@ def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: Runnin
     config_path = cell_dir / "cell_config.yaml"
     config_path.write_text(yaml.safe_dump(cell.config, sort_keys=False))
     log_path = cell_dir / "log.txt"
+    command = [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)]
+    code = run_process(command, log_path, _cell_env(cell, jobs, threads, extra_env), running)
+    check_exit(code, log_path, running)
+
+
+def run_process(command: list[str], log_path: Path, env: dict[str, str], running: RunningCells | None) -> int:
+    """A cell's (or a pack of cells') process, its output in ``log_path``; its exit status.
+    An interrupt here stops it."""
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedbench.cli", "run", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_set_parent_death_signal,
-            env=_cell_env(cell, jobs, threads, extra_env),
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=_set_parent_death_signal, env=env)
         if running is not None:
             with running.lock:
                 running.processes.add(process)
         try:
-            code = process.wait()
+            return process.wait()
         except BaseException:
             process.terminate()
             _wait_or_kill(process)
@@ -137,8 +142,13 @@ def run_cell_isolated(cell: Cell, cell_dir: Path, jobs: int = 1, running: Runnin
             if running is not None:
                 with running.lock:
                     running.processes.discard(process)
+
+
+def check_exit(code: int, log_path: Path, running: RunningCells | None) -> None:
+    """An interrupted process is not a failure (it resumes on the next call); any other
+    non-zero exit is, with its log's tail."""
     if (running is not None and running.stopping.is_set()) or code in (130, -signal.SIGINT, -signal.SIGTERM):
-        raise KeyboardInterrupt("cell interrupted")  # not a failure: it resumes on the next call
+        raise KeyboardInterrupt("cell interrupted")
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-15:]
         raise CellFailed(f"exit status {code}", "\n".join(tail))

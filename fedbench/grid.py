@@ -58,6 +58,7 @@ import yaml
 from fedbench.cells import (  # noqa: F401  (CELLS, GridProgress: part of this module's interface)
     CELLS, Cell, Grid, GridProgress, RunningCells, cell_status, run_one, write_grid_summary,
 )
+from fedbench.cell_packs import check_packable, pack_cells, run_pack
 from fedbench.errors import ConfigError, FedbenchError
 from fedbench.packing import GPU_MEMORY_PER_CELL_GB, auto_jobs
 from fedbench.results import write_json_atomic
@@ -313,16 +314,19 @@ def _terminate_on_sigterm(signum, frame) -> None:
 
 def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | str | None = None,
              launcher: str = "local", ray_options: "RayOptions | None" = None,
-             gpu_memory_per_cell: float = GPU_MEMORY_PER_CELL_GB) -> dict:
+             gpu_memory_per_cell: float = GPU_MEMORY_PER_CELL_GB, cells_per_process: int = 1) -> dict:
     """Every unfinished cell: ``jobs`` at a time on this machine (jobs > 1 runs each cell in
-    its own process; ``auto``: see fedbench.packing), or as Ray tasks (``launcher="ray"``,
-    see fedbench.ray_launcher)."""
+    its own process; ``auto``: see fedbench.packing; ``cells_per_process`` > 1 trains that
+    many compatible cells together in each process, see fedbench.cell_packs), or as Ray
+    tasks (``launcher="ray"``, see fedbench.ray_launcher)."""
     isolate = grid.isolate if isolate is None else isolate
     jobs = grid.jobs if jobs is None else jobs
     check_jobs(jobs, "jobs")
     if launcher not in LAUNCHERS:
         raise ConfigError([("launcher", launcher, f"one of: {', '.join(LAUNCHERS)}")])
+    check_cells_per_process(cells_per_process, launcher)
     validate_cells(grid)
+    check_packable(grid, cells_per_process)
     if jobs == "auto":
         if not gpu_memory_per_cell > 0:
             raise ConfigError([("gpu_memory_per_cell", gpu_memory_per_cell, "a number of GB > 0")])
@@ -340,6 +344,8 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | st
                 from fedbench.ray_launcher import RayOptions, run_on_ray
 
                 run_on_ray(grid, positions, echo, ray_options or RayOptions())
+            elif cells_per_process > 1:
+                _run_packs(grid, positions, echo, jobs, cells_per_process)
             else:
                 _run_local(grid, positions, isolate, echo, jobs)
     finally:
@@ -374,6 +380,29 @@ def _run_local(grid: Grid, positions: list[str], isolate: bool, echo, jobs: int)
     pool.shutdown()
 
 
+def _run_packs(grid: Grid, positions: list[str], echo, jobs: int, per_process: int) -> None:
+    """Packs of compatible cells (fedbench.cell_packs), ``jobs`` packs at a time."""
+    packs = pack_cells(grid, positions, per_process)
+    progress = GridProgress(grid.name, len(grid.cells), jobs * per_process)
+    running = RunningCells()
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in [pool.submit(run_pack, grid, pack, echo, jobs, running, progress) for pack in packs]:
+            future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        running.stop_all()
+        raise
+    pool.shutdown()
+
+
+def check_cells_per_process(value: Any, launcher: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError([("cells_per_process", value, "an integer >= 1")])
+    if value > 1 and launcher != "local":
+        raise ConfigError([("cells_per_process", value, "1 with --launcher ray (packs run on the local launcher)")])
+
+
 def ray_options_from(args) -> "RayOptions | None":
     if args.launcher != "ray":
         return None
@@ -382,10 +411,9 @@ def ray_options_from(args) -> "RayOptions | None":
     return RayOptions(address=args.ray_address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
 
 
-def grid_command(argv: Sequence[str]) -> int:
-    from jsonargparse import ArgumentError, ArgumentParser
-
-    from fedbench.execution import fail
+def grid_parser():
+    """``fedbench grid``'s options."""
+    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="fedbench grid", description="Run every cell of a grid file; finished cells "
                             "are skipped, so running it again resumes.", exit_on_error=False, default_env=False)
@@ -406,6 +434,10 @@ def grid_command(argv: Sequence[str]) -> int:
                              "defense.estimator=empirical) or an axis (axes.seed=[0])")
     parser.add_argument("--cells", action="append", default=[], metavar="PATTERN",
                         help="repeatable; run only cells whose id matches (shell pattern, e.g. '*-sdfc-*')")
+    parser.add_argument("--cells-per-process", "--cells_per_process", dest="cells_per_process", type=int,
+                        default=1, help="train up to this many cells with the same model, data and training "
+                        "settings together in one process, their clients in one cohort each round (needs "
+                        "train.cohort=true and wandb.mode=disabled; default 1)")
     parser.add_argument("--launcher", type=str, default="local",
                         help="local (--jobs processes on this machine) or ray (cells as Ray tasks; "
                              "pip install -e '.[ray]')")
@@ -416,6 +448,15 @@ def grid_command(argv: Sequence[str]) -> int:
                         default=None, help="ray: CPUs each cell asks for (default: its fabric.cpu_threads, else 1)")
     parser.add_argument("--gpus-per-cell", "--gpus_per_cell", dest="gpus_per_cell", type=float, default=0.0,
                         help="ray: GPUs (a fraction shares one) each cell asks for (default 0)")
+    return parser
+
+
+def grid_command(argv: Sequence[str]) -> int:
+    from jsonargparse import ArgumentError
+
+    from fedbench.execution import fail
+
+    parser = grid_parser()
     try:
         args = parser.parse_args(list(argv))
     except ArgumentError as err:
@@ -430,7 +471,8 @@ def grid_command(argv: Sequence[str]) -> int:
             print(f"{len(grid.cells)} cells -> {grid.output}")
             return 0
         summary = run_grid(grid, args.isolate, jobs=jobs_option(args.jobs), launcher=args.launcher,
-                           ray_options=ray_options_from(args), gpu_memory_per_cell=args.gpu_memory_per_cell)
+                           ray_options=ray_options_from(args), gpu_memory_per_cell=args.gpu_memory_per_cell,
+                           cells_per_process=args.cells_per_process)
     except KeyboardInterrupt:
         print("interrupted: finished cells are kept; run the same command again to resume", file=sys.stderr)
         return 130

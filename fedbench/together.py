@@ -18,6 +18,7 @@ are done drops out. Single process only; no run's training waits on another's se
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fedbench.client import ClientJob
 from fedbench.engine import ClientResult, FederatedRun, OpenRound
@@ -88,3 +89,66 @@ def differences(first: FederatedRun, other: FederatedRun) -> list[tuple[str, obj
              ("the input pipeline", pipeline(first), pipeline(other)),
              ("the parameter layout", layout(first), layout(other))]
     return [(field, mine, theirs) for field, mine, theirs in pairs if mine != theirs]
+
+
+def wants_wandb(exp) -> bool:
+    from fedbench.tracking import resolve_mode
+
+    return "wandb" in exp.logger and resolve_mode(exp.wandb.mode) != "disabled"
+
+
+def run_configs(paths: list[str]) -> list[dict]:
+    """The cells whose config files are ``paths``, trained together in this process (what
+    ``fedbench grid --cells-per-process`` starts): each with its own Fabric, TensorBoard
+    or CSV loggers, ``config.yaml`` and results, as ``fedbench run --config`` gives it.
+    W&B keeps one run per process, so cells that log to it are refused (``fedbench
+    report --wandb`` logs a grid afterwards)."""
+    import yaml
+
+    from fedbench.config import build_experiment, build_parser, parse_config_dict
+    from fedbench.execution import make_fabric
+    from fedbench.experiment import validate
+    from fedbench.tracking import make_loggers
+
+    parser = build_parser()
+    exps = [build_experiment(parse_config_dict(yaml.safe_load(Path(p).read_text()), parser), parser) for p in paths]
+    for exp in exps:
+        validate(exp)
+        if wants_wandb(exp):
+            raise FedbenchError(f"{exp.run_name}: cells trained together cannot log to W&B (one W&B run per "
+                                "process): set wandb.mode=disabled and log the grid with fedbench report --wandb")
+    runs, loggers = [], []
+    for exp in exps:
+        exp_loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
+        fabric = make_fabric(exp, exp_loggers)
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+        (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
+        runs.append(FederatedRun(exp, fabric))
+        loggers.extend(exp_loggers)
+    try:
+        return run_together(runs)
+    finally:
+        for logger in loggers:
+            logger.finalize("success")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from fedbench.execution import fail
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    try:
+        summaries = run_configs(paths)
+    except FedbenchError as err:
+        return fail(str(err), "together")
+    except KeyboardInterrupt:
+        return 130
+    for summary in summaries:
+        final = ", ".join(f"{k}={v:.2f}" for k, v in summary["final"].items() if v is not None)
+        print(f"{summary['run']}: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,3 +67,83 @@ def test_runs_that_cannot_share_a_cohort_are_refused_naming_what_differs(tiny_ro
     with pytest.raises(FedbenchError, match="train.cohort=true"):
         run_together([FederatedRun(exp) for exp in two_cells(tiny_root, tmp_path / "s", train=sequential)])
     assert not list(tmp_path.rglob("metrics.jsonl")), "refused before any round"
+
+
+def packed_grid(tiny_root, tmp_path, axes, **base):
+    """A tiny grid file whose cells train as cohorts (what packing needs)."""
+    import yaml
+    from test_grid import write_grid
+
+    path = write_grid(tmp_path, tiny_root, axes)
+    grid = yaml.safe_load(path.read_text())
+    grid["base"]["train"]["cohort"] = True
+    grid["base"].update(base)
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+AXES = {"attack": ["pixel_pattern", "badnets"], "defense": ["fedavg", "median"], "attack.malicious_fraction": [0.2]}
+
+
+def test_a_grid_packed_two_cells_per_process_equals_the_same_grid_unpacked(tiny_root, tmp_path):
+    from fedbench.grid import load_grid, run_grid
+    from fedbench.results import read_summary
+
+    path = packed_grid(tiny_root, tmp_path, AXES)
+    unpacked = run_grid(load_grid(path, str(tmp_path / "unpacked")), echo=lambda *_: None)
+    lines: list[str] = []
+    packed = run_grid(load_grid(path, str(tmp_path / "packed")), echo=lines.append, cells_per_process=2)
+    assert unpacked["counts"]["finished"] == packed["counts"]["finished"] == 4
+    pointers = [p for p in (tmp_path / "packed" / "cells").glob("*/log.txt")
+                if p.read_text().startswith("trained in one process with")]
+    assert len(pointers) == 2, "4 cells in 2 processes: the second cell of each pack names the pack's log"
+    for cell in (tmp_path / "unpacked" / "cells").iterdir():
+        alone, together = read_summary(cell), read_summary(tmp_path / "packed" / "cells" / cell.name)
+        for key in ("A", "ASR"):
+            assert together["final"][key] == pytest.approx(alone["final"][key], abs=0.1), (cell.name, key)
+    again: list[str] = []
+    run_grid(load_grid(path, str(tmp_path / "packed")), echo=again.append, cells_per_process=2)
+    assert sum("finished earlier, skipped" in line for line in again) == 4
+
+
+def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
+    import yaml
+
+    from fedbench.errors import ConfigError
+    from fedbench.grid import load_grid, run_grid
+
+    path = packed_grid(tiny_root, tmp_path, AXES)
+    grid = yaml.safe_load(path.read_text())
+    for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=true"),
+                             ({"wandb": {"mode": "offline"}}, "W&B")):
+        path.write_text(yaml.safe_dump({**grid, "base": {**grid["base"], **change}}))
+        with pytest.raises(ConfigError, match="cells_per_process") as refused:
+            run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=2)
+        assert expected in str(refused.value)
+    with pytest.raises(ConfigError, match="an integer >= 1"):
+        run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=0)
+    with pytest.raises(ConfigError, match="with --launcher ray"):
+        run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=2, launcher="ray")
+    assert not (tmp_path / "out" / "cells").exists(), "refused before any cell ran"
+
+
+def test_a_failing_pack_is_recorded_and_the_other_packs_go_on(tiny_root, tmp_path):
+    import json
+
+    import fedbench.grid as grid_module
+
+    path = packed_grid(tiny_root, tmp_path, {"attack": ["badnets"], "defense": ["fedavg", "median", "trimmed_mean"],
+                                             "attack.malicious_fraction": [0.2]})
+    grid = grid_module.load_grid(path, str(tmp_path / "out"))
+    broken = grid.cells[0]  # its data folder vanishes after validation: its pack's process fails
+    broken.config["data"]["root"] = str(tmp_path / "nowhere")
+    original = grid_module.validate_cells
+    grid_module.validate_cells = lambda g: None
+    try:
+        summary = grid_module.run_grid(grid, echo=lambda *_: None, cells_per_process=2)
+    finally:
+        grid_module.validate_cells = original
+    statuses = {c["cell"]: c["status"] for c in summary["cells"]}
+    assert statuses == {broken.cell_id: "failed", grid.cells[1].cell_id: "finished", grid.cells[2].cell_id: "finished"}
+    failure = json.loads((tmp_path / "out" / "cells" / broken.cell_id / "failure.json").read_text())
+    assert "exit status 2" in failure["error"] and "data.root" in failure["detail"]

@@ -12,6 +12,7 @@ import cohort  # noqa: E402
 import round_breakdown  # noqa: E402
 import stacked_clients  # noqa: E402
 import throughput  # noqa: E402
+import together  # noqa: E402
 import torch  # noqa: E402
 
 # On a GPU the cohort table gets its GPU rows: both models, fp32 and bf16.
@@ -19,6 +20,7 @@ COHORT_GPU = ["--models", "simple_cnn", "resnet18", "--precisions", "32-true", "
 
 if __name__ == "__main__":
     cohort_args = COHORT_GPU if torch.cuda.is_available() else []
-    sections = [throughput.main([]), stacked_clients.main([]), cohort.main(cohort_args), aggregation.main([]),
+    sections = [throughput.main([]), stacked_clients.main([]), cohort.main(cohort_args),
+                together.main(["--steps", "20"] if torch.cuda.is_available() else []), aggregation.main([]),
                 round_breakdown.main([])]
     print("\n\n".join(sections))

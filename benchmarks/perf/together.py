@@ -1,0 +1,100 @@
+"""(f) Cross-cell cohorts: N cells' round-0 clients trained as one cohort
+(``fedbench.together.train_together``), N = 1, 2, 4: launches per step for all N cells and
+per cell, and samples/s.
+
+The papers' setting as in ``cohort.py`` (10 clients per cell, batch 64, simple_cnn); ``--steps`` local steps per client. Launches as in
+``cohort.py`` (CUDA kernels on a GPU; leaf aten ops on CPU, a ``_foreach`` op once). "Per
+step" is the round at 2 x steps minus the round at steps, over steps: what one more step
+of every client of the N cells costs. On a GPU the point is that it stays nearly flat in
+N, so the launches per cell-step fall as 1/N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cohort import Workload, cpu_launches, make_run  # noqa: E402
+from common import machine, table  # noqa: E402
+
+from fedbench.engine import FederatedRun  # noqa: E402
+from fedbench.together import train_together  # noqa: E402
+
+
+def make_runs(cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
+    # the cells are alike (seed 0): what a step costs does not depend on the seed, attack or defense
+    return [make_run("simple_cnn", True, steps, "32-true", device, out / f"cell{i}", workload) for i in range(cells)]
+
+
+def train_round(runs: list[FederatedRun]) -> None:
+    train_together(runs, [run.open_round(0) for run in runs])
+
+
+def launches(runs: list[FederatedRun], cuda: bool) -> int:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        train_round(runs)
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(cpu_launches(e) for e in prof.events() if e.cpu_parent is None)
+
+
+def seconds(runs: list[FederatedRun], repeat: int, cuda: bool) -> float:
+    train_round(runs)  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_round(runs)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_row(cells: int, steps: int, repeat: int, device: str, out: Path, workload: Workload) -> list:
+    runs = make_runs(cells, steps, device, out, workload)
+    cuda = runs[0].device.type == "cuda"
+    per_round = launches(runs, cuda)
+    longer = launches(make_runs(cells, 2 * steps, device, out, workload), cuda)
+    per_step = (longer - per_round) / steps
+    samples = cells * 10 * steps * runs[0].exp.train.batch_size
+    return [cells, 10 * cells, per_round, round(per_step), round(per_step / cells),
+            round(samples / seconds(runs, repeat, cuda))]
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cells", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--defense", default="fedavg")
+    parser.add_argument("--train-subset", type=int, default=None, help="clients' pool size (default: all)")
+    args = parser.parse_args(argv)
+    workload = Workload(args.defense, args.train_subset)
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for cells in args.cells:
+            rows.append(measure_row(cells, args.steps, args.repeat, args.device, Path(out), workload))
+            print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
+    kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
+    label = "simple_cnn" + ("" if args.defense == "fedavg" else f" + {args.defense}")
+    text = (f"### Cross-cell cohorts: N cells' round trained as one cohort, {label}, 10 clients x "
+            f"{args.steps} steps of 64 per cell, {machine()}\n\n"
+            + table(["cells", "clients in the cohort", f"{kind} per round", "per step, all cells",
+                     "per step, per cell", "samples/s"], rows))
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Grid cells trained together: ``fedbench grid FILE --cells-per-process K``.
+
+Unfinished cells that share their model, data, local training and Fabric settings (they
+differ in attack, defense, seed, ...) are packed K at a time into one process
+(``python -m fedbench.together CONFIG...``), where every round the clients of all of
+them train as one cohort (:mod:`fedbench.together`). Each cell still has its own folder,
+``config.yaml``, checkpoints, ``metrics.jsonl`` and ``summary.json``; the pack's output
+goes to its first cell's ``log.txt`` (the others' name that file). What the grid
+promises holds per cell: a finished cell is skipped on the next call, a pack that fails
+leaves ``failure.json`` in each of its cells that did not finish (the others in the pack
+keep their results) and the grid goes on, Ctrl-C stops the pack and keeps what finished.
+Packed cells need ``train.cohort=true`` and no W&B logger (one W&B run per process).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fedbench.cells import (Cell, CellFailed, Grid, GridProgress, RunningCells, _cell_env, cell_status, check_exit,
+                            end_cell, run_process, start_cell)
+from fedbench.errors import ConfigError
+
+# What a shared cohort needs alike (fedbench.together checks the built runs again).
+SHARED_SECTIONS = ("model", "data", "train", "fabric")
+
+
+def pack_cells(grid: Grid, positions: list[str], per_process: int) -> list[list[tuple[str, Cell]]]:
+    """The grid's cells as packs of up to ``per_process`` unfinished cells that share
+    :data:`SHARED_SECTIONS`, in grid order; a finished cell is a pack of its own (skipped)."""
+    groups: dict[str, list[tuple[str, Cell]]] = {}
+    packs: list[list[tuple[str, Cell]]] = []
+    for position, cell in zip(positions, grid.cells):
+        if cell_status(cell.directory(grid.output)) == "finished":
+            packs.append([(position, cell)])
+            continue
+        key = json.dumps({k: cell.config.get(k) for k in SHARED_SECTIONS}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((position, cell))
+    for members in groups.values():
+        packs.extend(members[i:i + per_process] for i in range(0, len(members), per_process))
+    return packs
+
+
+def check_packable(grid: Grid, per_process: int) -> None:
+    """One message before any training when a cell cannot be packed."""
+    from fedbench.tracking import resolve_mode
+
+    if per_process == 1:
+        return
+    for cell in grid.cells:
+        train = cell.config.get("train") or {}
+        wandb = (cell.config.get("wandb") or {}).get("mode", "auto")
+        if not train.get("cohort"):
+            raise ConfigError([("cells_per_process", per_process,
+                                f"1 unless every cell sets train.cohort=true ({cell.cell_id} does not; "
+                                "--set train.cohort=true)")])
+        if "wandb" in cell.config.get("logger", ["wandb"]) and resolve_mode(wandb) != "disabled":
+            raise ConfigError([("cells_per_process", per_process,
+                                f"1 unless no cell logs to W&B ({cell.cell_id} does: one W&B run per process; "
+                                "--set wandb.mode=disabled, then fedbench report --wandb)")])
+
+
+def run_pack(grid: Grid, pack: list[tuple[str, Cell]], echo, jobs: int, running: RunningCells | None,
+             progress: GridProgress) -> None:
+    """The pack's unfinished cells in one process; each cell's end recorded on its own."""
+    if running is not None and running.stopping.is_set():
+        return
+    started_cells = [(position, cell, start_cell(grid, cell, position, True, echo, progress))
+                     for position, cell in pack]
+    started_cells = [(position, cell, cell_dir) for position, cell, cell_dir in started_cells if cell_dir is not None]
+    if not started_cells:
+        return
+    started = time.perf_counter()
+    error: Exception | None = None
+    try:
+        run_pack_isolated([cell for _, cell, _ in started_cells], [d for _, _, d in started_cells], jobs, running)
+    except Exception as err:  # one failed pack never ends the grid
+        error = err
+    for position, cell, cell_dir in started_cells:
+        finished = cell_status(cell_dir) == "finished"
+        end_cell(grid, cell, position, echo, progress, started,
+                 None if finished else error or CellFailed("no summary written", ""))
+
+
+def run_pack_isolated(cells: list[Cell], cell_dirs: list[Path], jobs: int, running: RunningCells | None) -> None:
+    configs = []
+    for cell, cell_dir in zip(cells, cell_dirs):
+        configs.append(cell_dir / "cell_config.yaml")
+        configs[-1].write_text(yaml.safe_dump(cell.config, sort_keys=False))
+    log_path = cell_dirs[0] / "log.txt"
+    for cell_dir in cell_dirs[1:]:
+        (cell_dir / "log.txt").write_text(f"trained in one process with {', '.join(c.cell_id for c in cells)}; "
+                                          f"the process's log: {log_path}\n")
+    command = [sys.executable, "-m", "fedbench.together", *map(str, configs)]
+    check_exit(run_process(command, log_path, _cell_env(cells[0], jobs), running), log_path, running)
