@@ -8,7 +8,8 @@ them train as one cohort (:mod:`fedbench.together`). Each cell still has its own
 goes to its first cell's ``log.txt`` (the others' name that file). What the grid
 promises holds per cell: a finished cell is skipped on the next call, a pack that fails
 leaves ``failure.json`` in each of its cells that did not finish (the others in the pack
-keep their results) and the grid goes on, Ctrl-C stops the pack and keeps what finished.
+keep their results; a cell that failed before is re-tried alone, so it cannot fail its
+pack-mates again) and the grid goes on, Ctrl-C stops the pack and keeps what finished.
 Packed cells need ``train.cohort=true`` and no W&B logger (one W&B run per process).
 """
 
@@ -31,12 +32,13 @@ SHARED_SECTIONS = ("model", "data", "train", "fabric")
 
 def pack_cells(grid: Grid, positions: list[str], per_process: int) -> list[list[tuple[str, Cell]]]:
     """The grid's cells as packs of up to ``per_process`` unfinished cells that share
-    :data:`SHARED_SECTIONS`, in grid order; a finished cell is a pack of its own (skipped)."""
+    :data:`SHARED_SECTIONS`, in grid order; a finished cell (skipped) and a cell that failed
+    before (re-tried) are packs of their own."""
     groups: dict[str, list[tuple[str, Cell]]] = {}
     packs: list[list[tuple[str, Cell]]] = []
     for position, cell in zip(positions, grid.cells):
-        if cell_status(cell.directory(grid.output)) == "finished":
-            packs.append([(position, cell)])
+        if cell_status(cell.directory(grid.output)) in ("finished", "failed"):
+            packs.append([(position, cell)])  # skipped, or re-tried alone: a failing cell never takes others down
             continue
         key = json.dumps({k: cell.config.get(k) for k in SHARED_SECTIONS}, sort_keys=True, default=str)
         groups.setdefault(key, []).append((position, cell))
@@ -54,6 +56,10 @@ def check_packable(grid: Grid, per_process: int) -> None:
     for cell in grid.cells:
         train = cell.config.get("train") or {}
         wandb = (cell.config.get("wandb") or {}).get("mode", "auto")
+        if (cell.config.get("fabric") or {}).get("devices", 1) != 1:
+            raise ConfigError([("cells_per_process", per_process,
+                                f"1 unless every cell trains in one process (fabric.devices=1; {cell.cell_id} "
+                                "does not)")])
         if not train.get("cohort"):
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell sets train.cohort=true ({cell.cell_id} does not; "

@@ -330,7 +330,8 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | st
     if jobs == "auto":
         if not gpu_memory_per_cell > 0:
             raise ConfigError([("gpu_memory_per_cell", gpu_memory_per_cell, "a number of GB > 0")])
-        jobs, why = auto_jobs([c.config for c in grid.cells], gpu_memory_per_cell)
+        # a process of a pack holds cells_per_process cells: that many times a cell's memory
+        jobs, why = auto_jobs([c.config for c in grid.cells], gpu_memory_per_cell * cells_per_process)
         echo(f"grid {grid.name}: jobs auto = {jobs} ({why})")
     previous = signal.signal(signal.SIGTERM, _terminate_on_sigterm)
     started = time.perf_counter()

@@ -12,7 +12,9 @@ Every client keeps its own model copy, data, generator, poisoning, loss terms an
 count, so each run's numbers equal those it gets alone with ``train.cohort`` up to float
 rounding (vmapped kernels over more clients may sum in another order). Runs that resumed
 from different rounds still step together (each its own next round); a run whose rounds
-are done drops out. Single process only; no run's training waits on another's server.
+are done drops out and writes its summary at once. Single process only. A run's wall
+time (``wall_time_s``, and each record's round time) is the pack's: its rounds share
+their time with the other runs' rounds.
 """
 
 from __future__ import annotations
@@ -29,17 +31,19 @@ def run_together(runs: list[FederatedRun]) -> list[dict]:
     """Every run to its last round, the clients of each round of all of them trained as
     one cohort; returns each run's summary (what :meth:`FederatedRun.run` returns)."""
     check_compatible(runs)
+    summaries: dict[int, dict] = {}
     for run in runs:
         run.begin()
-    while True:
-        active = [run for run in runs if run.next_round is not None]
-        if not active:
-            break
+    while len(summaries) < len(runs):
+        active = [run for run in runs if id(run) not in summaries and run.next_round is not None]
         opened = [run.open_round(run.next_round) for run in active]
-        results = train_together(active, opened)
+        results = train_together(active, opened) if active else []
         for run, round_, result in zip(active, opened, results):
             run.keep(run.close_round(round_, result))
-    return [run.end() for run in runs]
+        for run in runs:  # a finished run's summary now: a later fault in the pack cannot cost it
+            if id(run) not in summaries and run.next_round is None:
+                summaries[id(run)] = run.end()
+    return [summaries[id(run)] for run in runs]
 
 
 def train_together(runs: list[FederatedRun], opened: list[OpenRound]) -> list[list[ClientResult]]:

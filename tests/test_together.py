@@ -85,25 +85,25 @@ def packed_grid(tiny_root, tmp_path, axes, **base):
 AXES = {"attack": ["pixel_pattern", "badnets"], "defense": ["fedavg", "median"], "attack.malicious_fraction": [0.2]}
 
 
-def test_a_grid_packed_two_cells_per_process_equals_the_same_grid_unpacked(tiny_root, tmp_path):
+def test_a_grid_packed_in_one_process_equals_the_same_grid_unpacked(tiny_root, tmp_path):
     from fedbench.grid import load_grid, run_grid
     from fedbench.results import read_summary
 
-    path = packed_grid(tiny_root, tmp_path, AXES)
+    path = packed_grid(tiny_root, tmp_path, {**AXES, "defense": ["median", "fedavg"], "attack": ["badnets"]})
     unpacked = run_grid(load_grid(path, str(tmp_path / "unpacked")), echo=lambda *_: None)
     lines: list[str] = []
     packed = run_grid(load_grid(path, str(tmp_path / "packed")), echo=lines.append, cells_per_process=2)
-    assert unpacked["counts"]["finished"] == packed["counts"]["finished"] == 4
+    assert unpacked["counts"]["finished"] == packed["counts"]["finished"] == 2
     pointers = [p for p in (tmp_path / "packed" / "cells").glob("*/log.txt")
                 if p.read_text().startswith("trained in one process with")]
-    assert len(pointers) == 2, "4 cells in 2 processes: the second cell of each pack names the pack's log"
+    assert len(pointers) == 1, "2 cells in 1 process: the second cell names the pack's log"
     for cell in (tmp_path / "unpacked" / "cells").iterdir():
         alone, together = read_summary(cell), read_summary(tmp_path / "packed" / "cells" / cell.name)
         for key in ("A", "ASR"):
             assert together["final"][key] == pytest.approx(alone["final"][key], abs=0.1), (cell.name, key)
     again: list[str] = []
     run_grid(load_grid(path, str(tmp_path / "packed")), echo=again.append, cells_per_process=2)
-    assert sum("finished earlier, skipped" in line for line in again) == 4
+    assert sum("finished earlier, skipped" in line for line in again) == 2
 
 
 def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
@@ -115,7 +115,8 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
     path = packed_grid(tiny_root, tmp_path, AXES)
     grid = yaml.safe_load(path.read_text())
     for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=true"),
-                             ({"wandb": {"mode": "offline"}}, "W&B")):
+                             ({"wandb": {"mode": "offline"}}, "W&B"),
+                             ({"fabric": {"devices": 2}}, "fabric.devices=1")):
         path.write_text(yaml.safe_dump({**grid, "base": {**grid["base"], **change}}))
         with pytest.raises(ConfigError, match="cells_per_process") as refused:
             run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=2)
@@ -147,3 +148,34 @@ def test_a_failing_pack_is_recorded_and_the_other_packs_go_on(tiny_root, tmp_pat
     assert statuses == {broken.cell_id: "failed", grid.cells[1].cell_id: "finished", grid.cells[2].cell_id: "finished"}
     failure = json.loads((tmp_path / "out" / "cells" / broken.cell_id / "failure.json").read_text())
     assert "exit status 2" in failure["error"] and "data.root" in failure["detail"]
+
+
+def test_a_run_that_finishes_first_keeps_its_summary_when_a_later_round_of_the_pack_fails(tiny_root, tmp_path):
+    short, long = [FederatedRun(exp) for exp in two_cells(tiny_root, tmp_path)]
+    close_round = long.close_round
+
+    def fails_in_round_2(opened, results):
+        if opened.index == 2:
+            raise RuntimeError("a fault in the longer run's last round")
+        return close_round(opened, results)
+
+    long.close_round = fails_in_round_2
+    with pytest.raises(RuntimeError, match="a fault"):
+        run_together([short, long])
+    assert (short.exp.run_dir / "summary.json").exists(), "written when its last round was done"
+    assert not (long.exp.run_dir / "summary.json").exists()
+
+
+def test_a_cell_that_failed_before_is_retried_in_a_pack_of_its_own(tiny_root, tmp_path):
+    from fedbench.cell_packs import pack_cells
+    from fedbench.grid import load_grid
+
+    path = packed_grid(tiny_root, tmp_path, {"attack": ["badnets"], "defense": ["fedavg", "median", "trimmed_mean"],
+                                             "attack.malicious_fraction": [0.2]})
+    grid = load_grid(path, str(tmp_path / "out"))
+    failed = grid.cells[1].directory(grid.output)
+    failed.mkdir(parents=True)
+    (failed / "failure.json").write_text("{}")
+    positions = ["[1/3]", "[2/3]", "[3/3]"]
+    packs = [[cell.cell_id for _, cell in pack] for pack in pack_cells(grid, positions, 3)]
+    assert sorted(packs) == sorted([[grid.cells[1].cell_id], [grid.cells[0].cell_id, grid.cells[2].cell_id]])
