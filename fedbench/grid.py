@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import fnmatch
+import functools
 import itertools
 import os
 import re
@@ -51,7 +52,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -368,27 +369,24 @@ def _run_local(grid: Grid, positions: list[str], isolate: bool, echo, jobs: int)
             run_one(grid, cell, position, isolate, echo, progress=progress)
         return
     running = RunningCells()
-    pool = ThreadPoolExecutor(max_workers=jobs)
-    try:
-        futures = [pool.submit(run_one, grid, cell, position, True, echo, jobs, running, progress)
-                   for position, cell in zip(positions, grid.cells)]
-        for future in futures:
-            future.result()
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        running.stop_all()
-        raise
-    pool.shutdown()
+    in_pool(jobs, running, [functools.partial(run_one, grid, cell, position, True, echo, jobs, running, progress)
+                            for position, cell in zip(positions, grid.cells)])
 
 
 def _run_packs(grid: Grid, positions: list[str], echo, jobs: int, per_process: int) -> None:
     """Packs of compatible cells (fedbench.cell_packs), ``jobs`` packs at a time."""
-    packs = pack_cells(grid, positions, per_process)
     progress = GridProgress(grid.name, len(grid.cells), jobs * per_process)
     running = RunningCells()
+    in_pool(jobs, running, [functools.partial(run_pack, grid, pack, echo, jobs, running, progress)
+                            for pack in pack_cells(grid, positions, per_process)])
+
+
+def in_pool(jobs: int, running: RunningCells, calls: list[Callable[[], None]]) -> None:
+    """The calls, ``jobs`` at a time; an interrupt cancels the queued ones and stops the
+    running cells' processes."""
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        for future in [pool.submit(run_pack, grid, pack, echo, jobs, running, progress) for pack in packs]:
+        for future in [pool.submit(call) for call in calls]:
             future.result()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
