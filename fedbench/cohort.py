@@ -230,7 +230,7 @@ class StackedPull:
         weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
         return cls(names, rows, len(jobs), anchor, scale, weight)
 
-    def terms(self, stacks: "ClientStacks", compute=None) -> Tensor:
+    def terms(self, stacks: "ClientStacks", compute: Callable[..., Tensor] | None = None) -> Tensor:
         """``[K]`` terms; ``compute`` is :func:`quadratic_terms` or a compiled copy of it."""
         def pulled(stack: Tensor) -> Tensor:
             return stack if self.index is None else stack.index_select(0, self.index)
