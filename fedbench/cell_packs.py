@@ -49,7 +49,7 @@ def pack_cells(grid: Grid, positions: list[str], per_process: int) -> list[list[
 
 def check_packable(grid: Grid, per_process: int) -> None:
     """One message before any training when a cell cannot be packed."""
-    from fedbench.tracking import resolve_mode
+    from fedbench.tracking import logs_to_wandb
 
     if per_process == 1:
         return
@@ -64,7 +64,7 @@ def check_packable(grid: Grid, per_process: int) -> None:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell sets train.cohort=true ({cell.cell_id} does not; "
                                 "--set train.cohort=true)")])
-        if "wandb" in cell.config.get("logger", ["wandb"]) and resolve_mode(wandb) != "disabled":
+        if logs_to_wandb(cell.config.get("logger", ["wandb"]), wandb):
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless no cell logs to W&B ({cell.cell_id} does: one W&B run per process; "
                                 "--set wandb.mode=disabled, then fedbench report --wandb)")])

@@ -178,6 +178,24 @@ def cast_floating_inputs(dtype: torch.dtype, module: nn.Module, args: tuple) -> 
     return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
+def train_in_one_cohort(runs: list["FederatedRun"], clients: list[list[ClientInfo]]) -> list[list[ClientResult]]:
+    """Each run's ``clients`` prepared on its own model copies, all trained in ONE cohort
+    (the first run's cohort trainer: runs that share one are configured alike, see
+    fedbench.together), then finished by their run; each client is charged an equal share
+    of the cohort's time."""
+    jobs = [run.cohort_jobs(mine) for run, mine in zip(runs, clients)]
+    everyone = [job for run_jobs in jobs for job in run_jobs]
+    started = time.perf_counter()
+    trained = runs[0].cohort_trainer.train(everyone) if everyone else []
+    share = (time.perf_counter() - started) / max(len(everyone), 1)
+    results, position = [], 0
+    for run, run_jobs in zip(runs, jobs):
+        mine_trained = trained[position:position + len(run_jobs)]
+        position += len(run_jobs)
+        results.append([run.finish_client(job, result, share) for job, result in zip(run_jobs, mine_trained)])
+    return results
+
+
 @dataclass
 class OpenRound:
     """A round whose clients are chosen and not yet trained."""
@@ -307,11 +325,7 @@ class FederatedRun:
         """The clients trained together (see fedbench.cohort), each on its own copy of the
         model; every hook runs as in :meth:`train_client`. Each client is charged an equal
         share of the cohort's training time."""
-        jobs = self.cohort_jobs(clients)
-        started = time.perf_counter()
-        trained = self.cohort_trainer.train(jobs)
-        share = (time.perf_counter() - started) / len(jobs)
-        return [self.finish_client(job, result, share) for job, result in zip(jobs, trained)]
+        return train_in_one_cohort([self], [clients])[0]
 
     def cohort_jobs(self, clients: list[ClientInfo]) -> list[ClientJob]:
         """The clients prepared for a cohort, each on its own copy of the model."""

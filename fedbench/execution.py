@@ -27,29 +27,38 @@ def make_fabric(exp, loggers: list):
     )
 
 
+def prepare_run(exp) -> tuple:
+    """``(fabric, loggers)`` of a validated experiment, Fabric launched, and (in the main
+    process) its folder with ``config.yaml``."""
+    import yaml
+
+    from fedbench.experiment import validate
+    from fedbench.tracking import make_loggers
+
+    validate(exp)
+    loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
+    fabric = make_fabric(exp, loggers)
+    fabric.launch()
+    if fabric.global_rank == 0:
+        exp.run_dir.mkdir(parents=True, exist_ok=True)
+        (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
+    return fabric, loggers
+
+
 def execute(exp) -> dict | None:
     """Run an experiment with Fabric and its loggers (``--logger``: W&B by default,
     TensorBoard, CSV); the local JSON files are always written. Returns the summary in the
     main process, None in the others."""
     import warnings
 
-    import yaml
-
     # Lightning's all_gather goes through a torch helper that torch marks deprecated.
     warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
 
     from fedbench.engine import FederatedRun
-    from fedbench.experiment import validate
-    from fedbench.tracking import is_wandb, make_loggers
+    from fedbench.tracking import is_wandb
 
-    validate(exp)
-    loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
-    fabric = make_fabric(exp, loggers)
-    fabric.launch()
+    fabric, loggers = prepare_run(exp)
     main = fabric.global_rank == 0
-    if main:
-        exp.run_dir.mkdir(parents=True, exist_ok=True)
-        (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
     try:
         summary = FederatedRun(exp, fabric).run()
         for logger in loggers:

@@ -19,11 +19,9 @@ their time with the other runs' rounds.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from fedbench.client import ClientJob
-from fedbench.engine import ClientResult, FederatedRun, OpenRound
+from fedbench.engine import ClientResult, FederatedRun, OpenRound, train_in_one_cohort
 from fedbench.errors import FedbenchError
 
 
@@ -47,20 +45,8 @@ def run_together(runs: list[FederatedRun]) -> list[dict]:
 
 
 def train_together(runs: list[FederatedRun], opened: list[OpenRound]) -> list[list[ClientResult]]:
-    """Each run's clients of its open round, all trained in one cohort (the first run's
-    cohort trainer: every run's is configured alike); each client is charged an equal
-    share of the cohort's time."""
-    jobs: list[list[ClientJob]] = [run.cohort_jobs(round_.clients) for run, round_ in zip(runs, opened)]
-    everyone = [job for run_jobs in jobs for job in run_jobs]
-    started = time.perf_counter()
-    trained = runs[0].cohort_trainer.train(everyone) if everyone else []
-    share = (time.perf_counter() - started) / max(len(everyone), 1)
-    results, position = [], 0
-    for run, run_jobs in zip(runs, jobs):
-        mine = trained[position:position + len(run_jobs)]
-        position += len(run_jobs)
-        results.append([run.finish_client(job, result, share) for job, result in zip(run_jobs, mine)])
-    return results
+    """Each run's clients of its open round, all trained in one cohort."""
+    return train_in_one_cohort(runs, [round_.clients for round_ in opened])
 
 
 def check_compatible(runs: list[FederatedRun]) -> None:
@@ -95,12 +81,6 @@ def differences(first: FederatedRun, other: FederatedRun) -> list[tuple[str, obj
     return [(field, mine, theirs) for field, mine, theirs in pairs if mine != theirs]
 
 
-def wants_wandb(exp) -> bool:
-    from fedbench.tracking import resolve_mode
-
-    return "wandb" in exp.logger and resolve_mode(exp.wandb.mode) != "disabled"
-
-
 def run_configs(paths: list[str]) -> list[dict]:
     """The cells whose config files are ``paths``, trained together in this process (what
     ``fedbench grid --cells-per-process`` starts): each with its own Fabric, TensorBoard
@@ -110,23 +90,20 @@ def run_configs(paths: list[str]) -> list[dict]:
     import yaml
 
     from fedbench.config import build_experiment, build_parser, parse_config_dict
-    from fedbench.execution import make_fabric
+    from fedbench.execution import prepare_run
     from fedbench.experiment import validate
-    from fedbench.tracking import make_loggers
+    from fedbench.tracking import logs_to_wandb
 
     parser = build_parser()
     exps = [build_experiment(parse_config_dict(yaml.safe_load(Path(p).read_text()), parser), parser) for p in paths]
-    for exp in exps:
+    for exp in exps:  # every cell checked before any cell's files are written
         validate(exp)
-        if wants_wandb(exp):
+        if logs_to_wandb(exp.logger, exp.wandb.mode):
             raise FedbenchError(f"{exp.run_name}: cells trained together cannot log to W&B (one W&B run per "
                                 "process): set wandb.mode=disabled and log the grid with fedbench report --wandb")
     runs, loggers = [], []
     for exp in exps:
-        exp_loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
-        fabric = make_fabric(exp, exp_loggers)
-        exp.run_dir.mkdir(parents=True, exist_ok=True)
-        (exp.run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
+        fabric, exp_loggers = prepare_run(exp)
         runs.append(FederatedRun(exp, fabric))
         loggers.extend(exp_loggers)
     try:

@@ -47,6 +47,11 @@ def resolve_mode(mode: str) -> str:
     return "online" if logged_in() else "offline"
 
 
+def logs_to_wandb(logger_names: list[str], mode: str) -> bool:
+    """Whether a run with these ``--logger`` names and ``wandb.mode`` opens a W&B run."""
+    return "wandb" in logger_names and resolve_mode(mode) != "disabled"
+
+
 def use_local_wandb_dirs(root: Path, mode: str) -> None:
     """W&B's files, cache and settings under ``root`` (never the home folder)."""
     for sub in ("cache", "data", "config", "artifacts"):

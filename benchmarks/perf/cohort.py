@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -75,9 +76,14 @@ NO_KERNEL = {"aten::as_strided", "aten::as_strided_", "aten::view", "aten::_resh
 def launches(run: FederatedRun, cuda: bool) -> int:
     """Kernels of one round's local training: CUDA kernels on a GPU, leaf aten ops on CPU."""
     clients = run.select_clients(0)
+    return kernels_of(lambda: run.train_clients(clients), cuda)
+
+
+def kernels_of(work: Callable[[], object], cuda: bool) -> int:
+    """Kernels ``work()`` launches: CUDA kernels on a GPU, leaf aten ops on CPU."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        run.train_clients(clients)
+        work()
     if cuda:
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return sum(cpu_launches(e) for e in prof.events() if e.cpu_parent is None)
@@ -95,13 +101,18 @@ def cpu_launches(event) -> int:
 
 def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
     clients = run.select_clients(0)
-    run.train_clients(clients)  # warm-up
+    return best_seconds(lambda: run.train_clients(clients), repeat, cuda)
+
+
+def best_seconds(work: Callable[[], object], repeat: int, cuda: bool) -> float:
+    """The best of ``repeat`` timings of ``work()``, after one warm-up call."""
+    work()
     best = float("inf")
     for _ in range(repeat):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        run.train_clients(clients)
+        work()
         if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)

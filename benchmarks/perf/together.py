@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cohort import Workload, cpu_launches, make_run  # noqa: E402
+from cohort import Workload, best_seconds, kernels_of, make_run  # noqa: E402
 from common import machine, table  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
@@ -37,38 +35,16 @@ def train_round(runs: list[FederatedRun]) -> None:
     train_together(runs, [run.open_round(0) for run in runs])
 
 
-def launches(runs: list[FederatedRun], cuda: bool) -> int:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        train_round(runs)
-    if cuda:
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(cpu_launches(e) for e in prof.events() if e.cpu_parent is None)
-
-
-def seconds(runs: list[FederatedRun], repeat: int, cuda: bool) -> float:
-    train_round(runs)  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_round(runs)
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure_row(cells: int, steps: int, repeat: int, device: str, out: Path, workload: Workload) -> list:
     runs = make_runs(cells, steps, device, out, workload)
     cuda = runs[0].device.type == "cuda"
-    per_round = launches(runs, cuda)
-    longer = launches(make_runs(cells, 2 * steps, device, out, workload), cuda)
+    per_round = kernels_of(lambda: train_round(runs), cuda)
+    longer_runs = make_runs(cells, 2 * steps, device, out, workload)
+    longer = kernels_of(lambda: train_round(longer_runs), cuda)
     per_step = (longer - per_round) / steps
     samples = cells * 10 * steps * runs[0].exp.train.batch_size
     return [cells, 10 * cells, per_round, round(per_step), round(per_step / cells),
-            round(samples / seconds(runs, repeat, cuda))]
+            round(samples / best_seconds(lambda: train_round(runs), repeat, cuda))]
 
 
 def main(argv=None) -> str:
