@@ -109,15 +109,29 @@ def raw_batches(
     shuffle: bool = True,
     drop_last: bool = True,
 ) -> Iterator[RawBatch]:
-    """One epoch of batches, each drawn as it is taken (so a client's draws come in the same
-    order whether its batches are finished one by one or together with other clients')."""
-    n = len(data)
-    device = data.labels.device
+    """One epoch of batches. Its sample order and its augmentation draws are made at its
+    start (:func:`epoch_order`), so a client's batches are the same whether they are
+    finished one by one, together with other clients', or gathered for a whole cohort."""
+    order, draws, sizes = epoch_order(len(data), pipeline, batch_size, generator, data.labels.device,
+                                      train=train, shuffle=shuffle, drop_last=drop_last)
+    start = 0
+    for size in sizes:
+        index = order[start : start + size]
+        batch_draws = draws.slice(start, start + size) if draws is not None else None
+        yield RawBatch(data.images[index], data.labels[index], index, batch_draws)
+        start += size
+
+
+def epoch_order(n: int, pipeline: ImagePipeline, batch_size: int, generator: torch.Generator | None,
+                device: torch.device, *, train: bool = True, shuffle: bool = True,
+                drop_last: bool = True) -> tuple[Tensor, Augmentation | None, list[int]]:
+    """One epoch of ``n`` samples: the sample order (a permutation from ``generator``, or
+    0..n-1), then the augmentation draws of every batch (``train``), and the batch sizes."""
     order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
-    for b in range(batches_per_epoch(n, batch_size, drop_last)):
-        index = order[b * batch_size : (b + 1) * batch_size]
-        draws = pipeline.draw(len(index), data.images.device, generator) if train else None
-        yield RawBatch(data.images[index], data.labels[index], index, draws)
+    count = batches_per_epoch(n, batch_size, drop_last)
+    sizes = [min(batch_size, n - b * batch_size) for b in range(count)]
+    draws = pipeline.draw_epoch(sizes, device, generator) if train else None
+    return order, draws, sizes
 
 
 def iterate_batches(data: ImageSet, pipeline: ImagePipeline, batch_size: int, generator: torch.Generator | None,

@@ -4,9 +4,11 @@ over every client's parameters. The parameters and buffers are stacked once per 
 (:class:`ClientStacks`) and each client's model points into its row, so no step copies.
 
 What stays each client's own: its copy of the model (so every client hook sees a normal
-module), its data order, augmentation draws and poisoning (its own seeded batch stream,
-drawn in the same order as sequential training; the pipeline itself runs once over all
-the cohort's samples with each client's draws), its extra loss terms (those of the form
+module), its data order, augmentation draws and poisoning (its own seeded epochs, drawn
+as in sequential training; a step gathers every client's batch from device tables in a
+few operations, whatever the number of clients, runs the pipeline once over all of them
+and stamps every client of one trigger together: :class:`~fedbench.cohort_feed.CohortFeed`),
+its extra loss terms (those of the form
 :class:`~defenses.base.QuadraticPull`, SDFC's calibration, computed for all clients in
 one pass over the stacks, row by row with the term's own arithmetic) and after-step hooks,
 its SGD momentum, and its number of steps: a client whose epochs (or ``local_steps``)
@@ -45,6 +47,7 @@ from torch.func import functional_call, vmap
 from attacks.base import BatchPoisoning
 from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
+from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 from fedbench.params import trainable_parameters
@@ -63,11 +66,13 @@ class CohortTrainer:
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
         self.own_terms: set[int] = set()  # this round's clients whose loss term stays their own closure
+        self.pool: DataPool | None = None  # the clients' data as one tensor, kept while they stay the same
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config, fabric = self.trainer.config, self.trainer.fabric
         limit = config.local_steps
-        streams = [self.trainer.raw_epochs(job.data, job.generator, endless=limit is not None) for job in jobs]
+        feed = CohortFeed.of(self.trainer, jobs, self.pool) or BatchByBatch(self.trainer, jobs)
+        self.pool = feed.pool if isinstance(feed, CohortFeed) else self.pool
         stacks = ClientStacks([job.model for job in jobs])
         optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
         self.pull = StackedPull.of(jobs, stacks)
@@ -80,43 +85,43 @@ class CohortTrainer:
         loss_sums = torch.zeros(len(jobs), device=fabric.device)
         active = list(range(len(jobs)))
         while active:
-            batches = next_batches(streams, active)
-            if not batches:
+            groups = feed.next(active)
+            if not groups:
                 break
-            stepped, losses = self.step(jobs, batches, stacks, optimizer)
-            if len(stepped) == len(jobs):  # every client stepped, in client order: one add for all
+            stepped, losses = self.step(jobs, groups, stacks, optimizer)
+            if stepped == stacks.everyone:  # every client stepped, in client order: one add for all
                 loss_sums += losses
             else:
-                loss_sums[stepped] += losses
+                loss_sums.index_add_(0, stacks.index(stepped), losses)
             for k in stepped:
                 if jobs[k].after_step is not None:
                     jobs[k].after_step()
                 steps[k] += 1
-            active = [k for k in batches if limit is None or steps[k] < limit]
+            active = [k for k in stepped if limit is None or steps[k] < limit]
         self.pulled_rows = self.pull.rows if self.pull is not None else []
         self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
         return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
 
-    def step(self, jobs: list[ClientJob], batches: dict[int, RawBatch], stacks: "ClientStacks",
+    def step(self, jobs: list[ClientJob], groups: list["Group"], stacks: "ClientStacks",
              optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
-        """One optimizer step of every client in ``batches``; returns those clients (in
-        client order) and their losses."""
+        """One optimizer step of every client in ``groups`` (clients with inputs and labels of
+        one shape); returns those clients and their losses, in the same order."""
         stacks.zero_grad()
         pulls = self.pull.terms(stacks, self.pull_terms) if self.pull is not None else None
-        own_terms = self.own_terms
-        losses: dict[int, Tensor] = {}
-        for group in same_shape_groups(batches):
-            raws, plans = [batches[k] for k in group], [jobs[k].plan for k in group]
-            inputs, labels = cohort_batch(self.trainer.pipeline, raws, plans)
-            group_losses = self.group_losses(stacks, group, inputs, labels)
+        stepped: list[int] = []
+        per_group = []
+        for group, inputs, labels in groups:
+            losses = self.group_losses(stacks, group, inputs, labels)
             if pulls is not None:  # clients without a pull have weight 0 there: + 0 exactly
-                group_losses = group_losses + (pulls if group == stacks.everyone else pulls[group])
-            for k, loss in zip(group, group_losses):
-                losses[k] = loss + jobs[k].regularizer() if k in own_terms else loss
-        stepped = sorted(losses)
-        per_client = torch.stack([losses[k] for k in stepped])
+                losses = losses + (pulls if group == stacks.everyone else pulls.index_select(0, stacks.index(group)))
+            if any(k in self.own_terms for k in group):
+                zero = losses.new_zeros(())
+                losses = losses + torch.stack([jobs[k].regularizer() if k in self.own_terms else zero for k in group])
+            stepped += group
+            per_group.append(losses)
+        per_client = torch.cat(per_group) if len(per_group) > 1 else per_group[0]
         self.trainer.fabric.backward(per_client.sum())
-        stacks.collect_model_grads([k for k in stepped if k in own_terms])
+        stacks.collect_model_grads([k for k in stepped if k in self.own_terms])
         optimizer.step(None if len(stepped) == len(jobs) else stacks.rows(stepped))
         return stepped, per_client.detach()
 
@@ -124,6 +129,7 @@ class CohortTrainer:
         """Each client's cross-entropy on its batch, ``[K]``, in one vmapped pass; BatchNorm
         statistics land in the stacks."""
         params, buffers = stacks.select(group)
+        inputs = vmappable(inputs)
         with self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm):
             try:
                 losses = self.vmapped_losses(params, buffers, inputs, labels)
@@ -155,6 +161,7 @@ class ClientStacks:
                        for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
         self.buffers = stacked(models, lambda m: m.named_buffers())
         self.device = next(iter(self.params.values())).device
+        self.index = DeviceIndex(self.device)
         for k, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.data = self.params[name].detach()[k]
@@ -167,13 +174,14 @@ class ClientStacks:
         (differentiable into the stacks' gradients)."""
         if group == self.everyone:
             return self.params, self.buffers
-        return ({name: torch.stack([s[k] for k in group]) for name, s in self.params.items()},
-                {name: torch.stack([b[k] for k in group]) for name, b in self.buffers.items()})
+        index = self.index(group)  # advanced indexing keeps each row's layout (index_select would not)
+        return ({name: s[index] for name, s in self.params.items()},
+                {name: b[index] for name, b in self.buffers.items()})
 
     def write_back_buffers(self, group: list[int], buffers: dict[str, Tensor]) -> None:
         if group == self.everyone:
             return  # BatchNorm updated the stacks in place
-        index = torch.tensor(group, device=self.device)
+        index = self.index(group)
         with torch.no_grad():
             for name, buffer in buffers.items():
                 self.buffers[name].index_copy_(0, index, buffer)
@@ -195,9 +203,9 @@ class ClientStacks:
                         p.grad = None
 
     def rows(self, clients: list[int]) -> Tensor:
+        """The clients as a ``[K]`` mask."""
         mask = torch.zeros(len(self.models), dtype=torch.bool, device=self.device)
-        mask[clients] = True
-        return mask
+        return mask.index_fill_(0, self.index(clients), True)
 
 
 class StackedPull:
@@ -390,7 +398,23 @@ def cohort_batch(pipeline: ImagePipeline, raws: list[RawBatch],
     for k, (raw, plan) in enumerate(zip(raws, plans)):
         if plan is not None:
             inputs[k], labels[k] = plan.apply(inputs[k], labels[k], raw.index)
-    return vmappable(inputs), labels
+    return inputs, labels
+
+
+class BatchByBatch:
+    """The cohort's batches client by client: each client's own batch stream, the clients
+    grouped by their batch's shape, one pipeline pass per group (any cohort; the
+    :class:`~fedbench.cohort_feed.CohortFeed` serves those with whole batches only)."""
+
+    def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob]) -> None:
+        self.pipeline, self.plans = trainer.pipeline, [job.plan for job in jobs]
+        endless = trainer.config.local_steps is not None
+        self.streams = [trainer.raw_epochs(job.data, job.generator, endless=endless) for job in jobs]
+
+    def next(self, active: list[int]) -> list["Group"]:
+        batches = next_batches(self.streams, active)
+        return [(group, *cohort_batch(self.pipeline, [batches[k] for k in group], [self.plans[k] for k in group]))
+                for group in same_shape_groups(batches)]
 
 
 def next_batches(streams: list[Iterator[RawBatch]], active: list[int]) -> dict[int, RawBatch]:

@@ -387,8 +387,9 @@ def load_federated_data(config: DataConfig, seed: int, device: torch.device | st
 
 @dataclass(frozen=True)
 class Augmentation:
-    """One training batch's random draws: crop offsets ``[2, B]`` (row, column) and flip
-    flags ``[B]``, each None where the pipeline does not draw it."""
+    """Random draws of N training samples (a batch, or an epoch's batches): crop offsets
+    ``[2, N]`` (row, column) and flip flags ``[N]``, each None where the pipeline does not
+    draw it."""
 
     offsets: Tensor | None
     flips: Tensor | None
@@ -401,6 +402,11 @@ class Augmentation:
         offsets = None if draws[0].offsets is None else torch.cat([d.offsets for d in draws], dim=1)
         flips = None if draws[0].flips is None else torch.cat([d.flips for d in draws])
         return Augmentation(offsets, flips)
+
+    def slice(self, start: int, stop: int) -> Augmentation:
+        """The draws of samples ``start:stop``."""
+        return Augmentation(None if self.offsets is None else self.offsets[:, start:stop],
+                            None if self.flips is None else self.flips[start:stop])
 
 
 class ImagePipeline:
@@ -432,17 +438,31 @@ class ImagePipeline:
         self.crop_padding = crop_padding
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None, train: bool = False) -> Tensor:
-        draws = self.draw(images.shape[0], images.device, generator) if train else None
+        draws = self.draw_epoch([images.shape[0]], images.device, generator) if train else None
         return self.apply(images, draws)
 
-    def draw(self, batch: int, device: torch.device, generator: torch.Generator | None) -> Augmentation | None:
-        """A training batch's random draws, in the order the pipeline has always made them:
-        the crop offsets, then the flips. None when nothing is random."""
-        if not self.augment:
+    def draw_epoch(self, sizes: list[int], device: torch.device,
+                   generator: torch.Generator | None) -> Augmentation | None:
+        """An epoch's draws, made at its start, for batches of ``sizes`` in turn, as one
+        Augmentation over its samples (batch after batch): every batch's crop offsets (the
+        full batches' in one call, then a shorter last batch's), then every sample's flip.
+        On a CPU generator, without flips, these are the numbers that per-batch draws gave
+        in earlier versions; with flips, whose draws used to interleave with the offsets
+        batch by batch, the stream differs from versions before this one. None when nothing
+        is random."""
+        if not self.augment or not sizes:
             return None
-        offsets = (torch.randint(0, 2 * self.crop_padding + 1, (2, batch), device=device, generator=generator)
-                   if self.crop_padding > 0 else None)
-        flips = torch.rand(batch, device=device, generator=generator) < 0.5 if self.hflip else None
+        full, total = sizes[0], sum(sizes)
+        whole = len(sizes) if sizes[-1] == full else len(sizes) - 1
+        offsets = None
+        if self.crop_padding > 0:
+            span = 2 * self.crop_padding + 1
+            parts = [torch.randint(0, span, (whole, 2, full), device=device, generator=generator)
+                     .permute(1, 0, 2).reshape(2, whole * full)]
+            if whole < len(sizes):
+                parts.append(torch.randint(0, span, (2, sizes[-1]), device=device, generator=generator))
+            offsets = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        flips = torch.rand(total, device=device, generator=generator) < 0.5 if self.hflip else None
         return Augmentation(offsets, flips)
 
     def apply(self, images: Tensor, draws: Augmentation | None) -> Tensor:

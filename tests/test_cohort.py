@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from attacks.base import BatchPoisoning
+from attacks.base import AttackSetup, BatchPoisoning, PoisonPlan
 from attacks.cosine_constrained import CosineConstrained
+from attacks.dba import DBA
 from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
 from conftest import spy_on_clients, tiny_experiment
@@ -21,6 +22,7 @@ from defenses.base import QuadraticPull
 from defenses.sdfc import SDFC
 from fedbench.client import LocalTrainConfig, iterate_batches, raw_batches
 from fedbench.cohort import ClientStacks, StackedPull, cohort_batch, next_batches, same_shape_groups
+from fedbench.cohort_feed import CohortFeed, DataPool
 from fedbench.data import ImagePipeline, ImageSet
 from fedbench.engine import FederatedRun
 from fedbench.experiment import FederationConfig
@@ -188,10 +190,34 @@ def test_explicit_batch_norm_keeps_bf16_out_and_refuses_one_value_per_channel_as
 
 
 def test_three_cohort_rounds_give_the_same_accuracy_and_asr(tiny_root, tmp_path):
-    (_, _, seq_rec), (_, _, coh_rec) = both_ways(tiny_root, tmp_path, rounds=3,
-                                                 attack=PixelPattern(malicious_fraction=0.4))
+    """Through the cohort feed, whose data pool is built in round 0 and reused after."""
+    pools = []
+    original = CohortFeed.__init__
+
+    def spy(feed, trainer, jobs, pool):
+        pools.append(pool)
+        original(feed, trainer, jobs, pool)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CohortFeed, "__init__", spy)
+        (_, _, seq_rec), (_, _, coh_rec) = both_ways(tiny_root, tmp_path, rounds=3,
+                                                     attack=PixelPattern(malicious_fraction=0.4))
+    assert len(pools) == 3 and pools[0] is pools[1] is pools[2], "one pool, built once, served every round"
     for key in ("clean_acc", "asr"):
         assert np.abs(np.array([r[key] for r in seq_rec]) - np.array([r[key] for r in coh_rec])).max() <= 0.1, key
+
+
+def test_a_data_pool_serves_the_same_unchanged_sets_only():
+    """The pool is client after client; it holds the same sets in the same order, not a
+    reordering, another set, or a set written in place since."""
+    sets = [ImageSet(torch.full((n, 1, 2, 2), k, dtype=torch.uint8), torch.full((n,), k)) for k, n in enumerate((3, 5))]
+    pool = DataPool(sets)
+    assert pool.base == [0, 3] and pool.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert torch.equal(pool.images[3:], sets[1].images)
+    assert pool.holds(list(sets)) and not pool.holds(sets[::-1])
+    assert not pool.holds([sets[0], ImageSet(sets[1].images.clone(), sets[1].labels.clone())])
+    sets[1].labels[0] = 9
+    assert not pool.holds(sets), "an in-place write is seen"
 
 
 def test_clients_whose_batches_differ_in_shape_step_in_their_own_cohort(tiny_root, tmp_path):
@@ -341,19 +367,27 @@ class MarkFirstPixel(BatchPoisoning):
         return images, torch.where(chosen, torch.full_like(labels, 2), labels)
 
 
-def reference_batches(data, generator, plan, batch_size, epochs):
-    """The pipeline written out as one explicit loop: per epoch a permutation, per batch the
-    crop offsets then the flips from the client's generator, grey to 3 channels, mean 0.5 and
-    std 0.25, then the poisoning mark; the last short batch kept."""
+def reference_batches(data, generator, plan, batch_size, epochs, drop_last=False, size=8):
+    """The pipeline written out as one explicit loop: per epoch, from the client's generator,
+    a permutation, then the crop offsets of the whole batches (one [batches, 2, B] draw:
+    batch b's rows, then its columns), then the short last batch's [2, rest], then one flip
+    per sample of the epoch; grey to 3 channels, mean 0.5 and std 0.25, then the poisoning
+    mark; the last short batch kept unless ``drop_last``."""
     out = []
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(data), batch_size):
+        whole, rest = divmod(len(data), batch_size)
+        rest = 0 if drop_last else rest
+        offsets_of = list(torch.randint(0, 5, (whole, 2, batch_size), generator=generator))
+        if rest:
+            offsets_of.append(torch.randint(0, 5, (2, rest), generator=generator))
+        flips_of = torch.rand(whole * batch_size + rest, generator=generator) < 0.5
+        for b, start in enumerate(range(0, whole * batch_size + rest, batch_size)):
             index = order[start:start + batch_size]
             x = torch.nn.functional.pad(data.images[index].float() / 255, (2, 2, 2, 2))
-            offsets = torch.randint(0, 5, (2, len(index)), generator=generator)
-            x = torch.stack([x[i, :, r:r + 8, c:c + 8] for i, (r, c) in enumerate(offsets.T.tolist())])
-            flips = torch.rand(len(index), generator=generator) < 0.5
+            offsets = offsets_of[b]
+            x = torch.stack([x[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(offsets.T.tolist())])
+            flips = flips_of[start:start + batch_size]
             x = torch.stack([image.flip(-1) if flip else image for image, flip in zip(x, flips)])
             x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.25
             labels = data.labels[index].clone()
@@ -448,3 +482,113 @@ def test_a_cohort_with_pulls_and_attackers_own_terms_equals_sequential(tiny_root
     for client in seq_sent:
         assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+
+
+def stamped_reference(batches, plan):
+    """A PoisonPlan's poisoning sample by sample with the attack's own ``apply_trigger``: a
+    sample whose index the mask chooses is stamped and gets the attack's target label."""
+    out = []
+    for x, labels, index in batches:
+        x, labels = x.clone(), labels.clone()
+        for i, sample in enumerate(index.tolist()):
+            if plan.mask[sample]:
+                x[i] = plan.attack.apply_trigger(x[i:i + 1], plan.parts)[0]
+                labels[i] = plan.attack.target_label
+        out.append((x, labels))
+    return out
+
+
+@pytest.mark.parametrize("local_steps", [None, 9])
+def test_the_cohort_feed_gathers_every_clients_own_batches_bit_for_bit(local_steps):
+    """Three clients of 40, 48 and 50 16x16 images, batches of 16 (whole batches only: 2, 3
+    and 3 per epoch), crop and flip; client 0 carries the pixel pattern (target 2), client
+    2 one DBA part (target 5), stamped together, and client 1 a poisoner of its own: every
+    row of every step equals the explicit reference loop for that client, over two epochs
+    (client 0 drops out after 4 steps, so client 2 is stamped alone after) or 9 steps, into
+    client 0's fifth epoch, when counting steps; the generators end where the loop leaves them."""
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=3, augment=True, hflip=True, crop_padding=2)
+    source = torch.Generator().manual_seed(1)
+    sizes = (40, 48, 50)
+    sets = [ImageSet(torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8, generator=source),
+                     torch.randint(0, 10, (n,), generator=source)) for n in sizes]
+    pixel, dba = PixelPattern(poison_ratio=0.4), DBA(poison_ratio=0.7, target_label=5)
+    for attack in (pixel, dba):
+        attack.setup(AttackSetup(3, 10, 3, 16, pipeline, torch.device("cpu"), seed=0))
+    plans = [PoisonPlan(pixel, torch.arange(40) % 3 == 0, None), MarkFirstPixel(torch.arange(48) % 2 == 1),
+             PoisonPlan(dba, torch.arange(50) % 4 != 1, (1,))]
+    epochs = 2 if local_steps is None else 5
+    alone = [torch.Generator().manual_seed(3 + k) for k in range(3)]
+    expected = []
+    for data, gen, plan in zip(sets, alone, plans):
+        if isinstance(plan, PoisonPlan):
+            expected.append(stamped_reference(reference_indexed_batches(data, gen, 16, epochs), plan))
+        else:
+            expected.append(reference_batches(data, gen, plan, 16, epochs, drop_last=True, size=16))
+        assert len(expected[-1]) == epochs * (len(data) // 16)
+    config = SimpleNamespace(batch_size=16, drop_last=True, local_steps=local_steps, local_epochs=2)
+    trainer = SimpleNamespace(pipeline=pipeline, config=config)
+    jobs = [SimpleNamespace(data=data, plan=plan, generator=torch.Generator().manual_seed(3 + k))
+            for k, (data, plan) in enumerate(zip(sets, plans))]
+    feed = CohortFeed.of(trainer, jobs)
+    assert feed.stamps.clients == [0, 2] and list(feed.others) == [1]
+    for step in range(6 if local_steps is None else local_steps):
+        active = [k for k in range(3) if local_steps is not None or step < 2 * (sizes[k] // 16)]
+        (group, inputs, labels), = feed.next(active)
+        assert group == active
+        for row, k in enumerate(group):
+            assert torch.equal(inputs[row], expected[k][step][0]), (step, k)
+            assert torch.equal(labels[row], expected[k][step][1]), (step, k)
+    if local_steps is None:  # every client's two epochs are done
+        assert feed.next([0, 1, 2]) == []
+        assert all(torch.equal(a.get_state(), job.generator.get_state()) for a, job in zip(alone, jobs))
+    else:  # counting steps, the epochs go on
+        assert feed.next([1])[0][0] == [1]
+
+
+def reference_indexed_batches(data, generator, batch_size, epochs, size=16):
+    """:func:`reference_batches` with whole batches only and no poisoning, with each batch's
+    client-local sample indices."""
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        whole = len(data) // batch_size
+        offsets_of = torch.randint(0, 5, (whole, 2, batch_size), generator=generator)
+        flips_of = torch.rand(whole * batch_size, generator=generator) < 0.5
+        for b in range(whole):
+            index = order[b * batch_size:(b + 1) * batch_size]
+            x = torch.nn.functional.pad(data.images[index].float() / 255, (2, 2, 2, 2))
+            x = torch.stack([x[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(offsets_of[b].T.tolist())])
+            flips = flips_of[b * batch_size:(b + 1) * batch_size]
+            x = torch.stack([image.flip(-1) if flip else image for image, flip in zip(x, flips)])
+            out.append(((x.expand(-1, 3, -1, -1) - 0.5) / 0.25, data.labels[index].clone(), index))
+    return out
+
+
+def test_a_cohort_with_a_short_batch_goes_batch_by_batch():
+    """The feed serves whole batches only: a client smaller than a batch, or short last
+    batches kept, leave the cohort to the batch-by-batch path."""
+    data = [ImageSet(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (40, 10)]
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=1, augment=False, hflip=False, crop_padding=0)
+    jobs = [SimpleNamespace(data=d, plan=None, generator=torch.Generator()) for d in data]
+    for drop_last, sets in ((True, jobs), (False, jobs[:1])):
+        config = SimpleNamespace(batch_size=16, drop_last=drop_last, local_steps=None, local_epochs=1)
+        assert CohortFeed.of(SimpleNamespace(pipeline=pipeline, config=config), sets) is None
+    config = SimpleNamespace(batch_size=16, drop_last=True, local_steps=None, local_epochs=1)
+    assert CohortFeed.of(SimpleNamespace(pipeline=pipeline, config=config), jobs[:1]) is not None
+
+
+def test_a_split_groups_stacks_keep_each_clients_rows_layout_and_gradient():
+    """Clients 0 and 2 of three channels_last conv models: their stacked rows are the models'
+    own values, strided as the models' own tensors (a conv then sums in the order sequential
+    training does), and a loss on them leaves its gradient in exactly those rows."""
+    models = [nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last) for _ in range(3)]
+    stacks = ClientStacks(models)
+    params, _ = stacks.select([0, 2])
+    weight = params["weight"]
+    assert weight.stride()[1:] == models[0].weight.stride(), "channels_last rows stay channels_last"
+    for row, k in enumerate((0, 2)):
+        assert torch.equal(weight[row], models[k].weight)
+    (weight * torch.arange(2.0).view(2, 1, 1, 1, 1)).sum().backward()
+    grad = stacks.params["weight"].grad
+    assert torch.equal(grad[0], torch.zeros_like(grad[0])) and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    assert torch.equal(grad[2], torch.ones_like(grad[2])), "row 1 of the group is client 2"

@@ -3,9 +3,9 @@
 The papers' setting (Fashion-MNIST from $FEDBENCH_DATA or ./data, 10 clients, Dirichlet
 0.5, batch 64, simple_cnn; resnet18 optional), ``--steps`` local steps per client so a
 CPU finishes quickly. Counted with torch.profiler over one round's local training:
-- on CPU, leaf ``aten::`` operator calls that compute (views and allocations left out;
-  so is a matmul or convolution whose only children are allocations or conj checks, such
-  as ``aten::bmm`` and ``aten::mkldnn_convolution``: a known undercount, alike on both sides):
+- on CPU, the innermost ``aten::`` operator calls that compute (views, allocations and
+  wrappers left out; an op such as ``aten::index``, ``aten::mm`` or
+  ``aten::mkldnn_convolution`` whose children only allocate counts once itself):
   each is one kernel a GPU would launch (a ``_foreach`` op counts once: a GPU fuses it),
   which is what predicts the GPU gain (on CPU the cohort is not faster: the same arithmetic,
   in bigger but fewer kernels);
@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, table  # noqa: E402
 
-from attacks.none import NoAttack  # noqa: E402
+from attacks.base import ATTACKS  # noqa: E402
 from defenses.base import DEFENSES  # noqa: E402
 from fedbench.data import DataConfig  # noqa: E402
 from fedbench.client import LocalTrainConfig  # noqa: E402
@@ -45,17 +45,23 @@ from fedbench.tracking import WandbConfig  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What the clients run besides plain local SGD: a defense whose client hook adds a loss
-    term (sdfc: its Fisher calibration in every step), on a subset of the clients' pool."""
+    term (sdfc: its Fisher calibration in every step), on a subset of the clients' pool; an
+    attack whose clients poison their batches (pixel_pattern: 3 of 10 clients)."""
 
     defense: str = "fedavg"
     train_subset: int | None = None
     compile: str | None = None  # the cohort's train.compile
+    attack: str = "none"
+
+    def label(self, model: str) -> str:
+        extras = [name for name in (self.attack, self.defense) if name not in ("none", "fedavg")]
+        return " + ".join([model] + extras) + (f", cohort compiled ({self.compile})" if self.compile else "")
 
 
 def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path,
              workload: Workload = Workload()) -> FederatedRun:
     exp = Experiment(
-        attack=NoAttack(), defense=DEFENSES.get(workload.defense)(), model=ModelConfig(name=model),
+        attack=ATTACKS.get(workload.attack)(), defense=DEFENSES.get(workload.defense)(), model=ModelConfig(name=model),
         data=DataConfig(train_subset=workload.train_subset),
         train=LocalTrainConfig(local_steps=steps, cohort=cohort, compile=workload.compile if cohort else None),
         federation=FederationConfig(rounds=1, final_rounds=1),
@@ -65,22 +71,28 @@ def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, 
     return FederatedRun(exp)
 
 
-# Leaf ops that only change metadata or allocate: no kernel on a GPU.
+# Ops that only change metadata, allocate, or wrap other ops: no kernel of their own on a GPU.
 NO_KERNEL = {"aten::as_strided", "aten::as_strided_", "aten::view", "aten::_reshape_alias", "aten::_unsafe_view",
              "aten::resolve_conj", "aten::resolve_neg", "aten::empty", "aten::empty_strided", "aten::resize_",
              "aten::expand", "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
              "aten::slice", "aten::select", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::unbind",
-             "aten::split", "aten::narrow", "aten::scalar_tensor", "aten::_local_scalar_dense"}
+             "aten::split", "aten::narrow", "aten::scalar_tensor", "aten::_local_scalar_dense",
+             "aten::reshape", "aten::flatten", "aten::unflatten", "aten::view_as", "aten::expand_as",
+             "aten::broadcast_to", "aten::broadcast_tensors", "aten::movedim", "aten::chunk", "aten::split_with_sizes",
+             "aten::unsqueeze_", "aten::squeeze_", "aten::t_", "aten::unfold", "aten::diagonal", "aten::numpy_T",
+             "aten::mT", "aten::conj", "aten::_conj", "aten::_neg_view", "aten::to", "aten::type_as",
+             "aten::contiguous", "aten::item", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+             "aten::requires_grad_", "aten::detach_", "aten::set_", "aten::is_nonzero", "aten::result_type"}
 
 
 def launches(run: FederatedRun, cuda: bool) -> int:
-    """Kernels of one round's local training: CUDA kernels on a GPU, leaf aten ops on CPU."""
+    """Kernels of one round's local training: CUDA kernels on a GPU, innermost computing aten ops on CPU."""
     clients = run.select_clients(0)
     return kernels_of(lambda: run.train_clients(clients), cuda)
 
 
 def kernels_of(work: Callable[[], object], cuda: bool) -> int:
-    """Kernels ``work()`` launches: CUDA kernels on a GPU, leaf aten ops on CPU."""
+    """Kernels ``work()`` launches: CUDA kernels on a GPU, innermost computing aten ops on CPU."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         work()
@@ -90,13 +102,17 @@ def kernels_of(work: Callable[[], object], cuda: bool) -> int:
 
 
 def cpu_launches(event) -> int:
-    """Kernels under a CPU profiler event: a ``_foreach`` op is one (a GPU fuses it over
-    its tensor list; the CPU loops), a computing leaf op one, views and allocations none."""
+    """Kernels under a CPU profiler event: a ``_foreach`` op is one (a GPU fuses it over its
+    tensor list; the CPU loops); an op whose children launch kernels is those kernels; an op
+    that computes and whose children launch none (a leaf, or ``aten::index``,
+    ``aten::mkldnn_convolution`` or ``aten::mm`` whose children only allocate or view) is
+    one; views, allocations and wrappers are none."""
     if event.name.startswith("aten::_foreach"):
         return 1
-    if not event.cpu_children:
-        return int(event.name.startswith("aten::") and event.name not in NO_KERNEL or "cpp_fused" in event.name)
-    return sum(cpu_launches(child) for child in event.cpu_children)
+    inner = sum(cpu_launches(child) for child in event.cpu_children)
+    if inner:
+        return inner
+    return int(event.name.startswith("aten::") and event.name not in NO_KERNEL or "cpp_fused" in event.name)
 
 
 def seconds(run: FederatedRun, repeat: int, cuda: bool) -> float:
@@ -125,8 +141,7 @@ def measure_row(model: str, precision: str, steps: int, repeat: int, device: str
     at ``steps``, over ``steps``, which leaves out each client's fixed cost of loading and
     flattening its model) and samples/s, sequential and cohort; a failure says why."""
     measured = {}
-    label = model if workload.defense == "fedavg" else f"{model} + {workload.defense}"
-    label += f", cohort compiled ({workload.compile})" if workload.compile else ""
+    label = workload.label(model)
     try:
         if workload.compile:
             # compile on a throwaway run, whose graphs serve the runs measured next: each of
@@ -157,12 +172,13 @@ def main(argv=None) -> str:
     parser.add_argument("--defense", default="fedavg", help="e.g. sdfc: its calibration term in every step")
     parser.add_argument("--train-subset", type=int, default=None, help="clients' pool size (default: all)")
     parser.add_argument("--compile", default=None, help="the cohort's train.compile mode, e.g. default")
+    parser.add_argument("--attack", default="none", help="e.g. pixel_pattern: its clients poison every batch")
     args = parser.parse_args(argv)
     if args.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
-    workload = Workload(args.defense, args.train_subset, args.compile)
+    workload = Workload(args.defense, args.train_subset, args.compile, args.attack)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for model in args.models:
@@ -170,7 +186,7 @@ def main(argv=None) -> str:
                 rows.append(measure_row(model, precision, args.steps, args.repeat, args.device, Path(out), workload))
                 # each row as soon as it is measured: a run stopped at its time limit keeps them
                 print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
-    kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "leaf aten ops"
+    kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "aten ops (CPU)"
     text = (f"### One round's local training, 10 clients x {args.steps} steps of 64, sequential vs cohort, "
             f"{machine()}\n\n"
             + table(["model", "precision", f"{kind} per round, sequential", "cohort", "per step, sequential",

@@ -19,7 +19,8 @@
 # reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
 # compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE). PERF_TOGETHER=0
-# skips the cross-cell cohort rows (benchmarks/perf/together.py, PERF_TOGETHER_SECONDS).
+# skips the cross-cell cohort rows (benchmarks/perf/together.py, pixel pattern, uncompiled and
+# each PERF_COMPILE mode, PERF_TOGETHER_SECONDS each).
 # GRID_PACK=K trains stage 2's cohort cells K per process (--cells-per-process K).
 # CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
 # cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'
@@ -61,9 +62,14 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
   [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
-  # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together)
-  [ "${PERF_TOGETHER:-1}" = 1 ] && timeout "${PERF_TOGETHER_SECONDS:-150}" $PY benchmarks/perf/together.py \
-    --device cuda --steps 10 --cells 1 2 4 7 2>&1 | tee -a "$OUT/cohort.md"
+  # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
+  # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
+  if [ "${PERF_TOGETHER:-1}" = 1 ]; then
+    for mode in "" ${PERF_COMPILE:-default reduce-overhead}; do
+      timeout "${PERF_TOGETHER_SECONDS:-150}" $PY benchmarks/perf/together.py --device cuda --steps 10 \
+        --cells 1 2 4 7 --attack pixel_pattern ${mode:+--compile "$mode"} 2>&1 | tee -a "$OUT/cohort.md"
+    done
+  fi
   # the cohort compiled (train.compile), each mode of PERF_COMPILE on PERF_COMPILE_MODELS, fp32
   for mode in ${PERF_COMPILE:-default reduce-overhead}; do
     timeout "${PERF_COMPILE_SECONDS:-180}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \

@@ -17,10 +17,12 @@ import torch  # noqa: E402
 
 # On a GPU the cohort table gets its GPU rows: both models, fp32 and bf16.
 COHORT_GPU = ["--models", "simple_cnn", "resnet18", "--precisions", "32-true", "bf16-mixed", "--steps", "20"]
+# Cross-cell cohorts of up to seven paper cells, each with the pixel pattern's 3 poisoning clients.
+TOGETHER = ["--cells", "1", "2", "4", "7", "--attack", "pixel_pattern"]
 
 if __name__ == "__main__":
     cohort_args = COHORT_GPU if torch.cuda.is_available() else []
     sections = [throughput.main([]), stacked_clients.main([]), cohort.main(cohort_args),
-                together.main(["--steps", "20"] if torch.cuda.is_available() else []), aggregation.main([]),
+                together.main(TOGETHER + (["--steps", "20"] if torch.cuda.is_available() else [])), aggregation.main([]),
                 round_breakdown.main([])]
     print("\n\n".join(sections))

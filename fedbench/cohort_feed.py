@@ -1,0 +1,206 @@
+"""A cohort step's batches for all its clients at once: a few gathers, however many clients.
+
+Batch by batch, a cohort of K clients pays K times per step for what each client does
+alone: take its next batch (index its data, slice its draws) and poison it. With several
+grid cells packed into one cohort (K = 70 for seven paper cells) that per-client work,
+not the model, bounds a GPU step. :class:`CohortFeed` keeps every client's current epoch
+in one row of device tables instead: a pool holding every client's samples (their data
+concatenated, kept while the cohort's clients stay the same), and per client its epoch's
+sample order (as pool indices) and augmentation draws. A step then gathers every
+client's batch from the tables with one index per table, runs the pipeline once, and
+stamps every client of a blending backdoor in one pass.
+
+What stays each client's own: its epochs are drawn from its own generator, at the
+epoch's start, by :func:`fedbench.client.epoch_order`, the call sequential training
+makes, so each client's rows are bit for bit the batches it trains on alone (tested);
+the clients of every backdoor that blends its trigger (:class:`TriggerStamps`: every
+registered backdoor, whatever its trigger parts or grid cell) are stamped together, each
+with its own trigger, target and poisoned samples; any other poisoning (label flipping, a
+backdoor with its own ``apply_trigger``) is applied per client, as alone.
+
+Serves cohorts whose every client has whole batches only (``drop_last`` and at least one
+batch of data: the papers' setting); a cohort with a short batch goes batch by batch
+(:class:`fedbench.cohort.BatchByBatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from attacks.base import BackdoorAttack, BatchPoisoning, PoisonPlan
+from fedbench.client import ClientJob, LocalTrainer, epoch_order
+from fedbench.data import Augmentation, ImageSet
+
+Group = tuple[list[int], Tensor, Tensor]  # clients (cohort rows), inputs [G, B, ...], labels [G, B]
+
+
+class CohortFeed:
+    """Every active client's next batch, gathered for all of them in one pass.
+
+    At cohort step ``t`` client k, whose current epoch began at step ``s_k``, takes its
+    epoch's batch ``t - s_k``; it starts a new epoch after its ``n_k // B`` batches, and
+    has batches for ``local_epochs`` epochs (or for ever, when the trainer counts steps)."""
+
+    def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool") -> None:
+        self.pipeline, self.batch_size = trainer.pipeline, trainer.config.batch_size
+        self.generators = [job.generator for job in jobs]
+        self.pool = pool
+        self.sizes, self.base = pool.sizes, pool.base
+        self.images, self.labels, self.device = pool.images, pool.labels, pool.labels.device
+        self.batches = [n // self.batch_size for n in self.sizes]
+        self.epochs = None if trainer.config.local_steps is not None else trainer.config.local_epochs
+        self.tables(max(self.batches) * self.batch_size, len(jobs))
+        self.step = 0
+        self.rows_of = DeviceIndex(self.device)
+        self.poisoning(jobs)
+
+    @classmethod
+    def of(cls, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool | None" = None) -> CohortFeed | None:
+        """A feed for these jobs (on ``pool`` if it holds their data, e.g. last round's), or
+        None when some client's epoch has a short batch."""
+        config = trainer.config
+        if not config.drop_last or any(len(job.data) < config.batch_size for job in jobs):
+            return None
+        sets = [job.data for job in jobs]
+        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets))
+
+    def tables(self, length: int, clients: int) -> None:
+        """Each client's epoch as one row: pool index, crop offsets, flips, and its start."""
+        self.order = torch.zeros(clients, length, dtype=torch.long, device=self.device)
+        augment = self.pipeline.augment
+        self.offsets = (torch.zeros(clients, length, 2, dtype=torch.long, device=self.device)
+                        if augment and self.pipeline.crop_padding > 0 else None)
+        self.flips = (torch.zeros(clients, length, dtype=torch.bool, device=self.device)
+                      if augment and self.pipeline.hflip else None)
+        self.epoch_start = torch.zeros(clients, dtype=torch.long, device=self.device)
+        self.slots = torch.arange(self.batch_size, device=self.device)
+
+    def poisoning(self, jobs: list[ClientJob]) -> None:
+        """The clients stamped together (a :class:`PoisonPlan` of a backdoor that blends its
+        trigger as the base class does: every registered one) and the other poisoners."""
+        blended = [k for k, job in enumerate(jobs) if isinstance(job.plan, PoisonPlan)
+                   and type(job.plan.attack).apply_trigger is BackdoorAttack.apply_trigger]
+        self.stamps = TriggerStamps(blended, [job.plan for job in jobs], self.sizes) if blended else None
+        self.others: dict[int, BatchPoisoning] = {k: job.plan for k, job in enumerate(jobs)
+                                                  if job.plan is not None and k not in blended}
+
+    def has_batch(self, k: int) -> bool:
+        return self.epochs is None or self.step < self.epochs * self.batches[k]
+
+    def next(self, active: list[int]) -> list[Group]:
+        """This step's batches of the active clients that have one, as one group."""
+        group = [k for k in active if self.has_batch(k)]
+        if not group:
+            return []
+        for k in group:
+            if self.step % self.batches[k] == 0:
+                self.start_epoch(k)
+        rows = self.rows_of(group)
+        slots = (self.step - self.epoch_start[rows]).mul_(self.batch_size).unsqueeze(1) + self.slots  # [G, B]
+        index = self.order[rows.unsqueeze(1), slots]
+        draws = Augmentation(
+            None if self.offsets is None else self.offsets[rows.unsqueeze(1), slots].flatten(0, 1).T,
+            None if self.flips is None else self.flips[rows.unsqueeze(1), slots].flatten())
+        inputs = self.pipeline.apply(self.images[index.flatten()], draws).unflatten(0, index.shape)
+        labels = self.labels[index]
+        self.poison(group, inputs, labels, index)
+        self.step += 1
+        return [(group, inputs, labels)]
+
+    def start_epoch(self, k: int) -> None:
+        """Client k's next epoch from its own generator, as sequential training draws it."""
+        order, draws, sizes = epoch_order(self.sizes[k], self.pipeline, self.batch_size, self.generators[k],
+                                          self.device)
+        used = sum(sizes)
+        self.order[k, :used] = order[:used] + self.base[k]
+        if draws is not None and draws.offsets is not None:
+            self.offsets[k, :used] = draws.offsets.T
+        if draws is not None and draws.flips is not None:
+            self.flips[k, :used] = draws.flips
+        self.epoch_start[k] = self.step
+
+    def poison(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
+        """In place: every blending backdoor's clients stamped in one pass, then every other
+        poisoner on its own batch (with its client-local sample indices)."""
+        position = {k: i for i, k in enumerate(group)}
+        if self.stamps is not None:
+            self.stamps.apply(inputs, labels, index, position, self.rows_of)
+        for k, plan in self.others.items():
+            if k in position:
+                row = position[k]
+                inputs[row], labels[row] = plan.apply(inputs[row], labels[row], index[row] - self.base[k])
+
+
+class TriggerStamps:
+    """The clients whose backdoor blends a trigger into their poisoned samples,
+    ``x (1 - alpha_k) + alpha_k pattern_k`` with label ``target_k``
+    (:meth:`attacks.base.BackdoorAttack.apply_trigger`), stamped in one pass whatever their
+    attack, trigger parts (DBA) or grid cell. ``1 - alpha`` and ``alpha pattern`` are
+    computed once, with the blend's own arithmetic, so every value equals the attack's own
+    stamp; a sample is poisoned where its client's plan marks it."""
+
+    def __init__(self, clients: list[int], plans: list[BatchPoisoning | None], sizes: list[int]) -> None:
+        self.clients = clients
+        triggers = [plans[k].attack.trigger(plans[k].parts) for k in clients]
+        self.keep = torch.stack([1 - alpha for alpha, _ in triggers])
+        self.blend = torch.stack([alpha * pattern for alpha, pattern in triggers])
+        device = self.keep.device
+        self.targets = torch.tensor([plans[k].attack.target_label for k in clients], device=device)
+        self.poisoned = torch.cat([plan.mask.to(device, torch.bool) if isinstance(plan, PoisonPlan)
+                                   and k in clients else torch.zeros(n, dtype=torch.bool, device=device)
+                                   for k, (plan, n) in enumerate(zip(plans, sizes))])
+
+    def apply(self, inputs: Tensor, labels: Tensor, index: Tensor, position: dict[int, int],
+              rows_of: Callable[[list[int]], Tensor]) -> None:
+        """Stamp, in place, the rows (``position[client]``) of the clients that have a batch."""
+        present = [i for i, k in enumerate(self.clients) if k in position]
+        if not present:
+            return
+        at = rows_of([position[self.clients[i]] for i in present])
+        keep, blend, targets = self.keep, self.blend, self.targets
+        if len(present) < len(self.clients):
+            mine = rows_of(present)
+            keep, blend, targets = keep[mine], blend[mine], targets[mine]
+        batch, batch_labels = inputs[at], labels[at]
+        chosen = self.poisoned[index[at]]
+        stamped = batch * keep.unsqueeze(1) + blend.unsqueeze(1)
+        inputs[at] = torch.where(chosen.view(*chosen.shape, 1, 1, 1), stamped, batch)
+        labels[at] = torch.where(chosen, targets.unsqueeze(1), batch_labels)
+
+
+class DeviceIndex:
+    """Lists of rows as device index tensors, each made once, not every step: a
+    host-to-device copy of a fresh list would wait for the GPU's queued work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.made: dict[tuple[int, ...], Tensor] = {}
+
+    def __call__(self, rows: list[int]) -> Tensor:
+        key = tuple(rows)
+        if key not in self.made:
+            self.made[key] = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.made[key]
+
+
+class DataPool:
+    """Every client's samples in one tensor, client after client (``base[k]`` where client
+    k's start), so one index gathers any clients' batches. Built when the cohort's data
+    change; a run whose clients are the same every round (the papers': all 10) builds it
+    once, at the cost of one more copy of the clients' data on the device."""
+
+    def __init__(self, sets: list[ImageSet]) -> None:
+        self.sets = sets
+        self.versions = [(data.images._version, data.labels._version) for data in sets]
+        self.sizes = [len(data) for data in sets]
+        self.base = [sum(self.sizes[:k]) for k in range(len(sets))]
+        self.images = torch.cat([data.images for data in sets])
+        self.labels = torch.cat([data.labels for data in sets])
+
+    def holds(self, sets: list[ImageSet]) -> bool:
+        """Whether these are the pooled sets, in order, unchanged since (no in-place write)."""
+        return (len(sets) == len(self.sets) and all(a is b for a, b in zip(sets, self.sets))
+                and self.versions == [(data.images._version, data.labels._version) for data in sets])
