@@ -92,12 +92,14 @@ class CohortTrainer:
             if stepped == stacks.everyone:  # every client stepped, in client order: one add for all
                 loss_sums += losses
             else:
-                loss_sums.index_add_(0, stacks.index(stepped), losses)
+                loss_sums.index_add_(0, stacks.index(stepped), losses.to(loss_sums.dtype))
             for k in stepped:
                 if jobs[k].after_step is not None:
                     jobs[k].after_step()
                 steps[k] += 1
-            active = [k for k in stepped if limit is None or steps[k] < limit]
+            # in client order: groups of other shapes come back joined, and an unsorted list
+            # would never again be the whole cohort (every step would gather its rows)
+            active = sorted(k for k in stepped if limit is None or steps[k] < limit)
         self.pulled_rows = self.pull.rows if self.pull is not None else []
         self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
         return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]

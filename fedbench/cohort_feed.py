@@ -81,8 +81,9 @@ class CohortFeed:
     def poisoning(self, jobs: list[ClientJob]) -> None:
         """The clients stamped together (a :class:`PoisonPlan` of a backdoor that blends its
         trigger as the base class does: every registered one) and the other poisoners."""
-        blended = [k for k, job in enumerate(jobs) if isinstance(job.plan, PoisonPlan)
-                   and type(job.plan.attack).apply_trigger is BackdoorAttack.apply_trigger]
+        blended = [k for k, job in enumerate(jobs) if blends_a_trigger(job.plan)]
+        shapes = {k: jobs[k].plan.attack.trigger(jobs[k].plan.parts)[0].shape for k in blended}
+        blended = [k for k in blended if shapes[k] == shapes[blended[0]]]  # stacked: one trigger shape
         self.stamps = TriggerStamps(blended, [job.plan for job in jobs], self.sizes) if blended else None
         self.others: dict[int, BatchPoisoning] = {k: job.plan for k, job in enumerate(jobs)
                                                   if job.plan is not None and k not in blended}
@@ -134,6 +135,15 @@ class CohortFeed:
                 inputs[row], labels[row] = plan.apply(inputs[row], labels[row], index[row] - self.base[k])
 
 
+def blends_a_trigger(plan: BatchPoisoning | None) -> bool:
+    """A plain :class:`PoisonPlan` of a backdoor with the base class's blend, whose alpha and
+    pattern are whole ``[C, H, W]`` images (every registered backdoor)."""
+    if type(plan) is not PoisonPlan or type(plan.attack).apply_trigger is not BackdoorAttack.apply_trigger:
+        return False
+    alpha, pattern = plan.attack.trigger(plan.parts)
+    return alpha.dim() == 3 and alpha.shape == pattern.shape
+
+
 class TriggerStamps:
     """The clients whose backdoor blends a trigger into their poisoned samples,
     ``x (1 - alpha_k) + alpha_k pattern_k`` with label ``target_k``
@@ -149,8 +159,7 @@ class TriggerStamps:
         self.blend = torch.stack([alpha * pattern for alpha, pattern in triggers])
         device = self.keep.device
         self.targets = torch.tensor([plans[k].attack.target_label for k in clients], device=device)
-        self.poisoned = torch.cat([plan.mask.to(device, torch.bool) if isinstance(plan, PoisonPlan)
-                                   and k in clients else torch.zeros(n, dtype=torch.bool, device=device)
+        self.poisoned = torch.cat([plan.mask.to(device, torch.bool) if k in clients else torch.zeros(n, dtype=torch.bool, device=device)
                                    for k, (plan, n) in enumerate(zip(plans, sizes))])
 
     def apply(self, inputs: Tensor, labels: Tensor, index: Tensor, position: dict[int, int],
@@ -194,6 +203,7 @@ class DataPool:
 
     def __init__(self, sets: list[ImageSet]) -> None:
         self.sets = sets
+        self.tensors = [(data.images, data.labels) for data in sets]
         self.versions = [(data.images._version, data.labels._version) for data in sets]
         self.sizes = [len(data) for data in sets]
         self.base = [sum(self.sizes[:k]) for k in range(len(sets))]
@@ -201,6 +211,9 @@ class DataPool:
         self.labels = torch.cat([data.labels for data in sets])
 
     def holds(self, sets: list[ImageSet]) -> bool:
-        """Whether these are the pooled sets, in order, unchanged since (no in-place write)."""
+        """Whether these are the pooled sets, in order, unchanged since (the same tensors, no
+        in-place write)."""
         return (len(sets) == len(self.sets) and all(a is b for a, b in zip(sets, self.sets))
+                and all(data.images is images and data.labels is labels
+                        for data, (images, labels) in zip(sets, self.tensors))
                 and self.versions == [(data.images._version, data.labels._version) for data in sets])

@@ -21,7 +21,7 @@ from conftest import spy_on_clients, tiny_experiment
 from defenses.base import QuadraticPull
 from defenses.sdfc import SDFC
 from fedbench.client import LocalTrainConfig, iterate_batches, raw_batches
-from fedbench.cohort import ClientStacks, StackedPull, cohort_batch, next_batches, same_shape_groups
+from fedbench.cohort import ClientStacks, CohortTrainer, StackedPull, cohort_batch, next_batches, same_shape_groups
 from fedbench.cohort_feed import CohortFeed, DataPool
 from fedbench.data import ImagePipeline, ImageSet
 from fedbench.engine import FederatedRun
@@ -54,7 +54,8 @@ def frozen_and_unused_net(num_classes: int, in_channels: int, image_size: int) -
     return FrozenAndUnused(num_classes, in_channels, image_size)
 
 
-def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = False, **sections):
+def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = False, client_fraction: float = 1.0,
+              **sections):
     """The same experiment trained sequentially and as a cohort: (run, sent updates) each
     (``explicit_batch_norm``: the cohort computes BatchNorm as on CUDA)."""
     train = sections.pop("train", LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32))
@@ -63,7 +64,8 @@ def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = 
         fresh = copy.deepcopy(sections)  # attacks and defenses keep state: one instance per run
         train_as = dataclasses.replace(train, cohort=cohort, compile=train.compile if cohort else None)
         exp = tiny_experiment(tiny_root, tmp_path / str(cohort), train=train_as,
-                              federation=FederationConfig(num_clients=5, rounds=rounds, final_rounds=1), **fresh)
+                              federation=FederationConfig(num_clients=5, rounds=rounds, final_rounds=1,
+                                                          client_fraction=client_fraction), **fresh)
         run = FederatedRun(exp)
         if cohort and explicit_batch_norm:
             run.cohort_trainer.explicit_batch_norm = True
@@ -592,3 +594,115 @@ def test_a_split_groups_stacks_keep_each_clients_rows_layout_and_gradient():
     grad = stacks.params["weight"].grad
     assert torch.equal(grad[0], torch.zeros_like(grad[0])) and torch.equal(grad[1], torch.zeros_like(grad[1]))
     assert torch.equal(grad[2], torch.ones_like(grad[2])), "row 1 of the group is client 2"
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_a_cohort_in_a_true_precision_trains_clients_of_unequal_steps_as_sequential(tiny_root, tmp_path, precision):
+    """Two epochs of clients of different sizes (so most steps move only some clients) in
+    64-true and bf16-true: each client's step count and loss as sequential training's (the
+    losses, in the model's dtype, are summed into the float32 per-client totals); in
+    float64 the models agree to float32 rounding of the server's copy, in bf16 to its
+    coarse rounding."""
+    from fedbench.experiment import FabricConfig
+
+    (seq, _, seq_rec), (coh, _, coh_rec) = both_ways(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
+                                                     fabric=FabricConfig(precision=precision))
+    assert len(set(seq_rec[0]["local_steps"])) > 1 and coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
+    tolerance = 1e-5 if precision == "64-true" else 2e-2
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=tolerance)
+    assert relative_gap(seq.global_params, coh.global_params) < tolerance
+
+
+def test_clients_that_change_shape_group_keep_stepping_as_one_cohort_in_client_order(tiny_root, tmp_path):
+    """Short last batches kept (drop_last false), so at each epoch's end some clients step in
+    a group of their own shape: every group the cohort steps lists its clients in order, the
+    whole cohort steps together again after a split, and the updates equal sequential ones."""
+    groups = []
+    original = CohortTrainer.group_losses
+
+    def spy(trainer, stacks, group, inputs, labels):
+        groups.append(list(group))
+        return original(trainer, stacks, group, inputs, labels)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CohortTrainer, "group_losses", spy)
+        (_, seq_sent, _), (_, coh_sent, _) = both_ways(
+            tiny_root, tmp_path, train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32, drop_last=False))
+    assert all(group == sorted(group) for group in groups)
+    first_split = next(i for i, group in enumerate(groups) if len(group) < 5)
+    assert [0, 1, 2, 3, 4] in groups[first_split:], "after a split the whole cohort steps as one again"
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+
+
+def test_a_cohort_of_sampled_clients_builds_a_pool_for_each_new_set(tiny_root, tmp_path):
+    """Three of five clients per round, four rounds: the data pool is rebuilt whenever the
+    round's clients differ from the last pool's, and every round's accuracy and ASR equal
+    sequential training's."""
+    pools = []
+    original = CohortFeed.__init__
+
+    def spy(feed, trainer, jobs, pool):
+        pools.append((pool, [id(job.data) for job in jobs]))
+        original(feed, trainer, jobs, pool)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CohortFeed, "__init__", spy)
+        (_, _, seq_rec), (_, _, coh_rec) = both_ways(tiny_root, tmp_path, rounds=4, client_fraction=0.6,
+                                                     attack=PixelPattern(malicious_fraction=0.4))
+    assert all(len(sets) == 3 for _, sets in pools)
+    for (before, sets_before), (after, sets_now) in zip(pools, pools[1:]):
+        assert (after is before) == (sets_now == sets_before), "a pool serves exactly its own clients"
+    assert any(after is not before for (before, _), (after, _) in zip(pools, pools[1:])), "the sampled sets changed"
+    for key in ("clean_acc", "asr"):
+        assert np.abs(np.array([r[key] for r in seq_rec]) - np.array([r[key] for r in coh_rec])).max() <= 0.1, key
+
+
+def test_an_epochs_augmentation_on_a_cpu_generator_without_flips_is_what_per_batch_draws_gave():
+    """Committed results drew the crop offsets batch by batch (a [2, B] draw per batch after
+    the epoch's permutation); drawing the epoch's at its start gives the same numbers and
+    leaves the generator in the same state, short last batch included."""
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=1, augment=True, hflip=False, crop_padding=4)
+    data = ImageSet(torch.zeros(150, 1, 8, 8, dtype=torch.uint8), torch.zeros(150, dtype=torch.long))
+    for drop_last in (True, False):
+        per_batch = torch.Generator().manual_seed(11)
+        order = torch.randperm(150, generator=per_batch)
+        sizes = [64, 64] + ([] if drop_last else [22])
+        expected = [torch.randint(0, 9, (2, size), generator=per_batch) for size in sizes]
+        epoch = torch.Generator().manual_seed(11)
+        batches = list(raw_batches(data, pipeline, 64, epoch, drop_last=drop_last))
+        assert torch.equal(torch.cat([b.index for b in batches]), order[:sum(sizes)])
+        assert all(torch.equal(b.draws.offsets, e) for b, e in zip(batches, expected)) and len(batches) == len(sizes)
+        assert torch.equal(epoch.get_state(), per_batch.get_state())
+
+
+def test_only_whole_image_blends_of_one_shape_are_stamped_together():
+    """A backdoor whose trigger is not a whole [C, H, W] image (here a scalar alpha), or one
+    with its own apply_trigger, is poisoned per client with its own method."""
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=3, augment=False, hflip=False, crop_padding=0)
+    setup = AttackSetup(3, 10, 3, 16, pipeline, torch.device("cpu"), seed=0)
+
+    class ScalarAlpha(PixelPattern):
+        def trigger(self, parts=None):
+            return torch.tensor(0.5), torch.tensor(1.0)
+
+    class OwnStamp(PixelPattern):
+        def apply_trigger(self, images, parts=None):
+            return images + 1.0
+
+    attacks = [ScalarAlpha(), PixelPattern(), OwnStamp()]
+    for attack in attacks:
+        attack.setup(setup)
+    sets = [ImageSet(torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8), torch.zeros(32, dtype=torch.long))
+            for _ in attacks]
+    jobs = [SimpleNamespace(data=d, plan=PoisonPlan(a, torch.arange(32) % 2 == 0, None), generator=torch.Generator())
+            for d, a in zip(sets, attacks)]
+    config = SimpleNamespace(batch_size=16, drop_last=True, local_steps=None, local_epochs=1)
+    feed = CohortFeed.of(SimpleNamespace(pipeline=pipeline, config=config), jobs)
+    assert feed.stamps.clients == [1] and sorted(feed.others) == [0, 2]
+    (_, inputs, labels), = feed.next([0, 1, 2])
+    for k, attack in enumerate(attacks):
+        plain = pipeline.apply(sets[k].images[feed.order[k, :16] - feed.base[k]], None)
+        chosen = jobs[k].plan.mask[feed.order[k, :16] - feed.base[k]]
+        assert torch.equal(inputs[k][chosen], attack.apply_trigger(plain[chosen])), k
+        assert torch.equal(inputs[k][~chosen], plain[~chosen]) and (labels[k][chosen] == 2).all()

@@ -4,8 +4,8 @@ The papers' setting (Fashion-MNIST from $FEDBENCH_DATA or ./data, 10 clients, Di
 0.5, batch 64, simple_cnn; resnet18 optional), ``--steps`` local steps per client so a
 CPU finishes quickly. Counted with torch.profiler over one round's local training:
 - on CPU, the innermost ``aten::`` operator calls that compute (views, allocations and
-  wrappers left out; an op such as ``aten::index``, ``aten::mm`` or
-  ``aten::mkldnn_convolution`` whose children only allocate counts once itself):
+  wrappers left out; an op such as ``aten::index`` whose children only allocate counts
+  once itself; a matrix product or convolution counts itself besides its children):
   each is one kernel a GPU would launch (a ``_foreach`` op counts once: a GPU fuses it),
   which is what predicts the GPU gain (on CPU the cohort is not faster: the same arithmetic,
   in bigger but fewer kernels);
@@ -101,15 +101,24 @@ def kernels_of(work: Callable[[], object], cuda: bool) -> int:
     return sum(cpu_launches(e) for e in prof.events() if e.cpu_parent is None)
 
 
+# Matrix products and convolutions launch their own kernel besides what their children
+# do (addmm copies the bias into the output first, a vmapped mm may copy its input).
+OWN_KERNEL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
+              "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+              "aten::_slow_conv2d_backward", "aten::_convolution_depthwise2d"}
+
+
 def cpu_launches(event) -> int:
     """Kernels under a CPU profiler event: a ``_foreach`` op is one (a GPU fuses it over its
-    tensor list; the CPU loops); an op whose children launch kernels is those kernels; an op
-    that computes and whose children launch none (a leaf, or ``aten::index``,
-    ``aten::mkldnn_convolution`` or ``aten::mm`` whose children only allocate or view) is
-    one; views, allocations and wrappers are none."""
+    tensor list; the CPU loops); a matrix product or convolution is one plus its children's;
+    any other op whose children launch kernels is those kernels; an op that computes and
+    whose children launch none (a leaf, or ``aten::index`` whose children only allocate or
+    view) is one; views, allocations and wrappers are none."""
     if event.name.startswith("aten::_foreach"):
         return 1
     inner = sum(cpu_launches(child) for child in event.cpu_children)
+    if event.name in OWN_KERNEL:
+        return 1 + inner
     if inner:
         return inner
     return int(event.name.startswith("aten::") and event.name not in NO_KERNEL or "cpp_fused" in event.name)

@@ -65,13 +65,13 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
   # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
   if [ "${PERF_TOGETHER:-1}" = 1 ]; then
-    for mode in "" ${PERF_COMPILE:-default reduce-overhead}; do
+    for mode in "" ${PERF_COMPILE-default reduce-overhead}; do
       timeout "${PERF_TOGETHER_SECONDS:-150}" $PY benchmarks/perf/together.py --device cuda --steps 10 \
         --cells 1 2 4 7 --attack pixel_pattern ${mode:+--compile "$mode"} 2>&1 | tee -a "$OUT/cohort.md"
     done
   fi
   # the cohort compiled (train.compile), each mode of PERF_COMPILE on PERF_COMPILE_MODELS, fp32
-  for mode in ${PERF_COMPILE:-default reduce-overhead}; do
+  for mode in ${PERF_COMPILE-default reduce-overhead}; do
     timeout "${PERF_COMPILE_SECONDS:-180}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
       --models ${PERF_COMPILE_MODELS:-simple_cnn resnet18} --compile "$mode" 2>&1 | tee -a "$OUT/cohort.md"
   done
