@@ -25,7 +25,10 @@ vmap cannot answer, and refuses float32 running statistics for a bf16 input unde
 
 With ``train.compile`` the vmapped forward and backward pass and the stacked loss terms
 are compiled (:func:`compiled`): inductor fuses their elementwise kernels, one graph per
-batch shape the process meets.
+batch shape the process meets. A compiled cohort fed by the
+:class:`~fedbench.cohort_feed.CohortFeed` computes every row at every step (clients done
+with their epochs ride along, masked out and put back: :meth:`CohortTrainer.train_all_rows`),
+so a round does not compile a graph for each cohort size it would shrink through.
 
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
@@ -69,8 +72,7 @@ class CohortTrainer:
         self.pool: DataPool | None = None  # the clients' data as one tensor, kept while they stay the same
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
-        config, fabric = self.trainer.config, self.trainer.fabric
-        limit = config.local_steps
+        config = self.trainer.config
         feed = CohortFeed.of(self.trainer, jobs, self.pool) or BatchByBatch(self.trainer, jobs)
         self.pool = feed.pool if isinstance(feed, CohortFeed) else self.pool
         stacks = ClientStacks([job.model for job in jobs])
@@ -81,8 +83,21 @@ class CohortTrainer:
         self.template.train()  # functional_call runs the template's modules: their mode counts
         for job in jobs:
             job.model.train()
+        if self.compile is not None and isinstance(feed, CohortFeed):
+            steps, loss_sums = self.train_all_rows(jobs, feed, stacks, optimizer)
+        else:
+            steps, loss_sums = self.train_shrinking(jobs, feed, stacks, optimizer)
+        self.pulled_rows = self.pull.rows if self.pull is not None else []
+        self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
+        return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
+
+    def train_shrinking(self, jobs: list[ClientJob], feed: "CohortFeed | BatchByBatch", stacks: "ClientStacks",
+                        optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
+        """Each step trains the clients that still have a batch (gathered rows when not all
+        do); returns every client's steps and loss total."""
+        limit = self.trainer.config.local_steps
         steps = [0] * len(jobs)
-        loss_sums = torch.zeros(len(jobs), device=fabric.device)
+        loss_sums = torch.zeros(len(jobs), device=stacks.device)
         active = list(range(len(jobs)))
         while active:
             groups = feed.next(active)
@@ -93,21 +108,48 @@ class CohortTrainer:
                 loss_sums += losses
             else:
                 loss_sums.index_add_(0, stacks.index(stepped), losses.to(loss_sums.dtype))
-            for k in stepped:
-                if jobs[k].after_step is not None:
-                    jobs[k].after_step()
-                steps[k] += 1
+            self.after_steps(jobs, stepped, steps)
             # in client order: groups of other shapes come back joined, and an unsorted list
             # would never again be the whole cohort (every step would gather its rows)
             active = sorted(k for k in stepped if limit is None or steps[k] < limit)
-        self.pulled_rows = self.pull.rows if self.pull is not None else []
-        self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
-        return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
+        return steps, loss_sums
+
+    def train_all_rows(self, jobs: list[ClientJob], feed: "CohortFeed", stacks: "ClientStacks",
+                       optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
+        """For a compiled cohort: every step computes every row, so one graph serves the whole
+        round (a shrinking cohort compiles one per size it passes through). A client whose
+        epochs are done rides along: its loss is masked out of the step (zero gradient, not
+        counted) and its parameters and buffers, which weight decay, momentum and BatchNorm
+        would still move, are set aside when it finishes and put back at the round's end."""
+        limit = self.trainer.config.local_steps
+        steps = [0] * len(jobs)
+        loss_sums = torch.zeros(len(jobs), device=stacks.device)
+        live, parked = list(stacks.everyone), {}
+        while True:
+            live = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
+            if not live:
+                break
+            for k in stacks.everyone:
+                if k not in live and k not in parked:
+                    parked[k] = stacks.row(k)
+            _, losses = self.step(jobs, feed.next(live, every_row=True), stacks, optimizer, live)
+            loss_sums += losses.to(loss_sums.dtype)
+            self.after_steps(jobs, live, steps)
+        stacks.put_back(parked)
+        return steps, loss_sums
+
+    @staticmethod
+    def after_steps(jobs: list[ClientJob], stepped: list[int], steps: list[int]) -> None:
+        for k in stepped:
+            if jobs[k].after_step is not None:
+                jobs[k].after_step()
+            steps[k] += 1
 
     def step(self, jobs: list[ClientJob], groups: list["Group"], stacks: "ClientStacks",
-             optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
+             optimizer: "StackedSGD", live: list[int] | None = None) -> tuple[list[int], Tensor]:
         """One optimizer step of every client in ``groups`` (clients with inputs and labels of
-        one shape); returns those clients and their losses, in the same order."""
+        one shape); returns those clients and their losses, in the same order. With ``live``
+        (one group of every row) only those clients' losses count: the others' are 0."""
         stacks.zero_grad()
         pulls = self.pull.terms(stacks, self.pull_terms) if self.pull is not None else None
         stepped: list[int] = []
@@ -116,14 +158,17 @@ class CohortTrainer:
             losses = self.group_losses(stacks, group, inputs, labels)
             if pulls is not None:  # clients without a pull have weight 0 there: + 0 exactly
                 losses = losses + (pulls if group == stacks.everyone else pulls.index_select(0, stacks.index(group)))
-            if any(k in self.own_terms for k in group):
+            own = [k for k in group if k in self.own_terms and (live is None or k in live)]
+            if own:
                 zero = losses.new_zeros(())
-                losses = losses + torch.stack([jobs[k].regularizer() if k in self.own_terms else zero for k in group])
+                losses = losses + torch.stack([jobs[k].regularizer() if k in own else zero for k in group])
+            if live is not None and len(live) < len(group):  # where, not a product: a rider's NaN stays out
+                losses = torch.where(stacks.rows(live), losses, losses.new_zeros(()))
             stepped += group
             per_group.append(losses)
         per_client = torch.cat(per_group) if len(per_group) > 1 else per_group[0]
         self.trainer.fabric.backward(per_client.sum())
-        stacks.collect_model_grads([k for k in stepped if k in self.own_terms])
+        stacks.collect_model_grads([k for k in stepped if k in self.own_terms and (live is None or k in live)])
         optimizer.step(None if len(stepped) == len(jobs) else stacks.rows(stepped))
         return stepped, per_client.detach()
 
@@ -208,6 +253,18 @@ class ClientStacks:
         """The clients as a ``[K]`` mask."""
         mask = torch.zeros(len(self.models), dtype=torch.bool, device=self.device)
         return mask.index_fill_(0, self.index(clients), True)
+
+    def row(self, k: int) -> list[Tensor]:
+        """A copy of client k's parameters and buffers."""
+        with torch.no_grad():
+            return [s[k].clone() for s in [*self.params.values(), *self.buffers.values()]]
+
+    def put_back(self, rows: dict[int, list[Tensor]]) -> None:
+        """Client rows copied by :meth:`row` written back into the stacks."""
+        with torch.no_grad():
+            for k, saved in rows.items():
+                for stack, value in zip([*self.params.values(), *self.buffers.values()], saved):
+                    stack[k].copy_(value)
 
 
 class StackedPull:

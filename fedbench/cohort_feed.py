@@ -91,16 +91,22 @@ class CohortFeed:
     def has_batch(self, k: int) -> bool:
         return self.epochs is None or self.step < self.epochs * self.batches[k]
 
-    def next(self, active: list[int]) -> list[Group]:
-        """This step's batches of the active clients that have one, as one group."""
+    def next(self, active: list[int], every_row: bool = False) -> list[Group]:
+        """This step's batches of the active clients that have one, as one group; with
+        ``every_row``, a batch for every client (those done with their epochs get some of
+        their last epoch's samples, drawing nothing)."""
         group = [k for k in active if self.has_batch(k)]
         if not group:
             return []
         for k in group:
             if self.step % self.batches[k] == 0:
                 self.start_epoch(k)
+        group = list(range(len(self.sizes))) if every_row else group
         rows = self.rows_of(group)
-        slots = (self.step - self.epoch_start[rows]).mul_(self.batch_size).unsqueeze(1) + self.slots  # [G, B]
+        starts = (self.step - self.epoch_start[rows]).mul_(self.batch_size)
+        if every_row:  # a client past its epochs stays inside its table row
+            starts.clamp_(max=self.order.shape[1] - self.batch_size)
+        slots = starts.unsqueeze(1) + self.slots  # [G, B]
         index = self.order[rows.unsqueeze(1), slots]
         draws = Augmentation(
             None if self.offsets is None else self.offsets[rows.unsqueeze(1), slots].flatten(0, 1).T,

@@ -278,16 +278,27 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
 def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_cpu(tiny_root, tmp_path):
     """The path a GPU takes for ResNet-18 (BatchNorm in tensor ops, running statistics
     updated in place inside the compiled graph), on CPU against sequential F.batch_norm, in
-    float64 so that only a real difference, not float32 rounding, could show: 1e-9."""
+    float64 so that only a real difference, not float32 rounding, could show: 1e-9. Two
+    epochs of clients of different sizes: the compiled cohort computes every row every step
+    (one graph for the round, counted), the clients done with their epochs riding along
+    with their loss masked out and their parameters and BatchNorm statistics put back, so
+    each client's update and statistics are still its own."""
     import shutil
+
+    from torch._dynamo.utils import counters
 
     from fedbench.experiment import FabricConfig
 
     if shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
-    (seq, seq_sent, _), (coh, coh_sent, _) = both_ways(
+    graphs_before = counters["stats"]["unique_graphs"]
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, model=ModelConfig(name="test_cohort.small_bn_net"), explicit_batch_norm=True,
-        fabric=FabricConfig(precision="64-true"), train=LocalTrainConfig(local_steps=3, batch_size=32, compile="default"))
+        fabric=FabricConfig(precision="64-true"),
+        train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32, compile="default"))
+    assert len(set(seq_rec[0]["local_steps"])) > 1 and coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1, "one graph for every step of the round"
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-6), "float32 loss totals"
     assert seq.global_buffers.abs().sum() > 0
     assert relative_gap(seq.global_buffers, coh.global_buffers) < 1e-9, "running means and variances"
     for client in seq_sent:
