@@ -9,8 +9,10 @@
 # Writes cohort.md, grid.log and runs.tgz (the run folders: metrics, summaries,
 # checkpoints) to $OUT (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
 #   GRID_SECONDS=330 bash benchmarks/perf/gpu_session.sh
-# To go on from an earlier session's cells, unpack its runs.tgz in the repository root and
-# carry runs/ to the machine: every cell resumes from its last checkpoint (same device kind:
+# To go on from an earlier session's cells (of this code: cells checkpointed before the
+# epoch-start draws of 2026-11-26 drew another CUDA stream; start those afresh), unpack its
+# runs.tgz in the repository root and carry runs/ to the machine: every cell resumes from
+# its last checkpoint (same device kind:
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
