@@ -126,12 +126,12 @@ class CohortTrainer:
         loss_sums = torch.zeros(len(jobs), device=stacks.device)
         live, parked = list(stacks.everyone), {}
         while True:
-            live = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
-            if not live:
+            still = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
+            if not still:
                 break
-            for k in stacks.everyone:
-                if k not in live and k not in parked:
-                    parked[k] = stacks.row(k)
+            for k in set(live).difference(still):  # done since the last step: rows as they finished
+                parked[k] = stacks.row(k)
+            live = still
             _, losses = self.step(jobs, feed.next(live, every_row=True), stacks, optimizer, live)
             loss_sums += losses.to(loss_sums.dtype)
             self.after_steps(jobs, live, steps)
