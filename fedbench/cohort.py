@@ -209,6 +209,7 @@ class ClientStacks:
         self.buffers = stacked(models, lambda m: m.named_buffers())
         self.device = next(iter(self.params.values())).device
         self.index = DeviceIndex(self.device)
+        self.masks: dict[tuple[int, ...], Tensor] = {}
         for k, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.data = self.params[name].detach()[k]
@@ -250,9 +251,12 @@ class ClientStacks:
                         p.grad = None
 
     def rows(self, clients: list[int]) -> Tensor:
-        """The clients as a ``[K]`` mask."""
-        mask = torch.zeros(len(self.models), dtype=torch.bool, device=self.device)
-        return mask.index_fill_(0, self.index(clients), True)
+        """The clients as a ``[K]`` mask, made once per distinct list (read, never written)."""
+        key = tuple(clients)
+        if key not in self.masks:
+            mask = torch.zeros(len(self.models), dtype=torch.bool, device=self.device)
+            self.masks[key] = mask.index_fill_(0, self.index(clients), True)
+        return self.masks[key]
 
     def row(self, k: int) -> list[Tensor]:
         """A copy of client k's parameters and buffers."""

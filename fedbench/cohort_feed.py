@@ -81,9 +81,9 @@ class CohortFeed:
     def poisoning(self, jobs: list[ClientJob]) -> None:
         """The clients stamped together (a :class:`PoisonPlan` of a backdoor that blends its
         trigger as the base class does: every registered one) and the other poisoners."""
-        blended = [k for k, job in enumerate(jobs) if blends_a_trigger(job.plan)]
-        shapes = {k: jobs[k].plan.attack.trigger(jobs[k].plan.parts)[0].shape for k in blended}
-        blended = [k for k in blended if shapes[k] == shapes[blended[0]]]  # stacked: one trigger shape
+        shapes = {k: shape for k, job in enumerate(jobs) if (shape := blended_trigger_shape(job.plan)) is not None}
+        first = next(iter(shapes.values()), None)
+        blended = [k for k, shape in shapes.items() if shape == first]  # stacked: one trigger shape
         self.stamps = TriggerStamps(blended, [job.plan for job in jobs], self.sizes) if blended else None
         self.others: dict[int, BatchPoisoning] = {k: job.plan for k, job in enumerate(jobs)
                                                   if job.plan is not None and k not in blended}
@@ -141,13 +141,14 @@ class CohortFeed:
                 inputs[row], labels[row] = plan.apply(inputs[row], labels[row], index[row] - self.base[k])
 
 
-def blends_a_trigger(plan: BatchPoisoning | None) -> bool:
-    """A plain :class:`PoisonPlan` of a backdoor with the base class's blend, whose alpha and
-    pattern are whole ``[C, H, W]`` images (every registered backdoor)."""
+def blended_trigger_shape(plan: BatchPoisoning | None) -> torch.Size | None:
+    """The ``[C, H, W]`` shape of the trigger of a plain :class:`PoisonPlan` of a backdoor with
+    the base class's blend whose alpha and pattern are whole images (every registered
+    backdoor); None for any other plan."""
     if type(plan) is not PoisonPlan or type(plan.attack).apply_trigger is not BackdoorAttack.apply_trigger:
-        return False
+        return None
     alpha, pattern = plan.attack.trigger(plan.parts)
-    return alpha.dim() == 3 and alpha.shape == pattern.shape
+    return alpha.shape if alpha.dim() == 3 and alpha.shape == pattern.shape else None
 
 
 class TriggerStamps:
