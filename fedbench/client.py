@@ -46,9 +46,9 @@ class LocalTrainConfig:
         cohort: train a round's clients together, one vmapped step over all of them
             (``fedbench.cohort``; equal to sequential training up to float rounding). Off
             by default: on a CPU the sequential loop is faster; on a GPU it saves kernel launches.
-        compile: with ``cohort``, compile the cohort's vmapped forward and backward pass (and
-            its stacked loss terms) with ``torch.compile`` in this mode: one of
-            ``COMPILE_MODES`` (``reduce-overhead`` adds CUDA graphs on a GPU), or None (off).
+        compile: with ``cohort``, compile the cohort's step (its batches' gather, and its
+            loss, gradient and SGD update: ``fedbench.fused_step``) with ``torch.compile``
+            in this mode: one of ``COMPILE_MODES`` (``reduce-overhead`` adds CUDA graphs on a GPU), or None (off).
             Inductor fuses the elementwise kernels; each distinct batch shape compiles once
             per process (seconds to a minute; a C++ compiler on CPU). Equal to the
             uncompiled cohort up to float rounding.

@@ -23,12 +23,14 @@ vmap needs contiguous tensors there). On CUDA, BatchNorm runs as plain tensor op
 (:func:`explicit_batch_norm`): cuDNN's batch norm asks its input for a memory format, which
 vmap cannot answer, and refuses float32 running statistics for a bf16 input under vmap.
 
-With ``train.compile`` the vmapped forward and backward pass and the stacked loss terms
-are compiled (:func:`compiled`): inductor fuses their elementwise kernels, one graph per
-batch shape the process meets. A compiled cohort fed by the
-:class:`~fedbench.cohort_feed.CohortFeed` computes every row at every step (clients done
-with their epochs ride along, masked out and put back: :meth:`CohortTrainer.train_all_rows`),
-so a round does not compile a graph for each cohort size it would shrink through.
+With ``train.compile`` (:func:`~fedbench.compiling.compiled`, one graph per batch shape the
+process meets) a cohort fed by the :class:`~fedbench.cohort_feed.CohortFeed` computes
+every row at every step (clients done with their epochs ride along, masked out and put
+back: :meth:`CohortTrainer.train_all_rows`), so a round does not compile a graph for each
+cohort size it would shrink through, and a step is two compiled graphs: the feed's
+batches, and the whole training step (:class:`~fedbench.fused_step.FusedStep`). Where the
+fused step cannot serve (a loss term that is not a :class:`QuadraticPull`), the vmapped
+forward and backward pass and the stacked loss terms are compiled instead.
 
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
@@ -50,9 +52,11 @@ from torch.func import functional_call, vmap
 from attacks.base import BatchPoisoning
 from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
-from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group
+from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, every_row_batches
 from fedbench.data import Augmentation, ImagePipeline
+from fedbench.compiling import compiled, mark_static, step_begins
 from fedbench.errors import FedbenchError
+from fedbench.fused_step import FusedStep, uses_every_parameter
 from fedbench.params import trainable_parameters
 
 
@@ -65,6 +69,11 @@ class CohortTrainer:
         self.explicit_batch_norm = trainer.fabric.device.type == "cuda"
         self.compile = trainer.config.compile
         self.vmapped_losses = compiled(vmap(self.loss_of), self.compile)
+        config = trainer.config
+        self.fused = (compiled(FusedStep(self.loss_of, config.lr, config.momentum, config.weight_decay).__call__,
+                               self.compile) if self.compile is not None else None)
+        self.every_parameter_used: bool | None = None  # found on the first fused step's batch
+        self.every_row_batches = compiled(every_row_batches, self.compile)
         self.pull_terms = compiled(quadratic_terms, self.compile)
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
@@ -73,7 +82,8 @@ class CohortTrainer:
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config = self.trainer.config
-        feed = CohortFeed.of(self.trainer, jobs, self.pool) or BatchByBatch(self.trainer, jobs)
+        feed = (CohortFeed.of(self.trainer, jobs, self.pool, self.every_row_batches, self.compile == "reduce-overhead")
+                or BatchByBatch(self.trainer, jobs))
         self.pool = feed.pool if isinstance(feed, CohortFeed) else self.pool
         stacks = ClientStacks([job.model for job in jobs])
         optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
@@ -120,11 +130,12 @@ class CohortTrainer:
         round (a shrinking cohort compiles one per size it passes through). A client whose
         epochs are done rides along: its loss is masked out of the step (zero gradient, not
         counted) and its parameters and buffers, which weight decay, momentum and BatchNorm
-        would still move, are set aside when it finishes and put back at the round's end."""
+        would still move, are set aside when it finishes and put back at the round's end.
+        Each step is one :class:`~fedbench.fused_step.FusedStep` where it can be."""
         limit = self.trainer.config.local_steps
         steps = [0] * len(jobs)
         loss_sums = torch.zeros(len(jobs), device=stacks.device)
-        live, parked = list(stacks.everyone), {}
+        live, parked, fused = list(stacks.everyone), {}, None
         while True:
             still = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
             if not still:
@@ -132,11 +143,53 @@ class CohortTrainer:
             for k in set(live).difference(still):  # done since the last step: rows as they finished
                 parked[k] = stacks.row(k)
             live = still
-            _, losses = self.step(jobs, feed.next(live, every_row=True), stacks, optimizer, live)
-            loss_sums += losses.to(loss_sums.dtype)
+            step_begins(self.compile)
+            groups = feed.next(live, every_row=True)
+            if fused is None and self.can_fuse(stacks, groups):
+                fused = self.fused_state(stacks, optimizer, loss_sums)
+            if fused is not None:
+                [(_, inputs, labels)] = groups
+                with self.model_context():
+                    self.fused(*fused, vmappable(inputs), labels, stacks.rows(live))
+            else:
+                _, losses = self.step(jobs, groups, stacks, optimizer, live)
+                loss_sums += losses.to(loss_sums.dtype)
             self.after_steps(jobs, live, steps)
         stacks.put_back(parked)
         return steps, loss_sums
+
+    def can_fuse(self, stacks: "ClientStacks", groups: list["Group"]) -> bool:
+        """Whether this step can be one :class:`~fedbench.fused_step.FusedStep` (compiled,
+        every loss term stacked, every trainable parameter in the loss)."""
+        if self.fused is None or self.own_terms:
+            return False
+        if self.every_parameter_used is None:
+            _, inputs, labels = groups[0]
+            with self.model_context():
+                self.every_parameter_used = uses_every_parameter(stacks.trainable(), stacks.buffers, inputs, labels,
+                                                                 self.loss_of)
+        return self.every_parameter_used
+
+    def fused_state(self, stacks: "ClientStacks", optimizer: "StackedSGD", loss_sums: Tensor) -> tuple:
+        """This round's tensors a fused step updates in place (and reads): trainable and frozen
+        parameters, buffers, momenta, pull terms, loss totals. Under ``reduce-overhead`` they
+        are marked static, so the CUDA graph updates them where they are."""
+        trainable = stacks.trainable()
+        frozen = {name: s.detach() for name, s in stacks.params.items() if name not in trainable}
+        momenta = dict(zip(trainable, optimizer.momenta))
+        pull = self.pull.full() if self.pull is not None else None
+        state = (trainable, frozen, stacks.buffers, momenta, pull, loss_sums)
+        if self.compile == "reduce-overhead":
+            mark_static(state)
+        return state
+
+    @contextmanager
+    def model_context(self) -> Iterator[None]:
+        """Where the stacked model runs: the precision's autocast, BatchNorm as tensor ops on
+        CUDA, and one clear message for a model the cohort cannot vmap."""
+        with (self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm),
+              cohort_errors(self.compile)):
+            yield
 
     @staticmethod
     def after_steps(jobs: list[ClientJob], stepped: list[int], steps: list[int]) -> None:
@@ -177,14 +230,8 @@ class CohortTrainer:
         statistics land in the stacks."""
         params, buffers = stacks.select(group)
         inputs = vmappable(inputs)
-        with self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm):
-            try:
-                losses = self.vmapped_losses(params, buffers, inputs, labels)
-            except RuntimeError as err:  # torch.compile's errors are RuntimeErrors too
-                compiling = " (or train.compile=null if compiling is what failed)" if self.compile else ""
-                raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
-                                    "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false"
-                                    + compiling) from err
+        with self.model_context():
+            losses = self.vmapped_losses(params, buffers, inputs, labels)
         stacks.write_back_buffers(group, buffers)
         return losses
 
@@ -233,6 +280,10 @@ class ClientStacks:
         with torch.no_grad():
             for name, buffer in buffers.items():
                 self.buffers[name].index_copy_(0, index, buffer)
+
+    def trainable(self) -> dict[str, Tensor]:
+        """The trainable stacks, detached (the same storage: an in-place update moves them)."""
+        return {name: s.detach() for name, s in self.params.items() if s.requires_grad}
 
     def zero_grad(self) -> None:
         for stack in self.params.values():
@@ -301,6 +352,18 @@ class StackedPull:
         weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
         return cls(names, rows, len(jobs), anchor, scale, weight)
 
+    def full(self) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Anchors, scales and weights of every row of the cohort: zeros (a term of exactly 0)
+        where a client has no pull."""
+        if self.index is None:
+            return self.anchor, self.scale, self.weight
+
+        def every_row(stack: Tensor) -> Tensor:
+            return stack.new_zeros(self.size, *stack.shape[1:]).index_copy_(0, self.index, stack)
+
+        return ({name: every_row(a) for name, a in self.anchor.items()},
+                {name: every_row(s) for name, s in self.scale.items()}, every_row(self.weight))
+
     def terms(self, stacks: "ClientStacks", compute: Callable[..., Tensor] | None = None) -> Tensor:
         """``[K]`` terms; ``compute`` is :func:`quadratic_terms` or a compiled copy of it."""
         def pulled(stack: Tensor) -> Tensor:
@@ -349,40 +412,22 @@ class StackedSGD:
         torch._foreach_copy_(stacks, masked(rows, moved, stacks))
 
 
+@contextmanager
+def cohort_errors(compile_mode: str | None) -> Iterator[None]:
+    """A model the cohort cannot vmap fails with one message saying what to do."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.compile's errors are RuntimeErrors too
+        compiling = " (or train.compile=null if compiling is what failed)" if compile_mode else ""
+        raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
+                            "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false"
+                            + compiling) from err
+
+
 def quadratic_terms(params: list[Tensor], anchors: list[Tensor], scales: list[Tensor], weight: Tensor) -> Tensor:
     """``weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]`` for each row k of the ``[K, ...]`` stacks."""
     total = sum(((w - a).pow(2) * s).flatten(1).sum(1) for w, a, s in zip(params, anchors, scales))
     return weight * total
-
-
-# vmap specialises a graph on its batch size, so every cohort size and batch shape a process
-# meets compiles once: allow that many graphs before torch would fall back to eager.
-SHAPES_PER_COMPILED_FUNCTION = 256
-
-
-def compiled(fn: Callable[..., Tensor], mode: str | None) -> Callable[..., Tensor]:
-    """``fn`` itself (``mode`` None) or ``torch.compile(fn, mode=mode, dynamic=False)``: a
-    static graph per input shape, so which kernels compute a step depends on its shapes
-    only, never on which shapes came earlier in the process (a resumed run gives the same
-    numbers as one that ran through; verified on CPU, on CUDA with inductor's
-    deterministic switch on, untested on a GPU yet). The max-autotune modes, which pick
-    kernels by timing them, are not offered."""
-    if mode is None:
-        return fn
-    import torch._dynamo  # only a compiling run pays for importing the compiler
-    import torch._inductor.config as inductor_config
-
-    compiled_fn = torch.compile(fn, mode=mode, dynamic=False)
-    # On CUDA inductor benchmarks Triton reduction configs, which sum in other orders: its
-    # deterministic switch (where this torch has it) turns that choice by timing off.
-    deterministic = {"deterministic": True} if hasattr(inductor_config, "deterministic") else {}
-
-    def call(*args: object) -> Tensor:
-        with (torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION),
-              inductor_config.patch(**deterministic)):
-            return compiled_fn(*args)
-
-    return call
 
 
 def masked(rows: Tensor, new: list[Tensor], old: list[Tensor]) -> list[Tensor]:

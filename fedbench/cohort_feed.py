@@ -32,7 +32,8 @@ from torch import Tensor
 
 from attacks.base import BackdoorAttack, BatchPoisoning, PoisonPlan
 from fedbench.client import ClientJob, LocalTrainer, epoch_order
-from fedbench.data import Augmentation, ImageSet
+from fedbench.compiling import mark_static
+from fedbench.data import Augmentation, ImagePipeline, ImageSet
 
 Group = tuple[list[int], Tensor, Tensor]  # clients (cohort rows), inputs [G, B, ...], labels [G, B]
 
@@ -44,7 +45,8 @@ class CohortFeed:
     epoch's batch ``t - s_k``; it starts a new epoch after its ``n_k // B`` batches, and
     has batches for ``local_epochs`` epochs (or for ever, when the trainer counts steps)."""
 
-    def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool") -> None:
+    def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool",
+                 every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False) -> None:
         self.pipeline, self.batch_size = trainer.pipeline, trainer.config.batch_size
         self.generators = [job.generator for job in jobs]
         self.pool = pool
@@ -54,18 +56,29 @@ class CohortFeed:
         self.epochs = None if trainer.config.local_steps is not None else trainer.config.local_epochs
         self.tables(max(self.batches) * self.batch_size, len(jobs))
         self.step = 0
+        # self.step on the device, advanced by every_row_batches (a round is served every row or never)
+        self.clock = torch.zeros((), dtype=torch.long, device=self.device)
+        self.every_row_batches = every_row or every_row_batches
         self.rows_of = DeviceIndex(self.device)
         self.poisoning(jobs)
+        if static:
+            mark_static([self.clock, self.epochs_table(), self.pool_tensors(), self.pipeline.mean, self.pipeline.std,
+                         self.stamps.every_row(self.rows_of) if self.stamps is not None else None,
+                         self.rows_of(list(range(len(jobs))))])
 
     @classmethod
-    def of(cls, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool | None" = None) -> CohortFeed | None:
+    def of(cls, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool | None" = None,
+           every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+           static: bool = False) -> CohortFeed | None:
         """A feed for these jobs (on ``pool`` if it holds their data, e.g. last round's), or
-        None when some client's epoch has a short batch."""
+        None when some client's epoch has a short batch. ``every_row`` computes
+        :func:`every_row_batches` (e.g. compiled); ``static`` marks the tensors it reads as
+        static inputs (:func:`~fedbench.compiling.mark_static`)."""
         config = trainer.config
         if not config.drop_last or any(len(job.data) < config.batch_size for job in jobs):
             return None
         sets = [job.data for job in jobs]
-        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets))
+        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets), every_row, static)
 
     def tables(self, length: int, clients: int) -> None:
         """Each client's epoch as one row: pool index, crop offsets, flips, and its start."""
@@ -101,21 +114,24 @@ class CohortFeed:
         for k in group:
             if self.step % self.batches[k] == 0:
                 self.start_epoch(k)
-        group = list(range(len(self.sizes))) if every_row else group
-        rows = self.rows_of(group)
-        starts = (self.step - self.epoch_start[rows]).mul_(self.batch_size)
-        if every_row:  # a client past its epochs stays inside its table row
-            starts.clamp_(max=self.order.shape[1] - self.batch_size)
-        slots = starts.unsqueeze(1) + self.slots  # [G, B]
-        index = self.order[rows.unsqueeze(1), slots]
-        draws = Augmentation(
-            None if self.offsets is None else self.offsets[rows.unsqueeze(1), slots].flatten(0, 1).T,
-            None if self.flips is None else self.flips[rows.unsqueeze(1), slots].flatten())
-        inputs = self.pipeline.apply(self.images[index.flatten()], draws).unflatten(0, index.shape)
-        labels = self.labels[index]
-        self.poison(group, inputs, labels, index)
+        if every_row:
+            group = list(range(len(self.sizes)))
+            stamps = self.stamps.every_row(self.rows_of) if self.stamps is not None else None
+            inputs, labels, index = self.every_row_batches(self.clock, self.rows_of(group), self.epochs_table(),
+                                                           self.pool_tensors(), self.pipeline, stamps)
+        else:
+            inputs, labels, index = gather(self.step, self.rows_of(group), self.epochs_table(), self.pool_tensors(),
+                                           self.pipeline, clamp=False)
+            self.stamp(group, inputs, labels, index)
+        self.poison_others(group, inputs, labels, index)
         self.step += 1
         return [(group, inputs, labels)]
+
+    def epochs_table(self) -> EpochTable:
+        return self.epoch_start, self.order, self.offsets, self.flips, self.slots
+
+    def pool_tensors(self) -> tuple[Tensor, Tensor]:
+        return self.images, self.labels
 
     def start_epoch(self, k: int) -> None:
         """Client k's next epoch from its own generator, as sequential training draws it."""
@@ -129,16 +145,64 @@ class CohortFeed:
             self.flips[k, :used] = draws.flips
         self.epoch_start[k] = self.step
 
-    def poison(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
-        """In place: every blending backdoor's clients stamped in one pass, then every other
-        poisoner on its own batch (with its client-local sample indices)."""
-        position = {k: i for i, k in enumerate(group)}
+    def stamp(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
+        """In place: every blending backdoor's clients in ``group`` stamped in one pass."""
         if self.stamps is not None:
-            self.stamps.apply(inputs, labels, index, position, self.rows_of)
+            self.stamps.apply(inputs, labels, index, {k: i for i, k in enumerate(group)}, self.rows_of)
+
+    def poison_others(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
+        """In place: every other poisoner on its own batch (with its client-local sample indices)."""
+        position = {k: i for i, k in enumerate(group)}
         for k, plan in self.others.items():
             if k in position:
                 row = position[k]
                 inputs[row], labels[row] = plan.apply(inputs[row], labels[row], index[row] - self.base[k])
+
+
+EpochTable = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None", Tensor]  # starts, order, offsets, flips, slots
+Stamps = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # rows, 1 - alpha, alpha * pattern, targets, poisoned
+
+
+def gather(step: int | Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tensor, Tensor], pipeline: ImagePipeline,
+           clamp: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs ``[G, B, ...]``, labels and pool indices ``[G, B]`` of the ``rows``' batches at
+    cohort step ``step``: each row's batch ``step - start`` of its epoch (with ``clamp``, a
+    row past its epochs keeps to its last batch), through the pipeline in one pass."""
+    epoch_start, order, offsets, flips, slots = table
+    images, labels = pool
+    batch = slots.shape[0]
+    starts = (step - epoch_start[rows]) * batch
+    if clamp:
+        starts = starts.clamp(max=order.shape[1] - batch)
+    at = (rows.unsqueeze(1), starts.unsqueeze(1) + slots)  # [G, B]
+    index = order[at]
+    draws = Augmentation(None if offsets is None else offsets[at].flatten(0, 1).T,
+                         None if flips is None else flips[at].flatten())
+    inputs = pipeline.apply(images[index.flatten()], draws).unflatten(0, index.shape)
+    return inputs, labels[index], index
+
+
+def every_row_batches(clock: Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tensor, Tensor],
+                      pipeline: ImagePipeline, stamps: Stamps | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gather` for every row at step ``clock`` (a device tensor, advanced in place),
+    every blending backdoor's clients stamped: pure tensor work, which a compiled cohort
+    compiles into one graph."""
+    inputs, labels, index = gather(clock, rows, table, pool, pipeline, clamp=True)
+    if stamps is not None:
+        stamp(inputs, labels, index, *stamps)
+    clock.add_(1)
+    return inputs, labels, index
+
+
+def stamp(inputs: Tensor, labels: Tensor, index: Tensor, rows: Tensor, keep: Tensor, blend: Tensor,
+          targets: Tensor, poisoned: Tensor) -> None:
+    """In place, in the batches' ``rows``: ``x (1 - alpha) + alpha pattern`` and the target
+    label where ``poisoned`` marks a sample (by pool index); each row its own trigger."""
+    batch, batch_labels = inputs[rows], labels[rows]
+    chosen = poisoned[index[rows]]
+    stamped = batch * keep.unsqueeze(1) + blend.unsqueeze(1)
+    inputs[rows] = torch.where(chosen.view(*chosen.shape, 1, 1, 1), stamped, batch)
+    labels[rows] = torch.where(chosen, targets.unsqueeze(1), batch_labels)
 
 
 def blended_trigger_shape(plan: BatchPoisoning | None) -> torch.Size | None:
@@ -180,11 +244,11 @@ class TriggerStamps:
         if len(present) < len(self.clients):
             mine = rows_of(present)
             keep, blend, targets = keep[mine], blend[mine], targets[mine]
-        batch, batch_labels = inputs[at], labels[at]
-        chosen = self.poisoned[index[at]]
-        stamped = batch * keep.unsqueeze(1) + blend.unsqueeze(1)
-        inputs[at] = torch.where(chosen.view(*chosen.shape, 1, 1, 1), stamped, batch)
-        labels[at] = torch.where(chosen, targets.unsqueeze(1), batch_labels)
+        stamp(inputs, labels, index, at, keep, blend, targets, self.poisoned)
+
+    def every_row(self, rows_of: Callable[[list[int]], Tensor]) -> Stamps:
+        """The stamps when every client of the cohort has a batch, row k client k's."""
+        return rows_of(self.clients), self.keep, self.blend, self.targets, self.poisoned
 
 
 class DeviceIndex:

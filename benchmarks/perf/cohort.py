@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, table  # noqa: E402
+from common import cuda_graph_note, machine, table  # noqa: E402
 
 from attacks.base import ATTACKS  # noqa: E402
 from defenses.base import DEFENSES  # noqa: E402
@@ -200,7 +200,7 @@ def main(argv=None) -> str:
             f"{machine()}\n\n"
             + table(["model", "precision", f"{kind} per round, sequential", "cohort", "per step, sequential",
                      "per step, cohort", "fewer per step", "samples/s sequential", "samples/s cohort", "speed-up"],
-                    rows))
+                    rows) + cuda_graph_note(args.compile))
     print(text, flush=True)
     return text
 

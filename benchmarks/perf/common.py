@@ -43,3 +43,13 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cuda_graph_note(mode: str | None) -> str:
+    """Under ``reduce-overhead``, how many compiled graphs ran without their CUDA graph
+    (inductor's count; its log says why): 0 means every compiled step replayed one."""
+    if mode != "reduce-overhead" or not torch.cuda.is_available():
+        return ""
+    from torch._dynamo.utils import counters
+
+    return f"\n\nCUDA graphs skipped (inductor's cudagraph_skips): {counters['inductor']['cudagraph_skips']}\n"

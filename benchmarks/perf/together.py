@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cohort import Workload, best_seconds, kernels_of, make_run  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import cuda_graph_note, machine, table  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
 from fedbench.together import train_together  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None) -> str:
     text = (f"### Cross-cell cohorts: N cells' round trained as one cohort, {label}, 10 clients x "
             f"{args.steps} steps of 64 per cell, {machine()}\n\n"
             + table(["cells", "clients in the cohort", f"{kind} per round", "per step, all cells",
-                     "per step, per cell", "samples/s"], rows))
+                     "per step, per cell", "samples/s"], rows) + cuda_graph_note(args.compile))
     print(text, flush=True)
     return text
 

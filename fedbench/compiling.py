@@ -1,0 +1,62 @@
+"""``torch.compile`` as the cohort uses it: static graphs, deterministic kernels, and the
+tensors a CUDA graph may keep where they are."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+from torch import Tensor
+
+Result = TypeVar("Result")
+
+# vmap specialises a graph on its batch size, so every cohort size and batch shape a process
+# meets compiles once: allow that many graphs before torch would fall back to eager.
+SHAPES_PER_COMPILED_FUNCTION = 256
+
+
+def compiled(fn: Callable[..., Result], mode: str | None) -> Callable[..., Result]:
+    """``fn`` itself (``mode`` None) or ``torch.compile(fn, mode=mode, dynamic=False)``: a
+    static graph per input shape, so which kernels compute a step depends on its shapes
+    only, never on which shapes came earlier in the process (a resumed run gives the same
+    numbers as one that ran through; verified on CPU, on CUDA with inductor's
+    deterministic switch on, untested on a GPU yet). The max-autotune modes, which pick
+    kernels by timing them, are not offered."""
+    if mode is None:
+        return fn
+    import torch._dynamo  # only a compiling run pays for importing the compiler
+    import torch._inductor.config as inductor_config
+
+    compiled_fn = torch.compile(fn, mode=mode, dynamic=False)
+    # On CUDA inductor benchmarks Triton reduction configs, which sum in other orders: its
+    # deterministic switch (where this torch has it) turns that choice by timing off.
+    deterministic = {"deterministic": True} if hasattr(inductor_config, "deterministic") else {}
+
+    def call(*args: object) -> Result:
+        with (torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION),
+              inductor_config.patch(**deterministic)):
+            return compiled_fn(*args)
+
+    return call
+
+
+def mark_static(tree: object) -> None:
+    """Marks every tensor in ``tree`` (nested tuples, lists, dicts) as a static input of the
+    compiled functions it is passed to: under ``reduce-overhead`` a CUDA graph then reads
+    and updates it in place, instead of copying it into the graph's own memory at every
+    call (a data pool of tens of MB), or, for a tensor the graph updates in place (the
+    parameter stacks), skipping the CUDA graph altogether. Unguarded: a new address (the
+    next round's stacks) makes the graph record again, not recompile."""
+    import torch._dynamo
+
+    for tensor in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(tensor, Tensor):
+            torch._dynamo.mark_static_address(tensor)
+
+
+def step_begins(mode: str | None) -> None:
+    """Under ``reduce-overhead``: a new training step begins (CUDA graph trees then replay
+    the step's graphs from their root; the last step's graph outputs are dead). The cohort
+    holds no graph output across steps."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
