@@ -54,7 +54,7 @@ from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
 from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, every_row_batches
 from fedbench.data import Augmentation, ImagePipeline
-from fedbench.compiling import compiled, mark_static, step_begins
+from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
 from fedbench.errors import FedbenchError
 from fedbench.fused_step import FusedStep, uses_every_parameter
 from fedbench.params import trainable_parameters
@@ -74,6 +74,8 @@ class CohortTrainer:
                                self.compile) if self.compile is not None else None)
         self.every_parameter_used: bool | None = None  # found on the first fused step's batch
         self.every_row_batches = compiled(every_row_batches, self.compile)
+        # what compiled graphs read or update keeps its address across rounds (CUDA graphs)
+        self.stable = StableTensors() if self.compile is not None else unstable
         self.pull_terms = compiled(quadratic_terms, self.compile)
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
@@ -82,11 +84,13 @@ class CohortTrainer:
 
     def train(self, jobs: list[ClientJob]) -> list[LocalResult]:
         config = self.trainer.config
-        feed = (CohortFeed.of(self.trainer, jobs, self.pool, self.every_row_batches, self.compile == "reduce-overhead")
+        feed = (CohortFeed.of(self.trainer, jobs, self.pool, self.every_row_batches, self.compile == "reduce-overhead",
+                              self.stable)
                 or BatchByBatch(self.trainer, jobs))
         self.pool = feed.pool if isinstance(feed, CohortFeed) else self.pool
-        stacks = ClientStacks([job.model for job in jobs])
-        optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay)
+        stacks = ClientStacks([job.model for job in jobs], self.stable)
+        optimizer = StackedSGD(list(stacks.params.values()), config.lr, config.momentum, config.weight_decay,
+                               self.stable)
         self.pull = StackedPull.of(jobs, stacks)
         pulled = set(self.pull.rows) if self.pull is not None else set()
         self.own_terms = {k for k, job in enumerate(jobs) if job.regularizer is not None and k not in pulled}
@@ -134,7 +138,7 @@ class CohortTrainer:
         Each step is one :class:`~fedbench.fused_step.FusedStep` where it can be."""
         limit = self.trainer.config.local_steps
         steps = [0] * len(jobs)
-        loss_sums = torch.zeros(len(jobs), device=stacks.device)
+        loss_sums = self.stable(("loss totals",), torch.zeros(len(jobs), device=stacks.device))
         live, parked, fused = list(stacks.everyone), {}, None
         while True:
             still = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
@@ -177,7 +181,7 @@ class CohortTrainer:
         trainable = stacks.trainable()
         frozen = {name: s.detach() for name, s in stacks.params.items() if name not in trainable}
         momenta = dict(zip(trainable, optimizer.momenta))
-        pull = self.pull.full() if self.pull is not None else None
+        pull = self.pull.full(self.stable) if self.pull is not None else None
         state = (trainable, frozen, stacks.buffers, momenta, pull, loss_sums)
         if self.compile == "reduce-overhead":
             mark_static(state)
@@ -247,13 +251,14 @@ class ClientStacks:
     The stacks are the optimizer's leaves; a loss term computed on a model's own parameters
     (SDFC's calibration, an attack's term) leaves its gradient there, added to the row."""
 
-    def __init__(self, models: list[nn.Module]) -> None:
+    def __init__(self, models: list[nn.Module], stable: Callable[[tuple, Tensor], Tensor] = unstable) -> None:
         self.models = models
         self.everyone = list(range(len(models)))
         trainable = {name: p.requires_grad for name, p in models[0].named_parameters()}
-        self.params = {name: stack.detach().requires_grad_(trainable[name])
+        self.params = {name: stable(("parameters", name), stack.detach()).detach().requires_grad_(trainable[name])
                        for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
-        self.buffers = stacked(models, lambda m: m.named_buffers())
+        self.buffers = {name: stable(("buffers", name), stack)
+                        for name, stack in stacked(models, lambda m: m.named_buffers()).items()}
         self.device = next(iter(self.params.values())).device
         self.index = DeviceIndex(self.device)
         self.masks: dict[tuple[int, ...], Tensor] = {}
@@ -352,17 +357,17 @@ class StackedPull:
         weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
         return cls(names, rows, len(jobs), anchor, scale, weight)
 
-    def full(self) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    def full(self, stable: Callable[[tuple, Tensor], Tensor] = unstable) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Anchors, scales and weights of every row of the cohort: zeros (a term of exactly 0)
         where a client has no pull."""
-        if self.index is None:
-            return self.anchor, self.scale, self.weight
+        def every_row(key: tuple, stack: Tensor) -> Tensor:
+            if self.index is not None:
+                stack = stack.new_zeros(self.size, *stack.shape[1:]).index_copy_(0, self.index, stack)
+            return stable(key, stack)
 
-        def every_row(stack: Tensor) -> Tensor:
-            return stack.new_zeros(self.size, *stack.shape[1:]).index_copy_(0, self.index, stack)
-
-        return ({name: every_row(a) for name, a in self.anchor.items()},
-                {name: every_row(s) for name, s in self.scale.items()}, every_row(self.weight))
+        return ({name: every_row(("anchor", name), a) for name, a in self.anchor.items()},
+                {name: every_row(("scale", name), s) for name, s in self.scale.items()},
+                every_row(("pull weight",), self.weight))
 
     def terms(self, stacks: "ClientStacks", compute: Callable[..., Tensor] | None = None) -> Tensor:
         """``[K]`` terms; ``compute`` is :func:`quadratic_terms` or a compiled copy of it."""
@@ -385,10 +390,11 @@ class StackedSGD:
     a batch this step keeps its weights and momentum. The momentum starts at zero, which
     gives SGD's first step (``buf = grad``) exactly."""
 
-    def __init__(self, stacks: list[Tensor], lr: float, momentum: float, weight_decay: float) -> None:
+    def __init__(self, stacks: list[Tensor], lr: float, momentum: float, weight_decay: float,
+                 stable: Callable[[tuple, Tensor], Tensor] = unstable) -> None:
         self.stacks = [s for s in stacks if s.requires_grad]
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.momenta = [torch.zeros_like(s) for s in self.stacks] if momentum else []
+        self.momenta = [stable(("momentum", i), torch.zeros_like(s)) for i, s in enumerate(self.stacks)] if momentum else []
 
     @torch.no_grad()
     def step(self, rows: Tensor | None) -> None:

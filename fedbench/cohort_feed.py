@@ -32,7 +32,7 @@ from torch import Tensor
 
 from attacks.base import BackdoorAttack, BatchPoisoning, PoisonPlan
 from fedbench.client import ClientJob, LocalTrainer, epoch_order
-from fedbench.compiling import mark_static
+from fedbench.compiling import mark_static, unstable
 from fedbench.data import Augmentation, ImagePipeline, ImageSet
 
 Group = tuple[list[int], Tensor, Tensor]  # clients (cohort rows), inputs [G, B, ...], labels [G, B]
@@ -46,7 +46,8 @@ class CohortFeed:
     has batches for ``local_epochs`` epochs (or for ever, when the trainer counts steps)."""
 
     def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool",
-                 every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False) -> None:
+                 every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
+                 stable: Callable[[tuple, Tensor], Tensor] = unstable) -> None:
         self.pipeline, self.batch_size = trainer.pipeline, trainer.config.batch_size
         self.generators = [job.generator for job in jobs]
         self.pool = pool
@@ -54,42 +55,47 @@ class CohortFeed:
         self.images, self.labels, self.device = pool.images, pool.labels, pool.labels.device
         self.batches = [n // self.batch_size for n in self.sizes]
         self.epochs = None if trainer.config.local_steps is not None else trainer.config.local_epochs
-        self.tables(max(self.batches) * self.batch_size, len(jobs))
+        self.tables(max(self.batches) * self.batch_size, len(jobs), stable)
         self.step = 0
         # self.step on the device, advanced by every_row_batches (a round is served every row or never)
-        self.clock = torch.zeros((), dtype=torch.long, device=self.device)
+        self.clock = stable(("clock",), torch.zeros((), dtype=torch.long, device=self.device))
         self.every_row_batches = every_row or every_row_batches
         self.rows_of = DeviceIndex(self.device)
         self.poisoning(jobs)
+        self.every_row = stable(("every row",), self.rows_of(list(range(len(jobs)))))
+        self.every_row_stamps = None if self.stamps is None else tuple(
+            stable(("stamps", i), t) for i, t in enumerate(self.stamps.every_row(self.rows_of)))
         if static:
             mark_static([self.clock, self.epochs_table(), self.pool_tensors(), self.pipeline.mean, self.pipeline.std,
-                         self.stamps.every_row(self.rows_of) if self.stamps is not None else None,
-                         self.rows_of(list(range(len(jobs))))])
+                         self.every_row_stamps, self.every_row])
 
     @classmethod
     def of(cls, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool | None" = None,
-           every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
-           static: bool = False) -> CohortFeed | None:
+           every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
+           stable: Callable[[tuple, Tensor], Tensor] = unstable) -> CohortFeed | None:
         """A feed for these jobs (on ``pool`` if it holds their data, e.g. last round's), or
         None when some client's epoch has a short batch. ``every_row`` computes
         :func:`every_row_batches` (e.g. compiled); ``static`` marks the tensors it reads as
-        static inputs (:func:`~fedbench.compiling.mark_static`)."""
+        static inputs (:func:`~fedbench.compiling.mark_static`), ``stable`` keeps them at
+        one address round after round (:class:`~fedbench.compiling.StableTensors`)."""
         config = trainer.config
         if not config.drop_last or any(len(job.data) < config.batch_size for job in jobs):
             return None
         sets = [job.data for job in jobs]
-        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets), every_row, static)
+        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets), every_row, static,
+                   stable)
 
-    def tables(self, length: int, clients: int) -> None:
+    def tables(self, length: int, clients: int, stable: Callable[[tuple, Tensor], Tensor]) -> None:
         """Each client's epoch as one row: pool index, crop offsets, flips, and its start."""
-        self.order = torch.zeros(clients, length, dtype=torch.long, device=self.device)
+        def zeros(name: str, *shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return stable((name,), torch.zeros(*shape, dtype=dtype, device=self.device))
+
         augment = self.pipeline.augment
-        self.offsets = (torch.zeros(clients, length, 2, dtype=torch.long, device=self.device)
-                        if augment and self.pipeline.crop_padding > 0 else None)
-        self.flips = (torch.zeros(clients, length, dtype=torch.bool, device=self.device)
-                      if augment and self.pipeline.hflip else None)
-        self.epoch_start = torch.zeros(clients, dtype=torch.long, device=self.device)
-        self.slots = torch.arange(self.batch_size, device=self.device)
+        self.order = zeros("order", clients, length)
+        self.offsets = zeros("offsets", clients, length, 2) if augment and self.pipeline.crop_padding > 0 else None
+        self.flips = zeros("flips", clients, length, dtype=torch.bool) if augment and self.pipeline.hflip else None
+        self.epoch_start = zeros("epoch start", clients)
+        self.slots = stable(("slots",), torch.arange(self.batch_size, device=self.device))
 
     def poisoning(self, jobs: list[ClientJob]) -> None:
         """The clients stamped together (a :class:`PoisonPlan` of a backdoor that blends its
@@ -116,9 +122,8 @@ class CohortFeed:
                 self.start_epoch(k)
         if every_row:
             group = list(range(len(self.sizes)))
-            stamps = self.stamps.every_row(self.rows_of) if self.stamps is not None else None
-            inputs, labels, index = self.every_row_batches(self.clock, self.rows_of(group), self.epochs_table(),
-                                                           self.pool_tensors(), self.pipeline, stamps)
+            inputs, labels, index = self.every_row_batches(self.clock, self.every_row, self.epochs_table(),
+                                                           self.pool_tensors(), self.pipeline, self.every_row_stamps)
         else:
             inputs, labels, index = gather(self.step, self.rows_of(group), self.epochs_table(), self.pool_tensors(),
                                            self.pipeline, clamp=False)

@@ -60,3 +60,33 @@ def step_begins(mode: str | None) -> None:
     holds no graph output across steps."""
     if mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()
+
+
+class StableTensors:
+    """Tensors that keep their device address from round to round. ``stable(key, value)``
+    copies ``value`` into the tensor kept under ``key`` and returns that one, when their
+    shape, dtype, device and strides match; otherwise it keeps ``value``. Under
+    ``reduce-overhead`` a CUDA graph whose static input moved records itself again and keeps
+    the old recording (and its memory) beside it, so a compiled cohort keeps every tensor
+    its graphs read or update across steps here: each round's stacks, momenta, loss totals,
+    epoch tables and triggers."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple, Tensor] = {}
+
+    def __call__(self, key: tuple, value: Tensor) -> Tensor:
+        kept = self.kept.get(key)
+        if kept is None or self.layout(kept) != self.layout(value):
+            self.kept[key] = value
+            return value
+        with torch.no_grad():
+            return kept.copy_(value)
+
+    @staticmethod
+    def layout(tensor: Tensor) -> tuple:
+        return tensor.shape, tensor.dtype, tensor.device, tensor.stride()
+
+
+def unstable(key: tuple, value: Tensor) -> Tensor:
+    """The :class:`StableTensors` interface where addresses need not stay: ``value`` itself."""
+    return value

@@ -254,18 +254,37 @@ def test_a_cohort_refuses_16_mixed_and_names_models_it_cannot_vmap(tiny_root, tm
 
 
 def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_root, tmp_path):
-    """train.compile: the vmapped loss and the stacked SDFC pulls run as inductor graphs
-    (counted), and every update still equals plain sequential training's."""
+    """train.compile: each step is two inductor graphs (counted), the batches' and the whole
+    fused step's with SDFC's pulls, and every update still equals plain sequential
+    training's. Every tensor the graphs are given keeps its address from round to round
+    (what a CUDA graph needs to replay instead of recording again), each step's batch
+    excepted."""
     import shutil
+
+    import fedbench.cohort
 
     if shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
     from torch._dynamo.utils import counters
 
+    addresses = []  # per call of a compiled function: (its name, the data pointers of its tensors)
+    real_compiled = fedbench.cohort.compiled
+
+    def recording(fn, mode):
+        run = real_compiled(fn, mode)
+
+        def call(*args):
+            addresses.append((getattr(fn, "__name__", ""), [t.data_ptr() for t in torch.utils._pytree.tree_leaves(args)
+                                                            if isinstance(t, torch.Tensor)]))
+            return run(*args)
+        return call
+
     graphs_before = counters["stats"]["unique_graphs"]
-    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
-        tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC(),
-        train=LocalTrainConfig(local_steps=3, batch_size=32, compile="default"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fedbench.cohort, "compiled", recording)
+        (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+            tiny_root, tmp_path, rounds=2, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC(),
+            train=LocalTrainConfig(local_steps=3, batch_size=32, compile="default"))
     assert coh.exp.train.compile == "default" and seq.exp.train.compile is None
     assert counters["stats"]["unique_graphs"] - graphs_before == 2, "the batches' gather, and the whole step, pulls included"
     assert coh.cohort_trainer.every_parameter_used, "the fused step trained"
@@ -273,7 +292,12 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     for client in seq_sent:
         assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
-    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4)
+    for r in range(2):
+        assert coh_rec[r]["train_loss"] == pytest.approx(seq_rec[r]["train_loss"], rel=1e-4)
+    batches = [ptrs for name, ptrs in addresses if name == "every_row_batches"]
+    steps = [ptrs[:-3] for name, ptrs in addresses if name == "__call__"]  # less inputs, labels, live rows
+    assert len(batches) == len(steps) == 6, "3 steps a round, 2 rounds"
+    assert all(ptrs == batches[0] for ptrs in batches) and all(ptrs == steps[0] for ptrs in steps)
 
 
 def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_cpu(tiny_root, tmp_path):
