@@ -46,7 +46,7 @@ class CohortFeed:
     has batches for ``local_epochs`` epochs (or for ever, when the trainer counts steps)."""
 
     def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool",
-                 every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
+                 batches_of_rows: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
                  stable: Callable[[tuple, Tensor], Tensor] = unstable) -> None:
         self.pipeline, self.batch_size = trainer.pipeline, trainer.config.batch_size
         self.generators = [job.generator for job in jobs]
@@ -57,33 +57,32 @@ class CohortFeed:
         self.epochs = None if trainer.config.local_steps is not None else trainer.config.local_epochs
         self.tables(max(self.batches) * self.batch_size, len(jobs), stable)
         self.step = 0
-        # self.step on the device, advanced by every_row_batches (a round is served every row or never)
+        # self.step on the device, advanced by row_batches (a round is served by rows or never)
         self.clock = stable(("clock",), torch.zeros((), dtype=torch.long, device=self.device))
-        self.every_row_batches = every_row or every_row_batches
+        self.batches_of_rows = batches_of_rows or row_batches
         self.rows_of = DeviceIndex(self.device)
         self.poisoning(jobs)
-        self.every_row = stable(("every row",), self.rows_of(list(range(len(jobs)))))
-        self.every_row_stamps = None if self.stamps is None else tuple(
-            stable(("stamps", i), t) for i, t in enumerate(self.stamps.every_row(self.rows_of)))
+        self.row_stamps = None if self.stamps is None else tuple(
+            stable(("stamps", i), t) for i, t in enumerate(self.stamps.of_every_row(len(jobs))))
         if static:
             mark_static([self.clock, self.epochs_table(), self.pool_tensors(), self.pipeline.mean, self.pipeline.std,
-                         self.every_row_stamps, self.every_row])
+                         self.row_stamps])
 
     @classmethod
     def of(cls, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool | None" = None,
-           every_row: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
+           batches_of_rows: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
            stable: Callable[[tuple, Tensor], Tensor] = unstable) -> CohortFeed | None:
         """A feed for these jobs (on ``pool`` if it holds their data, e.g. last round's), or
-        None when some client's epoch has a short batch. ``every_row`` computes
-        :func:`every_row_batches` (e.g. compiled); ``static`` marks the tensors it reads as
+        None when some client's epoch has a short batch. ``batches_of_rows`` computes
+        :func:`row_batches` (e.g. compiled); ``static`` marks the tensors it reads as
         static inputs (:func:`~fedbench.compiling.mark_static`), ``stable`` keeps them at
         one address round after round (:class:`~fedbench.compiling.StableTensors`)."""
         config = trainer.config
         if not config.drop_last or any(len(job.data) < config.batch_size for job in jobs):
             return None
         sets = [job.data for job in jobs]
-        return cls(trainer, jobs, pool if pool is not None and pool.holds(sets) else DataPool(sets), every_row, static,
-                   stable)
+        pool = pool if pool is not None and pool.holds(sets) else DataPool(sets)
+        return cls(trainer, jobs, pool, batches_of_rows, static, stable)
 
     def tables(self, length: int, clients: int, stable: Callable[[tuple, Tensor], Tensor]) -> None:
         """Each client's epoch as one row: pool index, crop offsets, flips, and its start."""
@@ -96,6 +95,8 @@ class CohortFeed:
         self.flips = zeros("flips", clients, length, dtype=torch.bool) if augment and self.pipeline.hflip else None
         self.epoch_start = zeros("epoch start", clients)
         self.slots = stable(("slots",), torch.arange(self.batch_size, device=self.device))
+        last = [(batches - 1) * self.batch_size for batches in self.batches]
+        self.last_start = stable(("last start",), torch.tensor(last, dtype=torch.long, device=self.device))
 
     def poisoning(self, jobs: list[ClientJob]) -> None:
         """The clients stamped together (a :class:`PoisonPlan` of a backdoor that blends its
@@ -110,20 +111,21 @@ class CohortFeed:
     def has_batch(self, k: int) -> bool:
         return self.epochs is None or self.step < self.epochs * self.batches[k]
 
-    def next(self, active: list[int], every_row: bool = False) -> list[Group]:
+    def next(self, active: list[int], rows: list[int] | None = None) -> list[Group]:
         """This step's batches of the active clients that have one, as one group; with
-        ``every_row``, a batch for every client (those done with their epochs get some of
-        their last epoch's samples, drawing nothing)."""
+        ``rows`` (sorted, holding every active client with a batch), a batch for each of
+        those clients instead, in that order (those done with their epochs get some of their
+        last epoch's samples, drawing nothing): :func:`row_batches`."""
         group = [k for k in active if self.has_batch(k)]
         if not group:
             return []
         for k in group:
             if self.step % self.batches[k] == 0:
                 self.start_epoch(k)
-        if every_row:
-            group = list(range(len(self.sizes)))
-            inputs, labels, index = self.every_row_batches(self.clock, self.every_row, self.epochs_table(),
-                                                           self.pool_tensors(), self.pipeline, self.every_row_stamps)
+        if rows is not None:
+            group = rows
+            inputs, labels, index = self.batches_of_rows(self.clock, self.rows_of(rows), self.epochs_table(),
+                                                     self.pool_tensors(), self.pipeline, self.row_stamps)
         else:
             inputs, labels, index = gather(self.step, self.rows_of(group), self.epochs_table(), self.pool_tensors(),
                                            self.pipeline, clamp=False)
@@ -133,7 +135,7 @@ class CohortFeed:
         return [(group, inputs, labels)]
 
     def epochs_table(self) -> EpochTable:
-        return self.epoch_start, self.order, self.offsets, self.flips, self.slots
+        return self.epoch_start, self.order, self.offsets, self.flips, self.slots, self.last_start
 
     def pool_tensors(self) -> tuple[Tensor, Tensor]:
         return self.images, self.labels
@@ -164,8 +166,9 @@ class CohortFeed:
                 inputs[row], labels[row] = plan.apply(inputs[row], labels[row], index[row] - self.base[k])
 
 
-EpochTable = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None", Tensor]  # starts, order, offsets, flips, slots
-Stamps = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # rows, 1 - alpha, alpha * pattern, targets, poisoned
+# each client's epoch start, order, offsets, flips; a batch's slots; each client's last batch's first slot
+EpochTable = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None", Tensor, Tensor]
+Stamps = tuple[Tensor, Tensor, Tensor, Tensor]  # per client: 1 - alpha, alpha * pattern, target; poisoned samples
 
 
 def gather(step: int | Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tensor, Tensor], pipeline: ImagePipeline,
@@ -173,12 +176,11 @@ def gather(step: int | Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tens
     """Inputs ``[G, B, ...]``, labels and pool indices ``[G, B]`` of the ``rows``' batches at
     cohort step ``step``: each row's batch ``step - start`` of its epoch (with ``clamp``, a
     row past its epochs keeps to its last batch), through the pipeline in one pass."""
-    epoch_start, order, offsets, flips, slots = table
+    epoch_start, order, offsets, flips, slots, last_start = table
     images, labels = pool
-    batch = slots.shape[0]
-    starts = (step - epoch_start[rows]) * batch
+    starts = (step - epoch_start[rows]) * slots.shape[0]
     if clamp:
-        starts = starts.clamp(max=order.shape[1] - batch)
+        starts = starts.minimum(last_start[rows])
     at = (rows.unsqueeze(1), starts.unsqueeze(1) + slots)  # [G, B]
     index = order[at]
     draws = Augmentation(None if offsets is None else offsets[at].flatten(0, 1).T,
@@ -187,19 +189,21 @@ def gather(step: int | Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tens
     return inputs, labels[index], index
 
 
-def every_row_batches(clock: Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tensor, Tensor],
-                      pipeline: ImagePipeline, stamps: Stamps | None) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`gather` for every row at step ``clock`` (a device tensor, advanced in place),
-    every blending backdoor's clients stamped: pure tensor work, which a compiled cohort
-    compiles into one graph."""
+def row_batches(clock: Tensor, rows: Tensor, table: EpochTable, pool: tuple[Tensor, Tensor],
+                pipeline: ImagePipeline, stamps: Stamps | None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gather` for the ``rows`` at step ``clock`` (a device tensor, advanced in place),
+    clamped, and every blending backdoor's clients among them stamped (``stamps``: one row
+    per client of the cohort, :meth:`TriggerStamps.of_every_row`): pure tensor work, which
+    a compiled cohort compiles into one graph per number of rows."""
     inputs, labels, index = gather(clock, rows, table, pool, pipeline, clamp=True)
     if stamps is not None:
-        stamp(inputs, labels, index, *stamps)
+        keep, blend, targets, poisoned = stamps
+        stamp(inputs, labels, index, slice(None), keep[rows], blend[rows], targets[rows], poisoned)
     clock.add_(1)
     return inputs, labels, index
 
 
-def stamp(inputs: Tensor, labels: Tensor, index: Tensor, rows: Tensor, keep: Tensor, blend: Tensor,
+def stamp(inputs: Tensor, labels: Tensor, index: Tensor, rows: Tensor | slice, keep: Tensor, blend: Tensor,
           targets: Tensor, poisoned: Tensor) -> None:
     """In place, in the batches' ``rows``: ``x (1 - alpha) + alpha pattern`` and the target
     label where ``poisoned`` marks a sample (by pool index); each row its own trigger."""
@@ -251,9 +255,16 @@ class TriggerStamps:
             keep, blend, targets = keep[mine], blend[mine], targets[mine]
         stamp(inputs, labels, index, at, keep, blend, targets, self.poisoned)
 
-    def every_row(self, rows_of: Callable[[list[int]], Tensor]) -> Stamps:
-        """The stamps when every client of the cohort has a batch, row k client k's."""
-        return rows_of(self.clients), self.keep, self.blend, self.targets, self.poisoned
+    def of_every_row(self, clients: int) -> Stamps:
+        """Row k client k's (1 - alpha, alpha pattern, target) for each of the cohort's
+        ``clients``; a client without a trigger gets (1, 0, 0) and no poisoned sample, so
+        the stamp leaves its batch as it is (``where`` keeps its samples)."""
+        keep = self.keep.new_ones(clients, *self.keep.shape[1:])
+        blend = self.blend.new_zeros(clients, *self.blend.shape[1:])
+        targets = self.targets.new_zeros(clients)
+        rows = torch.tensor(self.clients, device=keep.device)
+        return (keep.index_copy_(0, rows, self.keep), blend.index_copy_(0, rows, self.blend),
+                targets.index_copy_(0, rows, self.targets), self.poisoned)
 
 
 class DeviceIndex:

@@ -41,9 +41,12 @@ RowLoss = Callable[[Tensors, Tensors, Tensor, Tensor], Tensor]  # (params, buffe
 
 
 class FusedStep:
-    """``step(state, inputs, labels, live)`` updates the :class:`FusedState`'s ``[K, ...]``
-    stacks in place: the trainable parameters and momenta (and BatchNorm's buffers), and
-    adds each row's loss (0 where ``live`` is False) to its running total."""
+    """``step(trainable, frozen, buffers, momenta, pull, totals, inputs, labels, live, rows)``
+    trains the cohort's ``rows`` (an index; None: every row) one step: the ``[K, ...]``
+    stacks of trainable parameters and momenta (and BatchNorm's buffers) are updated in
+    place, and each row's loss (0 where the ``[K]`` mask ``live`` is False) is added to its
+    running total. A subset of rows is gathered, stepped and written back; ``inputs`` and
+    ``labels`` hold those rows' batches, in the order of ``rows``."""
 
     def __init__(self, loss_of: RowLoss, lr: float, momentum: float, weight_decay: float) -> None:
         self.loss_of = loss_of
@@ -59,7 +62,24 @@ class FusedStep:
         return torch.where(live, loss, torch.zeros_like(loss))
 
     def __call__(self, trainable: Tensors, frozen: Tensors, buffers: Tensors, momenta: Tensors, pull: Pull | None,
-                 totals: Tensor, inputs: Tensor, labels: Tensor, live: Tensor) -> None:
+                 totals: Tensor, inputs: Tensor, labels: Tensor, live: Tensor, rows: Tensor | None = None) -> None:
+        if rows is None:
+            self.update(trainable, frozen, buffers, momenta, pull, totals, inputs, labels, live)
+            return
+        mine = [{name: t[rows] for name, t in tensors.items()} for tensors in (trainable, frozen, buffers, momenta)]
+        pulled = None if pull is None else ({n: a[rows] for n, a in pull[0].items()},
+                                            {n: s[rows] for n, s in pull[1].items()}, pull[2][rows])
+        losses = totals.new_zeros(rows.shape[0])
+        self.update(*mine, pulled, losses, inputs, labels, live[rows])
+        with torch.no_grad():
+            for whole, part in ((trainable, mine[0]), (buffers, mine[2]), (momenta, mine[3])):
+                for name, t in part.items():
+                    whole[name].index_copy_(0, rows, t)
+            totals.index_add_(0, rows, losses)
+
+    def update(self, trainable: Tensors, frozen: Tensors, buffers: Tensors, momenta: Tensors, pull: Pull | None,
+               totals: Tensor, inputs: Tensor, labels: Tensor, live: Tensor) -> None:
+        """The step of every row of these stacks, in place."""
         rows = (0, 0, 0, 0, 0, 0, None if pull is None else 0)
         grads, losses = vmap(grad_and_value(self.row_loss), in_dims=rows)(trainable, frozen, buffers, inputs, labels,
                                                                           live, pull)

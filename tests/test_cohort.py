@@ -257,8 +257,8 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     """train.compile: each step is two inductor graphs (counted), the batches' and the whole
     fused step's with SDFC's pulls, and every update still equals plain sequential
     training's. Every tensor the graphs are given keeps its address from round to round
-    (what a CUDA graph needs to replay instead of recording again), each step's batch
-    excepted."""
+    (what a CUDA graph needs to replay instead of recording again), each step's batch and
+    small row indices and masks excepted."""
     import shutil
 
     import fedbench.cohort
@@ -294,7 +294,7 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
     for r in range(2):
         assert coh_rec[r]["train_loss"] == pytest.approx(seq_rec[r]["train_loss"], rel=1e-4)
-    batches = [ptrs for name, ptrs in addresses if name == "every_row_batches"]
+    batches = [ptrs[:1] + ptrs[2:] for name, ptrs in addresses if name == "row_batches"]  # less the rows' index
     steps = [ptrs[:-3] for name, ptrs in addresses if name == "__call__"]  # less inputs, labels, live rows
     assert len(batches) == len(steps) == 6, "3 steps a round, 2 rounds"
     assert all(ptrs == batches[0] for ptrs in batches) and all(ptrs == steps[0] for ptrs in steps)
@@ -304,10 +304,11 @@ def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_c
     """The path a GPU takes for ResNet-18 (BatchNorm in tensor ops, running statistics
     updated in place inside the compiled graph), on CPU against sequential F.batch_norm, in
     float64 so that only a real difference, not float32 rounding, could show: 1e-9. Two
-    epochs of clients of different sizes: the compiled cohort computes every row every step
-    (one graph for the round, counted), the clients done with their epochs riding along
-    with their loss masked out and their parameters and BatchNorm statistics put back, so
-    each client's update and statistics are still its own."""
+    epochs of clients of different sizes: the compiled cohort computes 5, then 3, then 2
+    rows a step as clients finish (two graphs for each, counted), the clients done with
+    their epochs riding along where they pad those rows, with their loss masked out and
+    their parameters and BatchNorm statistics put back, so each client's update and
+    statistics are still its own."""
     import shutil
 
     from torch._dynamo.utils import counters
@@ -322,7 +323,7 @@ def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_c
         fabric=FabricConfig(precision="64-true"),
         train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32, compile="default"))
     assert len(set(seq_rec[0]["local_steps"])) > 1 and coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2, "two graphs (gather, step) for every step of the round"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 6, "two graphs (gather, step) for each of 5, 3, 2 rows"
     assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-6), "float32 loss totals"
     assert seq.global_buffers.abs().sum() > 0
     assert relative_gap(seq.global_buffers, coh.global_buffers) < 1e-9, "running means and variances"
@@ -536,14 +537,16 @@ def stamped_reference(batches, plan):
     return out
 
 
-@pytest.mark.parametrize("local_steps", [None, 9])
-def test_the_cohort_feed_gathers_every_clients_own_batches_bit_for_bit(local_steps):
+@pytest.mark.parametrize("local_steps, every_row", [(None, False), (9, False), (None, True)])
+def test_the_cohort_feed_gathers_every_clients_own_batches_bit_for_bit(local_steps, every_row):
     """Three clients of 40, 48 and 50 16x16 images, batches of 16 (whole batches only: 2, 3
     and 3 per epoch), crop and flip; client 0 carries the pixel pattern (target 2), client
     2 one DBA part (target 5), stamped together, and client 1 a poisoner of its own: every
     row of every step equals the explicit reference loop for that client, over two epochs
     (client 0 drops out after 4 steps, so client 2 is stamped alone after) or 9 steps, into
-    client 0's fifth epoch, when counting steps; the generators end where the loop leaves them."""
+    client 0's fifth epoch, when counting steps; the generators end where the loop leaves them.
+    With ``every_row`` the feed serves rows 0-2 at every step (a compiled cohort's rows):
+    client 0, done after 4 steps, then gets its last batch again, stamped as it was."""
     pipeline = ImagePipeline((0.5,), (0.25,), channels=3, augment=True, hflip=True, crop_padding=2)
     source = torch.Generator().manual_seed(1)
     sizes = (40, 48, 50)
@@ -571,11 +574,12 @@ def test_the_cohort_feed_gathers_every_clients_own_batches_bit_for_bit(local_ste
     assert feed.stamps.clients == [0, 2] and list(feed.others) == [1]
     for step in range(6 if local_steps is None else local_steps):
         active = [k for k in range(3) if local_steps is not None or step < 2 * (sizes[k] // 16)]
-        (group, inputs, labels), = feed.next(active)
-        assert group == active
+        (group, inputs, labels), = feed.next(active, [0, 1, 2] if every_row else None)
+        assert group == ([0, 1, 2] if every_row else active)
         for row, k in enumerate(group):
-            assert torch.equal(inputs[row], expected[k][step][0]), (step, k)
-            assert torch.equal(labels[row], expected[k][step][1]), (step, k)
+            batch = min(step, len(expected[k]) - 1)  # a client past its epochs: its last batch
+            assert torch.equal(inputs[row], expected[k][batch][0]), (step, k)
+            assert torch.equal(labels[row], expected[k][batch][1]), (step, k)
     if local_steps is None:  # every client's two epochs are done
         assert feed.next([0, 1, 2]) == []
         assert all(torch.equal(a.get_state(), job.generator.get_state()) for a, job in zip(alone, jobs))
@@ -742,3 +746,18 @@ def test_only_whole_image_blends_of_one_shape_are_stamped_together():
         chosen = jobs[k].plan.mask[feed.order[k, :16] - feed.base[k]]
         assert torch.equal(inputs[k][chosen], attack.apply_trigger(plain[chosen])), k
         assert torch.equal(inputs[k][~chosen], plain[~chosen]) and (labels[k][chosen] == 2).all()
+
+
+@pytest.mark.parametrize("live, rows", [
+    (list(range(10)), list(range(10))),
+    ([1, 2, 3, 5, 8, 9], list(range(10))),  # 6 live: more than half, every row
+    ([2, 3, 5, 8, 9], [2, 3, 5, 8, 9]),  # 5: ceil(10 / 2) rows, no rider needed
+    ([3, 6, 8, 9], [0, 3, 6, 8, 9]),  # 4: padded to 5 with the lowest client done
+    ([3, 8, 9], [3, 8, 9]),  # 3: ceil(10 / 4) rows
+    ([7, 9], [0, 7, 9]),  # 2: padded to 3
+    ([4], [0, 1, 4]),
+])
+def test_a_compiled_step_computes_k_half_or_a_quarter_of_the_rows(live, rows):
+    from fedbench.cohort import bucket_rows
+
+    assert bucket_rows(live, 10) == rows

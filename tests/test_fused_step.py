@@ -112,3 +112,44 @@ def test_uses_every_parameter_finds_a_parameter_the_loss_never_reaches(net, expe
     params = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
     found = uses_every_parameter(params, {}, torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.long), loss_of(model))
     assert found is expected
+
+
+def test_a_subset_of_rows_steps_like_those_clients_alone_and_leaves_the_others_as_they_are():
+    """rows [2, 0] of 3 (a compiled cohort's bucket): clients 2 and 0 take one SGD step as
+    alone, in the order their batches come; row 1's parameters, momenta, BatchNorm
+    statistics and loss total are not touched (bit for bit)."""
+    torch.manual_seed(1)
+    models = [small_net().double() for _ in range(3)]
+    template = copy.deepcopy(models[0])
+    inputs = torch.randn(2, 5, 1, 6, 6, dtype=torch.float64)  # the batches of clients 2 and 0
+    labels = torch.randint(0, 4, (2, 5))
+    names = [name for name, _ in models[0].named_parameters()]
+    trainable = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in names}
+    buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models]) for n, _ in models[0].named_buffers()}
+    momenta = {n: torch.rand_like(s) for n, s in trainable.items()}
+    totals = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    before = [{n: t[1].clone() for n, t in d.items()} for d in (trainable, buffers, momenta)]
+
+    expected = {}
+    for row, k in enumerate([2, 0]):
+        model = copy.deepcopy(models[k])
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=DECAY)
+        for name, p in model.named_parameters():
+            optimizer.state[p]["momentum_buffer"] = momenta[name][k].clone()
+        loss = F.cross_entropy(model(inputs[row]), labels[row])
+        loss.backward()
+        optimizer.step()
+        expected[k] = (model, optimizer, loss.item())
+
+    FusedStep(loss_of(template), LR, MOMENTUM, DECAY)(trainable, {}, buffers, momenta, None, totals, inputs, labels,
+                                                       torch.ones(3, dtype=torch.bool), torch.tensor([2, 0]))
+    for k, (model, optimizer, loss) in expected.items():
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(trainable[name][k], p.detach(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(momenta[name][k], optimizer.state[p]["momentum_buffer"], rtol=1e-12, atol=1e-12)
+        for name, b in model.named_buffers():
+            torch.testing.assert_close(buffers[name][k], b, rtol=1e-12, atol=1e-12)
+    assert totals.tolist() == [pytest.approx(1.0 + expected[0][2], rel=1e-12), 2.0,
+                               pytest.approx(3.0 + expected[2][2], rel=1e-12)]
+    for kept, tensors in zip(before, (trainable, buffers, momenta)):
+        assert all(torch.equal(kept[n], tensors[n][1]) for n in kept)
