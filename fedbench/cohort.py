@@ -30,8 +30,9 @@ fill them, masked out and put back: :meth:`CohortTrainer.train_all_rows`), so a 
 not compile a graph for each cohort size it would shrink through, and a step is two
 compiled graphs: the feed's
 batches, and the whole training step (:class:`~fedbench.fused_step.FusedStep`). Where the
-fused step cannot serve (a loss term that is not a :class:`QuadraticPull`), the vmapped
-forward and backward pass and the stacked loss terms are compiled instead.
+fused step cannot serve (a loss term that is not a :class:`QuadraticPull`, a trainable
+parameter the loss never reaches), the vmapped forward and backward pass and the stacked
+loss terms are compiled instead, and every row is computed at every step.
 
 Limits: models with random layers (Dropout) or ``BatchNorm(momentum=None)`` cannot be
 vmapped (a clear error says so); ``16-mixed`` precision is refused (one loss scaler for
@@ -54,10 +55,10 @@ from attacks.base import BatchPoisoning
 from defenses.base import QuadraticPull
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
 from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, row_batches
-from fedbench.data import Augmentation, ImagePipeline
 from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
+from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
-from fedbench.fused_step import FusedStep, uses_every_parameter
+from fedbench.fused_step import FusedState, FusedStep, uses_every_parameter
 from fedbench.params import trainable_parameters
 
 
@@ -159,7 +160,7 @@ class CohortTrainer:
                 [(_, inputs, labels)] = groups
                 subset = None if rows == stacks.everyone else stacks.index(rows)
                 with self.model_context():
-                    self.fused(*fused, vmappable(inputs), labels, stacks.rows(live), subset)
+                    self.fused(fused, vmappable(inputs), labels, stacks.rows(live), subset)
             else:
                 _, losses = self.step(jobs, groups, stacks, optimizer, live)
                 loss_sums += losses.to(loss_sums.dtype)
@@ -179,7 +180,7 @@ class CohortTrainer:
                                                                  self.loss_of)
         return self.every_parameter_used
 
-    def fused_state(self, stacks: "ClientStacks", optimizer: "StackedSGD", loss_sums: Tensor) -> tuple:
+    def fused_state(self, stacks: "ClientStacks", optimizer: "StackedSGD", loss_sums: Tensor) -> FusedState:
         """This round's tensors a fused step updates in place (and reads): trainable and frozen
         parameters, buffers, momenta, pull terms, loss totals. Under ``reduce-overhead`` they
         are marked static, so the CUDA graph updates them where they are."""
@@ -187,7 +188,7 @@ class CohortTrainer:
         frozen = {name: s.detach() for name, s in stacks.params.items() if name not in trainable}
         momenta = dict(zip(trainable, optimizer.momenta))
         pull = self.pull.full(self.stable) if self.pull is not None else None
-        state = (trainable, frozen, stacks.buffers, momenta, pull, loss_sums)
+        state = FusedState(trainable, frozen, stacks.buffers, momenta, pull, loss_sums)
         if self.compile == "reduce-overhead":
             mark_static(state)
         return state

@@ -129,7 +129,7 @@ class CohortFeed:
         else:
             inputs, labels, index = gather(self.step, self.rows_of(group), self.epochs_table(), self.pool_tensors(),
                                            self.pipeline, clamp=False)
-            self.stamp(group, inputs, labels, index)
+            self.stamp_group(group, inputs, labels, index)
         self.poison_others(group, inputs, labels, index)
         self.step += 1
         return [(group, inputs, labels)]
@@ -152,7 +152,7 @@ class CohortFeed:
             self.flips[k, :used] = draws.flips
         self.epoch_start[k] = self.step
 
-    def stamp(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
+    def stamp_group(self, group: list[int], inputs: Tensor, labels: Tensor, index: Tensor) -> None:
         """In place: every blending backdoor's clients in ``group`` stamped in one pass."""
         if self.stamps is not None:
             self.stamps.apply(inputs, labels, index, {k: i for i, k in enumerate(group)}, self.rows_of)

@@ -29,7 +29,7 @@ move; torch's SGD skips a parameter without a gradient).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,13 +40,21 @@ Pull = tuple[Tensors, Tensors, Tensor]  # every row's anchors, scales and weight
 RowLoss = Callable[[Tensors, Tensors, Tensor, Tensor], Tensor]  # (params, buffers, inputs, labels) -> loss
 
 
+class FusedState(NamedTuple):
+    """What a fused step reads and updates, as ``[K, ...]`` stacks over the cohort's rows:
+    trainable parameters, momenta and BatchNorm buffers (updated in place), frozen
+    parameters, every row's pull term (None: no row has one) and loss totals ``[K]``."""
+
+    trainable: Tensors
+    frozen: Tensors
+    buffers: Tensors
+    momenta: Tensors
+    pull: Pull | None
+    totals: Tensor
+
+
 class FusedStep:
-    """``step(trainable, frozen, buffers, momenta, pull, totals, inputs, labels, live, rows)``
-    trains the cohort's ``rows`` (an index; None: every row) one step: the ``[K, ...]``
-    stacks of trainable parameters and momenta (and BatchNorm's buffers) are updated in
-    place, and each row's loss (0 where the ``[K]`` mask ``live`` is False) is added to its
-    running total. A subset of rows is gathered, stepped and written back; ``inputs`` and
-    ``labels`` hold those rows' batches, in the order of ``rows``."""
+    """``step(state, inputs, labels, live, rows)`` trains the cohort's ``rows`` one step."""
 
     def __init__(self, loss_of: RowLoss, lr: float, momentum: float, weight_decay: float) -> None:
         self.loss_of = loss_of
@@ -61,8 +69,15 @@ class FusedStep:
             loss = loss + weight * sum(((trainable[n] - anchor[n]).pow(2) * scale[n]).sum() for n in anchor)
         return torch.where(live, loss, torch.zeros_like(loss))
 
-    def __call__(self, trainable: Tensors, frozen: Tensors, buffers: Tensors, momenta: Tensors, pull: Pull | None,
-                 totals: Tensor, inputs: Tensor, labels: Tensor, live: Tensor, rows: Tensor | None = None) -> None:
+    def __call__(self, state: FusedState, inputs: Tensor, labels: Tensor, live: Tensor,
+                 rows: Tensor | None = None) -> None:
+        """One step of the ``rows`` (an index into the stacks' K rows; None: all of them, in
+        place), whose batches are ``inputs`` ``[R, B, ...]`` and ``labels`` ``[R, B]`` in the
+        order of ``rows``: the state's parameters, momenta and buffers are updated in place
+        (a subset of rows is gathered, stepped and written back), and each row's loss, 0
+        where the ``[K]`` bool mask ``live`` is False, added to its total (in the totals'
+        dtype)."""
+        trainable, frozen, buffers, momenta, pull, totals = state
         if rows is None:
             self.update(trainable, frozen, buffers, momenta, pull, totals, inputs, labels, live)
             return

@@ -507,6 +507,12 @@ def test_stacked_pulls_equal_each_clients_own_term_and_gradient_by_hand(dtype):
                                        rtol=tolerance, atol=1e-7)
     assert float(terms[1]) == 0.0
     assert all(float(stacks.params[name].grad[1].abs().sum()) == 0.0 for name in names)
+    anchor, scale, weight = pull.full()  # every row, for the fused step: zeros where no pull
+    assert weight.tolist() == [pytest.approx(0.1, rel=1e-7), 0.0, 2.0]
+    for i, name in enumerate(names):
+        for k in (0, 2):
+            assert torch.equal(anchor[name][k], anchors[k][i]) and torch.equal(scale[name][k], scales[k][i])
+        assert not anchor[name][1].any() and not scale[name][1].any()
 
 
 def test_a_cohort_with_pulls_and_attackers_own_terms_equals_sequential(tiny_root, tmp_path):

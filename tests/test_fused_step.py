@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedbench.fused_step import FusedStep, uses_every_parameter
+from fedbench.fused_step import FusedState, FusedStep, uses_every_parameter
 
 LR, MOMENTUM, DECAY, WEIGHT = 0.05, 0.9, 0.01, 0.3
 
@@ -65,7 +65,7 @@ def test_the_fused_step_equals_each_client_trained_alone_with_torch_sgd():
     totals = torch.zeros(3, dtype=torch.float64)
     step = FusedStep(loss_of(template), LR, MOMENTUM, DECAY)
     for t in range(3):
-        step(trainable, {}, buffers, momenta, pull, totals, inputs[t], labels[t], live)
+        step(FusedState(trainable, {}, buffers, momenta, pull, totals), inputs[t], labels[t], live)
 
     for k, (model, optimizer) in enumerate(zip(alone, optimizers)):
         for name, p in model.named_parameters():
@@ -88,7 +88,7 @@ def test_a_nan_loss_of_a_row_that_is_not_live_stays_out_of_the_totals_and_the_ot
     inputs[1, 0, 0] = float("nan")
     labels = torch.zeros(2, 4, dtype=torch.long)
     totals = torch.zeros(2, dtype=torch.float64)
-    FusedStep(loss_of(template), LR, 0.0, 0.0)(trainable, {}, {}, {}, None, totals, inputs, labels,
+    FusedStep(loss_of(template), LR, 0.0, 0.0)(FusedState(trainable, {}, {}, {}, None, totals), inputs, labels,
                                                torch.tensor([True, False]))
     loss = F.cross_entropy(model(inputs[0]), labels[0])
     loss.backward()
@@ -141,8 +141,8 @@ def test_a_subset_of_rows_steps_like_those_clients_alone_and_leaves_the_others_a
         optimizer.step()
         expected[k] = (model, optimizer, loss.item())
 
-    FusedStep(loss_of(template), LR, MOMENTUM, DECAY)(trainable, {}, buffers, momenta, None, totals, inputs, labels,
-                                                       torch.ones(3, dtype=torch.bool), torch.tensor([2, 0]))
+    FusedStep(loss_of(template), LR, MOMENTUM, DECAY)(FusedState(trainable, {}, buffers, momenta, None, totals), inputs,
+                                                       labels, torch.ones(3, dtype=torch.bool), torch.tensor([2, 0]))
     for k, (model, optimizer, loss) in expected.items():
         for name, p in model.named_parameters():
             torch.testing.assert_close(trainable[name][k], p.detach(), rtol=1e-12, atol=1e-12)
