@@ -48,7 +48,8 @@ class LocalTrainConfig:
             by default: on a CPU the sequential loop is faster; on a GPU it saves kernel launches.
         compile: with ``cohort``, compile the cohort's step (its batches' gather, and its
             loss, gradient and SGD update: ``fedbench.fused_step``) with ``torch.compile``
-            in this mode: one of ``COMPILE_MODES`` (``reduce-overhead`` adds CUDA graphs on a GPU), or None (off).
+            in this mode: one of ``COMPILE_MODES`` (``reduce-overhead`` adds CUDA graphs on
+            a GPU), or None (off).
             Inductor fuses the elementwise kernels; each distinct batch shape compiles once
             per process (seconds to a minute; a C++ compiler on CPU). Equal to the
             uncompiled cohort up to float rounding.

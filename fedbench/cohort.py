@@ -28,8 +28,8 @@ process meets) a cohort fed by the :class:`~fedbench.cohort_feed.CohortFeed` com
 then ceil(K/2), then ceil(K/4) rows a step (clients done with their epochs ride along to
 fill them, masked out and put back: :meth:`CohortTrainer.train_all_rows`), so a round does
 not compile a graph for each cohort size it would shrink through, and a step is two
-compiled graphs: the feed's
-batches, and the whole training step (:class:`~fedbench.fused_step.FusedStep`). Where the
+compiled graphs: the feed's batches, and the whole training step
+(:class:`~fedbench.fused_step.FusedStep`). Where the
 fused step cannot serve (a loss term that is not a :class:`QuadraticPull`, a trainable
 parameter the loss never reaches), the vmapped forward and backward pass and the stacked
 loss terms are compiled instead, and every row is computed at every step.
@@ -58,7 +58,7 @@ from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, row_b
 from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
-from fedbench.fused_step import FusedState, FusedStep, uses_every_parameter
+from fedbench.fused_step import FusedState, FusedStep, Pull, uses_every_parameter
 from fedbench.params import trainable_parameters
 
 
@@ -363,7 +363,7 @@ class StackedPull:
         weight = torch.tensor([pull.weight for pull in pulls], dtype=dtype, device=stacks.device)
         return cls(names, rows, len(jobs), anchor, scale, weight)
 
-    def full(self, stable: Callable[[tuple, Tensor], Tensor] = unstable) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    def full(self, stable: Callable[[tuple, Tensor], Tensor] = unstable) -> "Pull":
         """Anchors, scales and weights of every row of the cohort: zeros (a term of exactly 0)
         where a client has no pull."""
         def every_row(key: tuple, stack: Tensor) -> Tensor:
@@ -400,7 +400,8 @@ class StackedSGD:
                  stable: Callable[[tuple, Tensor], Tensor] = unstable) -> None:
         self.stacks = [s for s in stacks if s.requires_grad]
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.momenta = [stable(("momentum", i), torch.zeros_like(s)) for i, s in enumerate(self.stacks)] if momentum else []
+        self.momenta = ([stable(("momentum", i), torch.zeros_like(s)) for i, s in enumerate(self.stacks)]
+                        if momentum else [])
 
     @torch.no_grad()
     def step(self, rows: Tensor | None) -> None:
