@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cuda_graph_note, machine, table  # noqa: E402
+from common import count_cuda_graph_recordings, cuda_graph_note, machine, table  # noqa: E402
 
 from attacks.base import ATTACKS  # noqa: E402
 from defenses.base import DEFENSES  # noqa: E402
@@ -183,6 +183,8 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", default=None, help="the cohort's train.compile mode, e.g. default")
     parser.add_argument("--attack", default="none", help="e.g. pixel_pattern: its clients poison every batch")
     args = parser.parse_args(argv)
+    if args.compile == "reduce-overhead" and torch.cuda.is_available():
+        count_cuda_graph_recordings()
     if args.compile:
         import torch._inductor.config as inductor_config
 

@@ -46,10 +46,36 @@ def machine() -> str:
 
 
 def cuda_graph_note(mode: str | None) -> str:
-    """Under ``reduce-overhead``, how many compiled graphs ran without their CUDA graph
-    (inductor's count; its log says why): 0 means every compiled step replayed one."""
+    """Under ``reduce-overhead`` on a GPU, how many compiled graphs ran without their CUDA
+    graph (inductor's count; its log says why: 0 means every compiled step could replay
+    one) and how many CUDA graphs were recorded (:func:`count_cuda_graph_recordings`: a
+    graph that recorded again every round, because a tensor it keeps moved, shows here as
+    about one recording per graph and round; every measured row builds new runs, whose
+    first round records its graphs)."""
     if mode != "reduce-overhead" or not torch.cuda.is_available():
         return ""
     from torch._dynamo.utils import counters
 
-    return f"\n\nCUDA graphs skipped (inductor's cudagraph_skips): {counters['inductor']['cudagraph_skips']}\n"
+    return (f"\n\nCUDA graphs skipped (inductor's cudagraph_skips): {counters['inductor']['cudagraph_skips']}; "
+            f"recorded: {RECORDINGS[0]}; cohort rounds trained: {ROUNDS[0]}\n")
+
+
+RECORDINGS, ROUNDS = [0], [0]
+
+
+def count_cuda_graph_recordings() -> None:
+    """From now on, count the CUDA graphs inductor's graph trees record (into ``RECORDINGS``)
+    and the cohort rounds trained (into ``ROUNDS``)."""
+    from torch._inductor import cudagraph_trees
+
+    from fedbench.cohort import CohortTrainer
+
+    def counting(original, counter):
+        def call(*args, **kwargs):
+            counter[0] += 1
+            return original(*args, **kwargs)
+        return call
+
+    manager = cudagraph_trees.CUDAGraphTreeManager
+    manager.record_function = counting(manager.record_function, RECORDINGS)
+    CohortTrainer.train = counting(CohortTrainer.train, ROUNDS)

@@ -22,7 +22,9 @@
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
 # compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE). PERF_TOGETHER=0
 # skips the cross-cell cohort rows (benchmarks/perf/together.py, pixel pattern, uncompiled and
-# each PERF_COMPILE mode, PERF_TOGETHER_SECONDS each).
+# each PERF_COMPILE mode, PERF_TOGETHER_SECONDS each). Under reduce-overhead both tables end
+# with the CUDA graphs skipped and recorded and the rounds trained: recordings that grow with
+# the rounds mean a graph records again each round (its static tensors moved).
 # GRID_PACK=K trains stage 2's cohort cells K per process (--cells-per-process K).
 # CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
 # cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'

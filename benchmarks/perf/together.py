@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cohort import Workload, best_seconds, kernels_of, make_run  # noqa: E402
-from common import cuda_graph_note, machine, table  # noqa: E402
+from common import count_cuda_graph_recordings, cuda_graph_note, machine, table  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
 from fedbench.together import train_together  # noqa: E402
@@ -64,6 +64,8 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", default=None, help="the cohort's train.compile mode, e.g. default")
     args = parser.parse_args(argv)
     workload = Workload(args.defense, args.train_subset, args.compile, args.attack)
+    if args.compile == "reduce-overhead" and torch.cuda.is_available():
+        count_cuda_graph_recordings()
     if args.compile:
         import torch._inductor.config as inductor_config
 
