@@ -76,8 +76,8 @@ class CohortTrainer:
                                self.compile) if self.compile is not None else None)
         self.every_parameter_used: bool | None = None  # found on the first fused step's batch
         self.row_batches = compiled(row_batches, self.compile)
-        # what compiled graphs read or update keeps its address across rounds (CUDA graphs)
-        self.stable = StableTensors() if self.compile is not None else unstable
+        # under CUDA graphs, what the compiled graphs read or update keeps its address across rounds
+        self.stable = StableTensors() if self.compile == "reduce-overhead" else unstable
         self.pull_terms = compiled(quadratic_terms, self.compile)
         self.pull: StackedPull | None = None  # this round's stacked loss terms, while it trains
         self.pulled_rows: list[int] = []  # the clients whose term the last round stacked
@@ -104,7 +104,7 @@ class CohortTrainer:
         else:
             steps, loss_sums = self.train_shrinking(jobs, feed, stacks, optimizer)
         self.pulled_rows = self.pull.rows if self.pull is not None else []
-        self.pull = None  # its anchor and scale stacks are a copy of the hooks' state: free them
+        self.pull = None  # a copy of the hooks' state (under reduce-overhead StableTensors keeps one more)
         return [LocalResult(n, float(total) / max(n, 1)) for n, total in zip(steps, loss_sums.tolist())]
 
     def train_shrinking(self, jobs: list[ClientJob], feed: "CohortFeed | BatchByBatch", stacks: "ClientStacks",
@@ -133,8 +133,8 @@ class CohortTrainer:
     def train_all_rows(self, jobs: list[ClientJob], feed: "CohortFeed", stacks: "ClientStacks",
                        optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
         """For a compiled cohort: a step computes a fixed number of rows (:func:`bucket_rows`:
-        all K, or ceil(K/2) or ceil(K/4) once that many clients are done), so at most three
-        graphs serve every round (a cohort that shrinks client by client compiles one per
+        all K, or ceil(K/2) or ceil(K/4) once that many clients are done), so graphs of at
+        most three sizes (two graphs each: batches and step) serve every round (a cohort that shrinks client by client compiles one per
         size it passes through). A client whose epochs are done rides along where its row
         pads the bucket: its loss is masked out of the step (zero gradient, not counted) and
         its parameters and buffers, which weight decay, momentum and BatchNorm would still

@@ -239,7 +239,8 @@ class TriggerStamps:
         self.blend = torch.stack([alpha * pattern for alpha, pattern in triggers])
         device = self.keep.device
         self.targets = torch.tensor([plans[k].attack.target_label for k in clients], device=device)
-        self.poisoned = torch.cat([plan.mask.to(device, torch.bool) if k in clients else torch.zeros(n, dtype=torch.bool, device=device)
+        self.poisoned = torch.cat([plan.mask.to(device, torch.bool) if k in clients
+                                   else torch.zeros(n, dtype=torch.bool, device=device)
                                    for k, (plan, n) in enumerate(zip(plans, sizes))])
 
     def apply(self, inputs: Tensor, labels: Tensor, index: Tensor, position: dict[int, int],

@@ -69,7 +69,10 @@ class StableTensors:
     ``reduce-overhead`` a CUDA graph whose static input moved records itself again and keeps
     the old recording (and its memory) beside it, so a compiled cohort keeps every tensor
     its graphs read or update across steps here: each round's stacks, momenta, loss totals,
-    epoch tables and triggers."""
+    epoch tables and triggers, under ``reduce-overhead`` only (other modes need no fixed
+    address). What it keeps stays allocated between rounds, through evaluation: for
+    ResNet-18, 10 clients and SDFC's pull, about 0.9 GB of anchors and scales besides the
+    parameter and momentum stacks."""
 
     def __init__(self) -> None:
         self.kept: dict[tuple, Tensor] = {}
