@@ -261,6 +261,7 @@ class ClientStacks:
         self.models = models
         self.everyone = list(range(len(models)))
         trainable = {name: p.requires_grad for name, p in models[0].named_parameters()}
+        # a fresh leaf over the kept storage each round: last round's leaf keeps its .grad
         self.params = {name: stable(("parameters", name), stack.detach()).detach().requires_grad_(trainable[name])
                        for name, stack in stacked(models, lambda m: m.named_parameters()).items()}
         self.buffers = {name: stable(("buffers", name), stack)
