@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
+from defenses.base import QuadraticPull
+
 Tensors = dict[str, Tensor]
 Pull = tuple[Tensors, Tensors, Tensor]  # every row's anchors, scales and weight
 RowLoss = Callable[[Tensors, Tensors, Tensor, Tensor], Tensor]  # (params, buffers, inputs, labels) -> loss
@@ -65,8 +67,9 @@ class FusedStep:
         """One client's loss (vmapped over the rows; differentiated in ``trainable``)."""
         loss = self.loss_of({**trainable, **frozen}, buffers, inputs, labels)
         if pull is not None:
-            anchor, scale, weight = pull
-            loss = loss + weight * sum(((trainable[n] - anchor[n]).pow(2) * scale[n]).sum() for n in anchor)
+            anchor, scale, weight = pull  # the row's own term, with the term's own arithmetic
+            loss = loss + QuadraticPull([trainable[n] for n in anchor], list(anchor.values()), list(scale.values()),
+                                        weight)()
         return torch.where(live, loss, torch.zeros_like(loss))
 
     def __call__(self, state: FusedState, inputs: Tensor, labels: Tensor, live: Tensor,
