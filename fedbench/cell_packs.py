@@ -10,7 +10,8 @@ promises holds per cell: a finished cell is skipped on the next call, a pack tha
 leaves ``failure.json`` in each of its cells that did not finish (the others in the pack
 keep their results; a cell that failed before is re-tried alone, so it cannot fail its
 pack-mates again) and the grid goes on, Ctrl-C stops the pack and keeps what finished.
-Packed cells need ``train.cohort=true`` and no W&B logger (one W&B run per process).
+Packed cells need ``train.cohort=true`` and ``fabric.devices=1``; each logs to W&B as
+its own run, as it does alone.
 """
 
 from __future__ import annotations
@@ -49,13 +50,10 @@ def pack_cells(grid: Grid, positions: list[str], per_process: int) -> list[list[
 
 def check_packable(grid: Grid, per_process: int) -> None:
     """One message before any training when a cell cannot be packed."""
-    from fedbench.tracking import logs_to_wandb
-
     if per_process == 1:
         return
     for cell in grid.cells:
         train = cell.config.get("train") or {}
-        wandb = (cell.config.get("wandb") or {}).get("mode", "auto")
         if (cell.config.get("fabric") or {}).get("devices", 1) != 1:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell trains in one process (fabric.devices=1; {cell.cell_id} "
@@ -64,10 +62,6 @@ def check_packable(grid: Grid, per_process: int) -> None:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell sets train.cohort=true ({cell.cell_id} does not; "
                                 "--set train.cohort=true)")])
-        if logs_to_wandb(cell.config.get("logger", ["wandb"]), wandb):
-            raise ConfigError([("cells_per_process", per_process,
-                                f"1 unless no cell logs to W&B ({cell.cell_id} does: one W&B run per process; "
-                                "--set wandb.mode=disabled, then fedbench report --wandb)")])
 
 
 def run_pack(grid: Grid, pack: list[tuple[str, Cell]], echo, jobs: int, running: RunningCells | None,

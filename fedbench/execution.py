@@ -55,20 +55,14 @@ def execute(exp) -> dict | None:
     warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
 
     from fedbench.engine import FederatedRun
-    from fedbench.tracking import is_wandb
+    from fedbench.tracking import close_loggers
 
     fabric, loggers = prepare_run(exp)
     main = fabric.global_rank == 0
+    summary = None
     try:
         summary = FederatedRun(exp, fabric).run()
-        for logger in loggers:
-            if main and is_wandb(logger):
-                logger.experiment.summary.update({f"final/{k}": v for k, v in summary["final"].items() if v is not None})
     finally:
-        for logger in loggers if main else []:
-            logger.finalize("success")
-            if is_wandb(logger):
-                import wandb
-
-                wandb.finish()
+        if main:
+            close_loggers(loggers, summary["final"] if summary is not None else None)
     return summary if main else None

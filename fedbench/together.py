@@ -83,34 +83,33 @@ def differences(first: FederatedRun, other: FederatedRun) -> list[tuple[str, obj
 
 def run_configs(paths: list[str]) -> list[dict]:
     """The cells whose config files are ``paths``, trained together in this process (what
-    ``fedbench grid --cells-per-process`` starts): each with its own Fabric, TensorBoard
-    or CSV loggers, ``config.yaml`` and results, as ``fedbench run --config`` gives it.
-    W&B keeps one run per process, so cells that log to it are refused (``fedbench
-    report --wandb`` logs a grid afterwards)."""
+    ``fedbench grid --cells-per-process`` starts): each with its own Fabric, loggers,
+    ``config.yaml`` and results, as ``fedbench run --config`` gives it, its own W&B run
+    included. A cell's loggers are closed when the pack ends; a cell that finished before a
+    fault in the pack keeps its summary and its W&B run is marked finished, not failed."""
     import yaml
 
     from fedbench.config import build_experiment, build_parser, parse_config_dict
     from fedbench.execution import prepare_run
     from fedbench.experiment import validate
-    from fedbench.tracking import logs_to_wandb
+    from fedbench.results import read_summary
+    from fedbench.tracking import close_loggers
 
     parser = build_parser()
     exps = [build_experiment(parse_config_dict(yaml.safe_load(Path(p).read_text()), parser), parser) for p in paths]
     for exp in exps:  # every cell checked before any cell's files are written
         validate(exp)
-        if logs_to_wandb(exp.logger, exp.wandb.mode):
-            raise FedbenchError(f"{exp.run_name}: cells trained together cannot log to W&B (one W&B run per "
-                                "process): set wandb.mode=disabled and log the grid with fedbench report --wandb")
     runs, loggers = [], []
-    for exp in exps:
-        fabric, exp_loggers = prepare_run(exp)
-        runs.append(FederatedRun(exp, fabric))
-        loggers.extend(exp_loggers)
     try:
+        for exp in exps:
+            fabric, exp_loggers = prepare_run(exp)
+            loggers.append(exp_loggers)
+            runs.append(FederatedRun(exp, fabric))
         return run_together(runs)
     finally:
-        for logger in loggers:
-            logger.finalize("success")
+        for exp, exp_loggers in zip(exps, loggers):
+            summary = read_summary(exp.run_dir)  # written as the cell ends, before any later fault of the pack
+            close_loggers(exp_loggers, summary["final"] if summary is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,6 @@ def resolve_mode(mode: str) -> str:
     return "online" if logged_in() else "offline"
 
 
-def logs_to_wandb(logger_names: list[str], mode: str) -> bool:
-    """Whether a run with these ``--logger`` names and ``wandb.mode`` opens a W&B run."""
-    return "wandb" in logger_names and resolve_mode(mode) != "disabled"
-
-
 def use_local_wandb_dirs(root: Path, mode: str) -> None:
     """W&B's files, cache and settings under ``root`` (never the home folder)."""
     for sub in ("cache", "data", "config", "artifacts"):
@@ -83,10 +78,27 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
         mode=mode,
         config=hyperparams or {},
         settings=_settings(),
+        # A run of its own even beside other runs of this process (cells trained together,
+        # fedbench.together): wandb then leaves its global `wandb.run` unset, so Lightning's
+        # logger, which reuses a global run, creates one per cell; close_loggers finishes it.
+        reinit="create_new",
     )
     # Lightning always passes wandb's retired `anonymous` option, which only prints a warning.
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
+
+
+def close_loggers(loggers: list, final: dict | None) -> None:
+    """Finalize a run's loggers. Its W&B run gets ``final`` (the summary's final numbers)
+    as ``final/<key>`` in its W&B summary and is finished through its own run object;
+    ``final=None`` (the run did not finish) marks the W&B run failed (exit code 1)."""
+    for logger in loggers:
+        logger.finalize("success" if final is not None else "failed")
+        if is_wandb(logger):
+            run = logger.experiment
+            if final is not None:
+                run.summary.update({f"final/{k}": v for k, v in final.items() if v is not None})
+            run.finish(exit_code=0 if final is not None else 1)
 
 
 def _settings():

@@ -194,3 +194,45 @@ def spy_on_clients(run) -> "dict[int, torch.Tensor]":
 
     run.finish_client = recording
     return sent
+
+
+def wandb_records(path):
+    """The records of an offline W&B run file (``run-<id>.wandb``), read independently of
+    wandb (which ships no reader): a 7-byte header (":W&B", key, version), then LevelDB's
+    log format, 32 KiB blocks of chunks (CRC32 4 bytes, length 2 bytes little-endian, type
+    1 full / 2 first / 3 middle / 4 last); each record one ``wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, records, pending, at = path.read_bytes(), 32768, [], b"", 7
+    assert data[:4] == b":W&B"
+    while at + 7 <= len(data):
+        if block - at % block < 7:  # a block's tail too short for a chunk header is padding
+            at += block - at % block
+            continue
+        length, kind = struct.unpack("<HB", data[at + 4:at + 7])
+        pending += data[at + 7:at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _items(items) -> dict:
+    import json
+
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
+def wandb_history(records) -> list[dict]:
+    """Every logged row of a W&B run's records, ``{metric: value}``."""
+    return [_items(r.history.item) for r in records if r.HasField("history")]
+
+
+def wandb_summary(records) -> dict:
+    """A W&B run's summary: every summary update of its records, the last value of each key."""
+    return {k: v for r in records if r.HasField("summary") for k, v in _items(r.summary.update).items()}

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from attacks import ATTACKS
+from conftest import wandb_records, wandb_summary
 from defenses import DEFENSES
 from fedbench.cli import main
 
@@ -134,9 +135,12 @@ def test_wandb_offline_files_live_under_the_run_folder(tiny_root, tmp_path):
     wandb_dir = tmp_path / "runs" / "cell" / "wandb"
     runs = list(wandb_dir.glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb")), "the offline run file that `wandb sync` uploads"
+    (run_file,) = runs[0].glob("*.wandb")  # the offline run file that `wandb sync` uploads
     assert not (home / ".cache" / "wandb").exists() and not (home / ".config" / "wandb").exists()
-    assert (tmp_path / "runs" / "cell" / "summary.json").exists()
+    final = json.loads((tmp_path / "runs" / "cell" / "summary.json").read_text())["final"]
+    records = wandb_records(run_file)
+    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0], "finished, not failed"
+    assert wandb_summary(records)["final/A"] == pytest.approx(final["A"])
 
 
 def test_tensorboard_and_csv_loggers_get_the_per_round_metrics(tiny_root, tmp_path, capsys):

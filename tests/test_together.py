@@ -9,7 +9,7 @@ import torch
 
 from attacks.badnets import BadNets
 from attacks.pixel_pattern import PixelPattern
-from conftest import tiny_experiment
+from conftest import tiny_experiment, wandb_history, wandb_records, wandb_summary
 from defenses.median import Median
 from defenses.sdfc import SDFC
 from fedbench.client import LocalTrainConfig
@@ -115,7 +115,6 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
     path = packed_grid(tiny_root, tmp_path, AXES)
     grid = yaml.safe_load(path.read_text())
     for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=true"),
-                             ({"wandb": {"mode": "offline"}}, "W&B"),
                              ({"fabric": {"devices": 2}}, "fabric.devices=1")):
         path.write_text(yaml.safe_dump({**grid, "base": {**grid["base"], **change}}))
         with pytest.raises(ConfigError, match="cells_per_process") as refused:
@@ -179,3 +178,52 @@ def test_a_cell_that_failed_before_is_retried_in_a_pack_of_its_own(tiny_root, tm
     positions = ["[1/3]", "[2/3]", "[3/3]"]
     packs = [[cell.cell_id for _, cell in pack] for pack in pack_cells(grid, positions, 3)]
     assert sorted(packs) == sorted([[grid.cells[1].cell_id], [grid.cells[0].cell_id, grid.cells[2].cell_id]])
+
+
+def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tmp_path):
+    """Two packed cells with offline W&B, the longer one failing in its last round: each
+    cell's folder holds one W&B run with its name and its own per-round accuracy; the cell
+    that finished first is marked finished with its final numbers, the failed one failed."""
+    import json
+
+    import yaml
+
+    from fedbench.grid import load_grid
+    from fedbench.together import run_configs
+
+    path = packed_grid(tiny_root, tmp_path, {**AXES, "attack": ["badnets"]}, wandb={"mode": "offline"})
+    cells = load_grid(path, str(tmp_path / "out")).cells
+    paths = []
+    for cell, rounds in zip(cells, (2, 3)):
+        cell.config["federation"]["rounds"] = rounds
+        paths.append(tmp_path / f"{cell.cell_id}.yaml")
+        paths[-1].write_text(yaml.safe_dump(cell.config))
+    close_round = FederatedRun.close_round
+
+    def fails_in_round_2(run, opened, results):
+        if opened.index == 2:
+            raise RuntimeError("a fault in the longer cell's last round")
+        return close_round(run, opened, results)
+
+    FederatedRun.close_round = fails_in_round_2
+    try:
+        with pytest.raises(RuntimeError, match="a fault"):
+            run_configs([str(p) for p in paths])
+    finally:
+        FederatedRun.close_round = close_round
+    for cell, exit_code in zip(cells, (0, 1)):
+        folder = tmp_path / "out" / "cells" / cell.cell_id
+        (run_file,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+        records = wandb_records(run_file)
+        (run,) = [r.run for r in records if r.HasField("run")]
+        assert run.display_name == cell.cell_id and run.run_group == "tiny"
+        logged = {row["trainer/global_step"]: row["clean_acc"] for row in wandb_history(records) if "clean_acc" in row}
+        expected = [json.loads(line)["clean_acc"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert logged == dict(enumerate(expected)) and len(expected) == 2, cell.cell_id
+        assert [r.exit.exit_code for r in records if r.HasField("exit")] == [exit_code]
+        summary = wandb_summary(records)
+        if exit_code == 0:
+            final = json.loads((folder / "summary.json").read_text())["final"]
+            assert summary["final/A"] == pytest.approx(final["A"]) and summary["final/ASR"] == pytest.approx(final["ASR"])
+        else:
+            assert "final/A" not in summary and not (folder / "summary.json").exists()
