@@ -10,8 +10,8 @@ promises holds per cell: a finished cell is skipped on the next call, a pack tha
 leaves ``failure.json`` in each of its cells that did not finish (the others in the pack
 keep their results; a cell that failed before is re-tried alone, so it cannot fail its
 pack-mates again) and the grid goes on, Ctrl-C stops the pack and keeps what finished.
-Packed cells need ``train.cohort=true`` and ``fabric.devices=1``; each logs to W&B as
-its own run, as it does alone.
+Packed cells train as one cohort whatever the device (``train.cohort`` true or auto, not
+false) and need ``fabric.devices=1``; each logs to W&B as its own run, as it does alone.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def check_packable(grid: Grid, per_process: int) -> None:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell trains in one process (fabric.devices=1; {cell.cell_id} "
                                 "does not)")])
-        if not train.get("cohort"):
+        if train.get("cohort", "auto") is False:
             raise ConfigError([("cells_per_process", per_process,
-                                f"1 unless every cell sets train.cohort=true ({cell.cell_id} does not; "
-                                "--set train.cohort=true)")])
+                                f"1 unless every cell trains as a cohort ({cell.cell_id} sets train.cohort=false; "
+                                "--set train.cohort=auto)")])
 
 
 def run_pack(grid: Grid, pack: list[tuple[str, Cell]], echo, jobs: int, running: RunningCells | None,

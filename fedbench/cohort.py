@@ -53,7 +53,7 @@ from torch.func import functional_call, vmap
 
 from attacks.base import BatchPoisoning
 from defenses.base import QuadraticPull
-from fedbench.client import ClientJob, LocalResult, LocalTrainer, RawBatch
+from fedbench.client import ClientJob, LocalResult, LocalTrainConfig, LocalTrainer, RawBatch
 from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, row_batches
 from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
 from fedbench.data import Augmentation, ImagePipeline
@@ -442,6 +442,31 @@ def bucket_rows(live: list[int], clients: int) -> list[int]:
     alive = set(live)
     riders = [k for k in range(clients) if k not in alive][:size - len(live)]
     return sorted(live + riders)
+
+
+def trains_as_cohort(config: LocalTrainConfig, device: torch.device, precision: str, model: nn.Module) -> bool:
+    """Whether a run trains each round's clients as one cohort: ``train.cohort`` when true or
+    false; ``auto``: yes on CUDA or with ``train.compile`` set, unless the cohort cannot
+    train the run (:func:`cohort_cannot_train`: then sequentially, as on a CPU)."""
+    if config.cohort != "auto":
+        return bool(config.cohort)
+    wanted = device.type == "cuda" or config.compile is not None
+    return wanted and cohort_cannot_train(model, precision) is None
+
+
+def cohort_cannot_train(model: nn.Module, precision: str) -> str | None:
+    """Why a cohort cannot train this model in this precision, or None: vmap refuses random
+    layers (each client would need its own random draws) and BatchNorm(momentum=None)'s
+    in-place count of batches; one loss scaler (16-mixed) would skip every client's step
+    when one client overflows."""
+    if precision == "16-mixed":
+        return "16-mixed precision scales the loss of all clients together"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            return f"{name} ({type(module).__name__}) draws random numbers"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+            return f"{name} is BatchNorm(momentum=None)"
+    return None
 
 
 @contextmanager

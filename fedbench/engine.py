@@ -43,7 +43,7 @@ from defenses.base import Aggregate, ClientHook, FinalView, RoundContext
 from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, iterate_batches
-from fedbench.cohort import CohortTrainer
+from fedbench.cohort import CohortTrainer, cohort_cannot_train, trains_as_cohort
 from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
@@ -260,6 +260,10 @@ class FederatedRun:
         self.global_params = self.layout.flatten(model).float()  # the server computes in float32
         self.global_buffers = self.layout.flatten_buffers(model).clone()
         self.trainer = LocalTrainer(model, exp.train, pipeline, self.fabric)
+        cannot = cohort_cannot_train(model, exp.fabric.precision)
+        if exp.train.cohort is True and cannot is not None:
+            raise ConfigError([("train.cohort", True, f"false or auto for this run: {cannot}")])
+        self.cohort = trains_as_cohort(exp.train, self.device, exp.fabric.precision, model)
         self.cohort_trainer = CohortTrainer(self.trainer)
         self._cohort_models: list[nn.Module] = []
 
@@ -301,9 +305,9 @@ class FederatedRun:
     # ------------------------------------------------------------------ 2. train
     def train_clients(self, clients: list[ClientInfo]) -> list[ClientResult]:
         """Local training of the selected clients this process owns: one after another, or
-        as one cohort (``train.cohort``)."""
+        as one cohort (``train.cohort``, resolved for this run's device and model)."""
         mine = [c for c in clients if c.client_id % self.world == self.rank]
-        if self.exp.train.cohort and len(mine) > 1:
+        if self.cohort and len(mine) > 1:
             return self.train_cohort(mine)
         results = []
         for position, client in enumerate(mine, 1):
@@ -790,6 +794,7 @@ class FederatedRun:
             "code": code_revision(),
             "device": describe_device(self.device),
             "world_size": self.world,
+            "local_training": "cohort" if self.cohort else "sequential",
             "config": exp.config,
         }
 

@@ -169,11 +169,11 @@ def experiment_problems(exp: Experiment) -> list[Problem]:
         found.append(("attack.malicious_fraction", exp.attack.malicious_fraction, "leaves at least one benign client"))
     if fed.num_clients >= 1 and 0 < fed.client_fraction <= 1:
         found.extend(exp.defense.problems(defense_setup(exp, layout=None)))
-    if exp.train.cohort and exp.fabric.precision == "16-mixed":
+    if (exp.train.cohort is True or exp.train.compile is not None) and exp.fabric.precision == "16-mixed":
         # one loss scaler for the whole cohort would skip every client's step when one overflows
         found.append(("fabric.precision", exp.fabric.precision,
-                      "32-true, bf16-mixed, bf16-true or 64-true with train.cohort (16-mixed scales the loss "
-                      "of all clients together)"))
+                      "32-true, bf16-mixed, bf16-true or 64-true with train.cohort=true or train.compile "
+                      "(16-mixed scales the loss of all clients together)"))
     return found
 
 

@@ -435,8 +435,8 @@ def grid_parser():
                         help="repeatable; run only cells whose id matches (shell pattern, e.g. '*-sdfc-*')")
     parser.add_argument("--cells-per-process", "--cells_per_process", dest="cells_per_process", type=int,
                         default=1, help="train up to this many cells with the same model, data and training "
-                        "settings together in one process, their clients in one cohort each round (needs "
-                        "train.cohort=true and wandb.mode=disabled; default 1)")
+                        "settings together in one process, their clients in one cohort each round (whatever "
+                        "the device; refused for cells that set train.cohort=false; default 1)")
     parser.add_argument("--launcher", type=str, default="local",
                         help="local (--jobs processes on this machine) or ray (cells as Ray tasks; "
                              "pip install -e '.[ray]')")

@@ -9,7 +9,7 @@ vmapped forward and backward over every client of every run), then each run aggr
 evaluates, records and checkpoints on its own, exactly as :meth:`FederatedRun.run` does.
 
 Every client keeps its own model copy, data, generator, poisoning, loss terms and step
-count, so each run's numbers equal those it gets alone with ``train.cohort`` up to float
+count, so each run's numbers equal those it gets alone with ``train.cohort=true`` up to float
 rounding (vmapped kernels over more clients may sum in another order). Runs that resumed
 from different rounds still step together (each its own next round); a run whose rounds
 are done drops out and writes its summary at once. Single process only. A run's wall
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedbench.cohort import cohort_cannot_train
 from fedbench.engine import ClientResult, FederatedRun, OpenRound, train_in_one_cohort
 from fedbench.errors import FedbenchError
 
@@ -55,8 +56,11 @@ def check_compatible(runs: list[FederatedRun]) -> None:
     if not runs:
         raise FedbenchError("run_together needs at least one run")
     first = runs[0]
-    if not first.exp.train.cohort:
-        raise FedbenchError("runs trained together train as one cohort: set train.cohort=true in each")
+    if first.exp.train.cohort is False:
+        raise FedbenchError("runs trained together train as one cohort: set train.cohort to true or auto in each")
+    cannot = cohort_cannot_train(first.model, first.exp.fabric.precision)
+    if cannot is not None:
+        raise FedbenchError(f"runs trained together train as one cohort, which cannot train these: {cannot}")
     for run in runs:
         if run.world != 1:
             raise FedbenchError("runs trained together need one process each (fabric.devices=1)")

@@ -410,19 +410,23 @@ def test_the_accuracy_drop_comes_seed_by_seed_from_a_reference_grid_of_the_same_
 
 
 def test_a_reference_grid_that_predates_a_config_key_ran_with_that_keys_default(tmp_path):
-    """``train.cohort`` came after the quick grid ran: its cells lack the key, which then
-    means the default (false); a value other than the default is still another protocol."""
+    """A key added after the reference grid ran (its cells lack it) means the default
+    (``train.drop_last``: true); a value other than the default is another protocol. How
+    training is executed (``train.cohort``, ``train.compile``: equal to sequential training
+    to float rounding) is not."""
     from fedbench.report import make_report
 
     older = {"seed": 0, "train": {"lr": 0.05}, "attack": {}, "defense": {}}
-    newer = {**older, "train": {"lr": 0.05, "cohort": False}}
-    quick, byzantine = tmp_path / "quick", tmp_path / "byzantine"
+    quick = tmp_path / "quick"
     write_summary(quick, "none", "median", 0, 80.0, older)
-    write_summary(byzantine, "sign_flip", "median", 0, 50.0, newer)
-    report = make_report(byzantine, tmp_path / "out", wandb_mode="disabled", reference=quick)
-    assert next(r for r in report["rows"] if r["attack"] == "sign_flip")["A_drop_mean"] == pytest.approx(30.0)
+    for name, train in (("default", {"drop_last": True}), ("cohort", {"cohort": True, "compile": "default"}),
+                        ("auto", {"cohort": "auto"}), ("sequential", {"cohort": False})):
+        grid = tmp_path / name
+        write_summary(grid, "sign_flip", "median", 0, 50.0, {**older, "train": {"lr": 0.05, **train}})
+        report = make_report(grid, tmp_path / f"out_{name}", wandb_mode="disabled", reference=quick)
+        assert next(r for r in report["rows"] if r["attack"] == "sign_flip")["A_drop_mean"] == pytest.approx(30.0)
 
-    cohort = tmp_path / "cohort"
-    write_summary(cohort, "sign_flip", "median", 0, 50.0, {**older, "train": {"lr": 0.05, "cohort": True}})
-    with pytest.raises(FedbenchError, match=r"another protocol \(train.cohort: True here, None there\)"):
-        make_report(cohort, tmp_path / "out2", wandb_mode="disabled", reference=quick)
+    other = tmp_path / "other"
+    write_summary(other, "sign_flip", "median", 0, 50.0, {**older, "train": {"lr": 0.05, "drop_last": False}})
+    with pytest.raises(FedbenchError, match=r"another protocol \(train.drop_last: False here, None there\)"):
+        make_report(other, tmp_path / "out2", wandb_mode="disabled", reference=quick)

@@ -64,19 +64,18 @@ def test_runs_that_cannot_share_a_cohort_are_refused_naming_what_differs(tiny_ro
     with pytest.raises(FedbenchError, match="must share train"):
         run_together([FederatedRun(first), FederatedRun(second)])
     sequential = dataclasses.replace(TRAIN, cohort=False)
-    with pytest.raises(FedbenchError, match="train.cohort=true"):
+    with pytest.raises(FedbenchError, match="train.cohort to true or auto"):
         run_together([FederatedRun(exp) for exp in two_cells(tiny_root, tmp_path / "s", train=sequential)])
     assert not list(tmp_path.rglob("metrics.jsonl")), "refused before any round"
 
 
 def packed_grid(tiny_root, tmp_path, axes, **base):
-    """A tiny grid file whose cells train as cohorts (what packing needs)."""
+    """A tiny grid file (train.cohort left at auto: sequential on this CPU alone, one cohort packed)."""
     import yaml
     from test_grid import write_grid
 
     path = write_grid(tmp_path, tiny_root, axes)
     grid = yaml.safe_load(path.read_text())
-    grid["base"]["train"]["cohort"] = True
     grid["base"].update(base)
     path.write_text(yaml.safe_dump(grid))
     return path
@@ -114,7 +113,7 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
 
     path = packed_grid(tiny_root, tmp_path, AXES)
     grid = yaml.safe_load(path.read_text())
-    for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=true"),
+    for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=false"),
                              ({"fabric": {"devices": 2}}, "fabric.devices=1")):
         path.write_text(yaml.safe_dump({**grid, "base": {**grid["base"], **change}}))
         with pytest.raises(ConfigError, match="cells_per_process") as refused:

@@ -91,7 +91,8 @@ timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_
   "${compiled[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
 cohort_grid=$!
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
-  --out runs/fmnist_paper_gpu_sequential --jobs 1 --set wandb.mode=disabled --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
+  --out runs/fmnist_paper_gpu_sequential --jobs 1 --set train.cohort=false --set wandb.mode=disabled \
+  --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
 sequential_grid=$!
 while sleep 30; do  # the GPU grids only: a CPU grid (CPU_GRID) may still be running
   kill -0 $cohort_grid 2>/dev/null || kill -0 $sequential_grid 2>/dev/null || break

@@ -25,7 +25,9 @@ from fedbench.experiment import Experiment, FederationConfig, OutputConfig  # no
 from fedbench.tracking import WandbConfig  # noqa: E402
 
 
-def one_round(defense: str, epochs: int, out: Path, device: str, timed_round: int) -> dict:
+def one_round(defense: str, epochs: int, out: Path, device: str, timed_round: int) -> tuple[dict, bool]:
+    """The timed round's seconds, and whether its clients trained as a cohort (``train.cohort``
+    auto: on a GPU)."""
     exp = Experiment(
         attack=PixelPattern(), defense=DEFENSES.get(defense)(),
         train=LocalTrainConfig(local_epochs=epochs),
@@ -36,7 +38,7 @@ def one_round(defense: str, epochs: int, out: Path, device: str, timed_round: in
     run = FederatedRun(exp)
     for round_index in range(timed_round):
         run.run_round(round_index)
-    return run.run_round(timed_round)["time"]
+    return run.run_round(timed_round)["time"], run.cohort
 
 
 def main(argv=None) -> str:
@@ -49,13 +51,13 @@ def main(argv=None) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for defense in args.defenses:
-            t = one_round(defense, args.epochs, Path(out), args.device, args.round)
-            rows.append([defense, t["local_training"], t["client_hook"],
+            t, cohort = one_round(defense, args.epochs, Path(out), args.device, args.round)
+            rows.append([defense, "cohort" if cohort else "sequential", t["local_training"], t["client_hook"],
                          f"{100 * t['client_hook'] / t['local_training']:.0f}%", t["aggregation"], t["evaluation"],
                          t["round"]])
     text = (f"### Paper-protocol round {args.round} (Fashion-MNIST, 10 clients, E = {args.epochs}), seconds, "
             f"{machine()}\n\n"
-            + table(["defense", "local training", "client hooks (Fisher)", "hooks / training", "aggregation",
+            + table(["defense", "clients trained", "local training", "client hooks (Fisher)", "hooks / training", "aggregation",
                      "evaluation", "round"], rows))
     print(text, flush=True)
     return text
