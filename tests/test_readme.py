@@ -133,3 +133,17 @@ def test_a_class_path_that_does_not_import_gets_one_line_with_the_hint(tmp_path,
     assert code == 2 and len(message.splitlines()) == 1, message
     assert "defense='broken_defense.Anything'" in message
     assert "No module named 'not_a_real_package'" in message and "PYTHONPATH" in message
+
+
+def test_every_bench_target_passes_grid_flags_to_each_of_its_grids():
+    """``make bench GRID_FLAGS="..."`` (the README's way to pack a GPU) reaches every grid."""
+    if shutil.which("make") is None:
+        pytest.skip("NO make: the Makefile's bench targets are untested here")
+    makefile = (REPO / "Makefile").read_text()
+    targets = re.findall(r"^(bench[\w-]*):", makefile, flags=re.M)
+    assert "bench" in targets and "bench-quick" in targets
+    for target in targets:
+        dry = subprocess.run(["make", "-n", "-C", str(REPO), target, "GRID_FLAGS=--jobs 3 --cells-per-process 2"],
+                             capture_output=True, text=True, timeout=60)
+        grids = [line for line in dry.stdout.splitlines() if " grid benchmarks/" in line]
+        assert grids and all(line.endswith(" --jobs 3 --cells-per-process 2") for line in grids), (target, dry.stdout)
