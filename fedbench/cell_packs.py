@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from fedbench.cells import (Cell, CellFailed, Grid, GridProgress, RunningCells, _cell_env, cell_status, check_exit,
-                            end_cell, run_process, start_cell)
+                            end_cell, run_cell_isolated, run_process, start_cell)
 from fedbench.errors import ConfigError
 
 # What a shared cohort needs alike (fedbench.together checks the built runs again).
@@ -58,6 +58,10 @@ def check_packable(grid: Grid, per_process: int) -> None:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell trains in one process (fabric.devices=1; {cell.cell_id} "
                                 "does not)")])
+        if (cell.config.get("fabric") or {}).get("precision") == "16-mixed":
+            raise ConfigError([("cells_per_process", per_process,
+                                f"1 unless every cell trains as a cohort ({cell.cell_id} sets fabric.precision="
+                                "16-mixed, whose one loss scaler would scale all clients together)")])
         if train.get("cohort", "auto") is False:
             raise ConfigError([("cells_per_process", per_process,
                                 f"1 unless every cell trains as a cohort ({cell.cell_id} sets train.cohort=false; "
@@ -87,6 +91,12 @@ def run_pack(grid: Grid, pack: list[tuple[str, Cell]], echo, jobs: int, running:
 
 
 def run_pack_isolated(cells: list[Cell], cell_dirs: list[Path], jobs: int, running: RunningCells | None) -> None:
+    """The cells' process: ``fedbench.together``, or for one cell (a retry, the last pack of a
+    group) ``fedbench run`` as unpacked, so a cell the cohort cannot train (a model with
+    random layers: ``train.cohort=auto`` trains it sequentially) runs when retried alone."""
+    if len(cells) == 1:
+        run_cell_isolated(cells[0], cell_dirs[0], jobs, running)
+        return
     configs = []
     for cell, cell_dir in zip(cells, cell_dirs):
         configs.append(cell_dir / "cell_config.yaml")

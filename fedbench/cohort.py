@@ -198,7 +198,7 @@ class CohortTrainer:
         """Where the stacked model runs: the precision's autocast, BatchNorm as tensor ops on
         CUDA, and one clear message for a model the cohort cannot vmap."""
         with (self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm),
-              cohort_errors(self.compile)):
+              cohort_errors(self.trainer.config.cohort, self.compile)):
             yield
 
     @staticmethod
@@ -458,11 +458,13 @@ def cohort_cannot_train(model: nn.Module, precision: str) -> str | None:
     """Why a cohort cannot train this model in this precision, or None: vmap refuses random
     layers (each client would need its own random draws) and BatchNorm(momentum=None)'s
     in-place count of batches; one loss scaler (16-mixed) would skip every client's step
-    when one client overflows."""
+    when one client overflows. Found from the model's modules (Dropout's family, RReLU,
+    BatchNorm): randomness inside a ``forward`` (``F.dropout``) shows only when the cohort
+    runs, as one message (:func:`cohort_errors`)."""
     if precision == "16-mixed":
         return "16-mixed precision scales the loss of all clients together"
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU)):
             return f"{name} ({type(module).__name__}) draws random numbers"
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
             return f"{name} is BatchNorm(momentum=None)"
@@ -470,14 +472,15 @@ def cohort_cannot_train(model: nn.Module, precision: str) -> str | None:
 
 
 @contextmanager
-def cohort_errors(compile_mode: str | None) -> Iterator[None]:
+def cohort_errors(cohort: bool | str, compile_mode: str | None) -> Iterator[None]:
     """A model the cohort cannot vmap fails with one message saying what to do."""
     try:
         yield
     except RuntimeError as err:  # torch.compile's errors are RuntimeErrors too
+        chosen = "train.cohort=true" if cohort is True else f"train.cohort={cohort} (a cohort here)"
         compiling = " (or train.compile=null if compiling is what failed)" if compile_mode else ""
-        raise FedbenchError(f"train.cohort=true cannot train this model ({err}); models with random "
-                            "layers (Dropout) or BatchNorm(momentum=None) need train.cohort=false"
+        raise FedbenchError(f"{chosen} cannot train this model ({err}); models with random layers (Dropout, "
+                            "RReLU, F.dropout in forward) or BatchNorm(momentum=None) need train.cohort=false"
                             + compiling) from err
 
 

@@ -263,6 +263,9 @@ class FederatedRun:
         cannot = cohort_cannot_train(model, exp.fabric.precision)
         if exp.train.cohort is True and cannot is not None:
             raise ConfigError([("train.cohort", True, f"false or auto for this run: {cannot}")])
+        if exp.train.compile is not None and cannot is not None:
+            raise ConfigError([("train.compile", exp.train.compile,
+                                f"None for this run: it compiles a cohort, which cannot train it ({cannot})")])
         self.cohort = trains_as_cohort(exp.train, self.device, exp.fabric.precision, model)
         self.cohort_trainer = CohortTrainer(self.trainer)
         self._cohort_models: list[nn.Module] = []

@@ -32,6 +32,7 @@ def run_together(runs: list[FederatedRun]) -> list[dict]:
     check_compatible(runs)
     summaries: dict[int, dict] = {}
     for run in runs:
+        run.cohort = True  # whatever train.cohort=auto chose alone: its summary says what ran
         run.begin()
     while len(summaries) < len(runs):
         active = [run for run in runs if id(run) not in summaries and run.next_round is not None]

@@ -91,14 +91,23 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
 def close_loggers(loggers: list, final: dict | None) -> None:
     """Finalize a run's loggers. Its W&B run gets ``final`` (the summary's final numbers)
     as ``final/<key>`` in its W&B summary and is finished through its own run object;
-    ``final=None`` (the run did not finish) marks the W&B run failed (exit code 1)."""
+    ``final=None`` (the run did not finish) marks the W&B run failed (exit code 1). A run
+    that failed before it logged anything gets no W&B run. A logger that cannot be closed
+    says so on stderr: it neither hides the run's own error nor keeps the others open."""
+    import sys
+
     for logger in loggers:
-        logger.finalize("success" if final is not None else "failed")
-        if is_wandb(logger):
-            run = logger.experiment
-            if final is not None:
-                run.summary.update({f"final/{k}": v for k, v in final.items() if v is not None})
-            run.finish(exit_code=0 if final is not None else 1)
+        try:
+            logger.finalize("success" if final is not None else "failed")
+            # Lightning creates the W&B run at the first log; `experiment` would create one now
+            if is_wandb(logger) and logger._experiment is not None:
+                run = logger.experiment
+                if final is not None:
+                    run.summary.update({f"final/{k}": v for k, v in final.items() if v is not None})
+                run.finish(exit_code=0 if final is not None else 1)
+        except Exception as err:  # the local JSON files hold the results; a logger is a copy
+            print(f"fedbench: could not close the {type(logger).__name__}: {type(err).__name__}: {err}",
+                  file=sys.stderr)
 
 
 def _settings():

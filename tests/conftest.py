@@ -114,7 +114,8 @@ def tiny_experiment(root: Path, out: Path, **sections):
         defense=FedAvg(),
         data=DataConfig(root=str(root), download=False),
         partition=PartitionConfig(scheme="dirichlet", beta=0.5, min_size=10),
-        train=LocalTrainConfig(local_steps=4, batch_size=32),
+        # sequential on every machine (train.cohort=auto would train a cohort on a GPU)
+        train=LocalTrainConfig(local_steps=4, batch_size=32, cohort=False),
         federation=FederationConfig(num_clients=5, rounds=2, final_rounds=2),
         output=OutputConfig(dir=str(out), progress=False),
         wandb=WandbConfig(mode="disabled"),

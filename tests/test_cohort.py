@@ -252,6 +252,9 @@ def test_a_cohort_refuses_16_mixed_and_names_models_it_cannot_vmap(tiny_root, tm
         FederatedRun(exp)
     auto = dataclasses.replace(exp, train=dataclasses.replace(exp.train, cohort="auto"))
     assert FederatedRun(auto).cohort is False, "auto trains sequentially what the cohort cannot"
+    compiled = dataclasses.replace(exp, train=dataclasses.replace(exp.train, cohort="auto", compile="default"))
+    with pytest.raises(ConfigError, match=r"train.compile='default': None for this run: .*Dropout"):
+        FederatedRun(compiled)
 
 
 def test_auto_trains_as_a_cohort_on_a_gpu_or_compiled_and_sequentially_on_a_cpu(tiny_root, tmp_path):
@@ -259,19 +262,21 @@ def test_auto_trains_as_a_cohort_on_a_gpu_or_compiled_and_sequentially_on_a_cpu(
 
     plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    rrelu = nn.Sequential(nn.Linear(4, 4), nn.RReLU())
     cumulative = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name: no GPU needed
     cases = [  # (cohort, compile, device, precision, model, expected), each decided by hand
         ("auto", None, cpu, "32-true", plain, False), ("auto", None, cuda, "32-true", plain, True),
         ("auto", None, cuda, "bf16-mixed", plain, True), ("auto", "default", cpu, "32-true", plain, True),
         ("auto", None, cuda, "32-true", dropout, False), ("auto", None, cuda, "32-true", cumulative, False),
+        ("auto", None, cuda, "32-true", rrelu, False),
         ("auto", None, cuda, "16-mixed", plain, False), (True, None, cpu, "32-true", plain, True),
         (False, None, cuda, "32-true", plain, False)]
     for cohort, compile_mode, device, precision, model, expected in cases:
         config = LocalTrainConfig(cohort=cohort, compile=compile_mode)
         assert trains_as_cohort(config, device, precision, model) is expected, (cohort, compile_mode, device, precision)
     run = FederatedRun(tiny_experiment(tiny_root, tmp_path, train=LocalTrainConfig(local_steps=2, batch_size=32)))
-    assert LocalTrainConfig().cohort == "auto" and run.cohort is False, "the default on this CPU: sequential"
+    assert LocalTrainConfig().cohort == "auto" and run.cohort is (run.device.type == "cuda"), "a cohort on a GPU only"
     assert LocalTrainConfig(cohort="sometimes").problems() == [("train.cohort", "sometimes", "true, false or auto")]
 
 

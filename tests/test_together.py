@@ -114,7 +114,8 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
     path = packed_grid(tiny_root, tmp_path, AXES)
     grid = yaml.safe_load(path.read_text())
     for change, expected in (({"train": {**grid["base"]["train"], "cohort": False}}, "train.cohort=false"),
-                             ({"fabric": {"devices": 2}}, "fabric.devices=1")):
+                             ({"fabric": {"devices": 2}}, "fabric.devices=1"),
+                             ({"fabric": {"precision": "16-mixed"}}, "16-mixed")):
         path.write_text(yaml.safe_dump({**grid, "base": {**grid["base"], **change}}))
         with pytest.raises(ConfigError, match="cells_per_process") as refused:
             run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=2)
@@ -179,7 +180,7 @@ def test_a_cell_that_failed_before_is_retried_in_a_pack_of_its_own(tiny_root, tm
     assert sorted(packs) == sorted([[grid.cells[1].cell_id], [grid.cells[0].cell_id, grid.cells[2].cell_id]])
 
 
-def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tmp_path):
+def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tmp_path, monkeypatch):
     """Two packed cells with offline W&B, the longer one failing in its last round: each
     cell's folder holds one W&B run with its name and its own per-round accuracy; the cell
     that finished first is marked finished with its final numbers, the failed one failed."""
@@ -190,6 +191,10 @@ def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tm
     from fedbench.grid import load_grid
     from fedbench.together import run_configs
 
+    import os
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")] + ["WANDB_MODE", "WANDB_DATA_DIR"]:
+        monkeypatch.delenv(key, raising=False)  # W&B's variables, set for these cells, restored after the test
     path = packed_grid(tiny_root, tmp_path, {**AXES, "attack": ["badnets"]}, wandb={"mode": "offline"})
     cells = load_grid(path, str(tmp_path / "out")).cells
     paths = []
@@ -222,7 +227,23 @@ def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tm
         assert [r.exit.exit_code for r in records if r.HasField("exit")] == [exit_code]
         summary = wandb_summary(records)
         if exit_code == 0:
+            assert json.loads((folder / "summary.json").read_text())["local_training"] == "cohort", "packed"
             final = json.loads((folder / "summary.json").read_text())["final"]
             assert summary["final/A"] == pytest.approx(final["A"]) and summary["final/ASR"] == pytest.approx(final["ASR"])
         else:
             assert "final/A" not in summary and not (folder / "summary.json").exists()
+
+
+def test_a_pack_of_one_cell_runs_as_the_cell_alone(tiny_root, tmp_path, monkeypatch):
+    """A retried cell, or the last of a group, runs as ``fedbench run`` would run it, where
+    train.cohort=auto trains sequentially what a cohort cannot (a model with Dropout)."""
+    import fedbench.cell_packs as cell_packs
+    from fedbench.grid import load_grid
+
+    cells = load_grid(packed_grid(tiny_root, tmp_path, AXES), str(tmp_path / "out")).cells
+    alone: list[str] = []
+    monkeypatch.setattr(cell_packs, "run_cell_isolated", lambda cell, cell_dir, jobs, running: alone.append(cell.cell_id))
+    monkeypatch.setattr(cell_packs, "run_process", lambda *args: pytest.fail("a pack process for one cell"))
+    (tmp_path / "one").mkdir()
+    cell_packs.run_pack_isolated(cells[:1], [tmp_path / "one"], 1, None)
+    assert alone == [cells[0].cell_id]
