@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -31,13 +31,18 @@ def evaluate(
     all test images (the published SDFC/FDCR count). Both None for attacks without a trigger.
     """
     device = test.labels.device
-    # Only one process evaluates the global model, so the metrics must not sync across processes.
+    # Only one process evaluates the global model, so the metrics must not sync across
+    # processes; nor with the host per batch (input checks, NaN filtering, boolean masks:
+    # each a wait for the GPU), so that a GPU runs the batches back to back. A NaN loss
+    # stays NaN (a model that gives one says so).
     local = {"sync_on_compute": False}
-    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", **local).to(device)
-    loss = MeanMetric(**local).to(device)
-    asr = MeanMetric(**local).to(device)
-    asr_all = MeanMetric(**local).to(device)
-    counted_non_target = False  # a test set of target-class images only has no non-target ASR
+    accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False, **local).to(device)
+    loss = MeanMetric(nan_strategy="disable", **local).to(device)
+    asr_all = MeanMetric(nan_strategy="disable", **local).to(device)
+    # ASR over non-target images as two sums, not boolean indexing (a host sync) nor a
+    # weighted MeanMetric (torchmetrics 1.9 drops the weights under nan_strategy="disable")
+    non_target_hits = SumMetric(nan_strategy="disable", **local).to(device)
+    non_target_images = SumMetric(nan_strategy="disable", **local).to(device)
     backdoor = attack if isinstance(attack, BackdoorAttack) else None
     was_training = model.training
     model.eval()
@@ -56,15 +61,15 @@ def evaluate(
                 predicted = model(triggered.contiguous(memory_format=memory_format)).argmax(dim=1)
             hit = (predicted == backdoor.target_label).float()
             asr_all.update(hit)
-            non_target = labels != backdoor.target_label
-            if non_target.any():
-                asr.update(hit[non_target])
-                counted_non_target = True
+            non_target = (labels != backdoor.target_label).float()
+            non_target_hits.update(hit * non_target)
+            non_target_images.update(non_target)
     model.train(was_training)
+    counted = float(non_target_images.compute()) if backdoor is not None else 0.0  # 0: target-class images only
     return {
         "clean_acc": 100.0 * float(accuracy.compute()),
         "clean_loss": float(loss.compute()),
-        "asr": 100.0 * float(asr.compute()) if backdoor is not None and counted_non_target else None,
+        "asr": 100.0 * float(non_target_hits.compute()) / counted if counted > 0 else None,
         "asr_all": 100.0 * float(asr_all.compute()) if backdoor is not None else None,
     }
 

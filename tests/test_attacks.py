@@ -157,6 +157,54 @@ def test_asr_is_reported_over_non_target_images_and_over_all_images():
     assert result["asr_all"] == pytest.approx(10.0), "the published count: the 10 target-class images hit"
 
 
+class FollowsTheTriggerOnOddLabels(torch.nn.Module):
+    """Predicts the target (2) for a triggered image (any pixel but (16, 16) not black) whose
+    written label (pixel (16, 16), as :class:`LabelReader` reads it) is odd; else the written
+    label. One-hot by scatter: ``F.one_hot`` reads its input's range (a host sync)."""
+
+    def forward(self, x):
+        labels = torch.round((x[:, 0, 16, 16] * STD + MEAN) * 255).long()
+        rest = x.clone()
+        rest[:, :, 16, 16] = -MEAN / STD
+        triggered = (rest - (-MEAN / STD)).abs().flatten(1).amax(dim=1) > 1e-3
+        predicted = torch.where(triggered & (labels % 2 == 1), 2, labels)
+        return torch.zeros(len(x), 10).scatter_(1, predicted[:, None], 1.0)
+
+
+def test_asr_counts_non_target_images_across_batches_and_is_none_without_any():
+    """Batches of 10 images of one class each (one batch holds only target-class images):
+    the 50 odd-labelled images of 90 non-target ones are hit, ASR 55.6; of all 100, those 50
+    and the 10 target-class images (predicted as what they are), 60."""
+    labels = torch.arange(10).repeat_interleave(10)
+    images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
+    images[:, 0, 16, 16] = labels.to(torch.uint8)
+    attack = ready(PixelPattern(target_label=2))
+    result = evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
+                      batch_size=10)
+    assert result["clean_acc"] == pytest.approx(100.0)
+    assert result["asr"] == pytest.approx(100.0 * 50 / 90) and result["asr_all"] == pytest.approx(60.0)
+    target_only = ImageSet(images[labels == 2], labels[labels == 2])
+    result = evaluate(FollowsTheTriggerOnOddLabels(), target_only, attack.env.pipeline, attack, 10, batch_size=4)
+    assert result["asr"] is None and result["asr_all"] == pytest.approx(100.0), "no non-target image: no ASR"
+
+
+def test_evaluation_waits_for_the_device_a_fixed_few_times_however_many_batches():
+    """Host syncs (``.item()``-like reads and boolean masks, each a wait for a GPU), counted
+    by torch's profiler on CPU: the four results at the end and one count, not a few per
+    batch (84 for Fashion-MNIST's 10 batches before 2026-11-26)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    labels = torch.arange(10).repeat_interleave(10)
+    images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
+    images[:, 0, 16, 16] = labels.to(torch.uint8)
+    attack = ready(PixelPattern(target_label=2))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
+                 batch_size=10)
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::_local_scalar_dense") <= 5 and "aten::nonzero" not in names, names.count("aten::_local_scalar_dense")
+
+
 def test_every_attack_is_registered_under_its_cli_name():
     assert set(ATTACKS.names()) >= {"none", "badnets", "pixel_pattern", "blended", "dba", "nan_update", "huge_update"}
 
