@@ -444,14 +444,13 @@ def bucket_rows(live: list[int], clients: int) -> list[int]:
     return sorted(live + riders)
 
 
-def trains_as_cohort(config: LocalTrainConfig, device: torch.device, precision: str, model: nn.Module) -> bool:
+def trains_as_cohort(config: LocalTrainConfig, device: torch.device, cannot: str | None) -> bool:
     """Whether a run trains each round's clients as one cohort: ``train.cohort`` when true or
     false; ``auto``: yes on CUDA or with ``train.compile`` set, unless the cohort cannot
-    train the run (:func:`cohort_cannot_train`: then sequentially, as on a CPU)."""
+    train the run (``cannot``, from :func:`cohort_cannot_train`: then sequentially, as on a CPU)."""
     if config.cohort != "auto":
         return bool(config.cohort)
-    wanted = device.type == "cuda" or config.compile is not None
-    return wanted and cohort_cannot_train(model, precision) is None
+    return (device.type == "cuda" or config.compile is not None) and cannot is None
 
 
 def cohort_cannot_train(model: nn.Module, precision: str) -> str | None:

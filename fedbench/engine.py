@@ -266,7 +266,7 @@ class FederatedRun:
         if exp.train.compile is not None and cannot is not None:
             raise ConfigError([("train.compile", exp.train.compile,
                                 f"None for this run: it compiles a cohort, which cannot train it ({cannot})")])
-        self.cohort = trains_as_cohort(exp.train, self.device, exp.fabric.precision, model)
+        self.cohort = trains_as_cohort(exp.train, self.device, cannot)
         self.cohort_trainer = CohortTrainer(self.trainer)
         self._cohort_models: list[nn.Module] = []
 

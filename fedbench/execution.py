@@ -64,5 +64,5 @@ def execute(exp) -> dict | None:
         summary = FederatedRun(exp, fabric).run()
     finally:
         if main:
-            close_loggers(loggers, summary["final"] if summary is not None else None)
+            close_loggers(loggers, summary)
     return summary if main else None

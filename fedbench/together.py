@@ -113,8 +113,8 @@ def run_configs(paths: list[str]) -> list[dict]:
         return run_together(runs)
     finally:
         for exp, exp_loggers in zip(exps, loggers):
-            summary = read_summary(exp.run_dir)  # written as the cell ends, before any later fault of the pack
-            close_loggers(exp_loggers, summary["final"] if summary is not None else None)
+            # a cell's summary is written as it ends, before any later fault of the pack
+            close_loggers(exp_loggers, read_summary(exp.run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,14 +88,15 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, hyperparams:
     return logger
 
 
-def close_loggers(loggers: list, final: dict | None) -> None:
-    """Finalize a run's loggers. Its W&B run gets ``final`` (the summary's final numbers)
-    as ``final/<key>`` in its W&B summary and is finished through its own run object;
-    ``final=None`` (the run did not finish) marks the W&B run failed (exit code 1). A run
+def close_loggers(loggers: list, summary: dict | None) -> None:
+    """Finalize a run's loggers. Its W&B run gets the ``summary``'s final numbers as
+    ``final/<key>`` in its W&B summary and is finished through its own run object;
+    ``summary=None`` (the run did not finish) marks the W&B run failed (exit code 1). A run
     that failed before it logged anything gets no W&B run. A logger that cannot be closed
     says so on stderr: it neither hides the run's own error nor keeps the others open."""
     import sys
 
+    final = summary["final"] if summary is not None else None
     for logger in loggers:
         try:
             logger.finalize("success" if final is not None else "failed")

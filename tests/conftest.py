@@ -237,3 +237,15 @@ def wandb_history(records) -> list[dict]:
 def wandb_summary(records) -> dict:
     """A W&B run's summary: every summary update of its records, the last value of each key."""
     return {k: v for r in records if r.HasField("summary") for k, v in _items(r.summary.update).items()}
+
+
+@pytest.fixture
+def wandb_environment(monkeypatch):
+    """W&B's environment variables (a run sets its mode and folders there) restored after the test."""
+    for key in [k for k in os.environ if k.startswith("WANDB_")] + ["WANDB_MODE", "WANDB_DATA_DIR"]:
+        monkeypatch.delenv(key, raising=False)
+
+
+def wandb_exit_codes(records) -> list[int]:
+    """The exit codes a W&B run's records hold (one when it was finished: 0 finished, 1 failed)."""
+    return [r.exit.exit_code for r in records if r.HasField("exit")]

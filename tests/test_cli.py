@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from attacks import ATTACKS
-from conftest import wandb_records, wandb_summary
+from conftest import wandb_exit_codes, wandb_records, wandb_summary
 from defenses import DEFENSES
 from fedbench.cli import main
 
@@ -139,7 +139,7 @@ def test_wandb_offline_files_live_under_the_run_folder(tiny_root, tmp_path):
     assert not (home / ".cache" / "wandb").exists() and not (home / ".config" / "wandb").exists()
     final = json.loads((tmp_path / "runs" / "cell" / "summary.json").read_text())["final"]
     records = wandb_records(run_file)
-    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0], "finished, not failed"
+    assert wandb_exit_codes(records) == [0], "finished, not failed"
     assert wandb_summary(records)["final/A"] == pytest.approx(final["A"])
 
 

@@ -258,7 +258,7 @@ def test_a_cohort_refuses_16_mixed_and_names_models_it_cannot_vmap(tiny_root, tm
 
 
 def test_auto_trains_as_a_cohort_on_a_gpu_or_compiled_and_sequentially_on_a_cpu(tiny_root, tmp_path):
-    from fedbench.cohort import trains_as_cohort
+    from fedbench.cohort import cohort_cannot_train, trains_as_cohort
 
     plain = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
@@ -274,7 +274,8 @@ def test_auto_trains_as_a_cohort_on_a_gpu_or_compiled_and_sequentially_on_a_cpu(
         (False, None, cuda, "32-true", plain, False)]
     for cohort, compile_mode, device, precision, model, expected in cases:
         config = LocalTrainConfig(cohort=cohort, compile=compile_mode)
-        assert trains_as_cohort(config, device, precision, model) is expected, (cohort, compile_mode, device, precision)
+        chosen = trains_as_cohort(config, device, cohort_cannot_train(model, precision))
+        assert chosen is expected, (cohort, compile_mode, device, precision)
     run = FederatedRun(tiny_experiment(tiny_root, tmp_path, train=LocalTrainConfig(local_steps=2, batch_size=32)))
     assert LocalTrainConfig().cohort == "auto" and run.cohort is (run.device.type == "cuda"), "a cohort on a GPU only"
     assert LocalTrainConfig(cohort="sometimes").problems() == [("train.cohort", "sometimes", "true, false or auto")]

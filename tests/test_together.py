@@ -9,7 +9,7 @@ import torch
 
 from attacks.badnets import BadNets
 from attacks.pixel_pattern import PixelPattern
-from conftest import tiny_experiment, wandb_history, wandb_records, wandb_summary
+from conftest import tiny_experiment, wandb_exit_codes, wandb_history, wandb_records, wandb_summary
 from defenses.median import Median
 from defenses.sdfc import SDFC
 from fedbench.client import LocalTrainConfig
@@ -180,7 +180,7 @@ def test_a_cell_that_failed_before_is_retried_in_a_pack_of_its_own(tiny_root, tm
     assert sorted(packs) == sorted([[grid.cells[1].cell_id], [grid.cells[0].cell_id, grid.cells[2].cell_id]])
 
 
-def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tmp_path, monkeypatch):
+def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tmp_path, wandb_environment):
     """Two packed cells with offline W&B, the longer one failing in its last round: each
     cell's folder holds one W&B run with its name and its own per-round accuracy; the cell
     that finished first is marked finished with its final numbers, the failed one failed."""
@@ -191,10 +191,6 @@ def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tm
     from fedbench.grid import load_grid
     from fedbench.together import run_configs
 
-    import os
-
-    for key in [k for k in os.environ if k.startswith("WANDB_")] + ["WANDB_MODE", "WANDB_DATA_DIR"]:
-        monkeypatch.delenv(key, raising=False)  # W&B's variables, set for these cells, restored after the test
     path = packed_grid(tiny_root, tmp_path, {**AXES, "attack": ["badnets"]}, wandb={"mode": "offline"})
     cells = load_grid(path, str(tmp_path / "out")).cells
     paths = []
@@ -224,7 +220,7 @@ def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tm
         logged = {row["trainer/global_step"]: row["clean_acc"] for row in wandb_history(records) if "clean_acc" in row}
         expected = [json.loads(line)["clean_acc"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
         assert logged == dict(enumerate(expected)) and len(expected) == 2, cell.cell_id
-        assert [r.exit.exit_code for r in records if r.HasField("exit")] == [exit_code]
+        assert wandb_exit_codes(records) == [exit_code]
         summary = wandb_summary(records)
         if exit_code == 0:
             assert json.loads((folder / "summary.json").read_text())["local_training"] == "cohort", "packed"

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from conftest import tiny_experiment
 
 
 def test_a_run_that_fails_before_it_logs_gets_no_w_and_b_run_and_keeps_its_own_error(tiny_root, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, wandb_environment):
     from fedbench.engine import FederatedRun
     from fedbench.execution import execute
     from fedbench.tracking import WandbConfig
-
-    for key in [k for k in os.environ if k.startswith("WANDB_")] + ["WANDB_MODE"]:
-        monkeypatch.delenv(key, raising=False)  # W&B's variables, set for this run, restored after the test
 
     def fails(self, exp, fabric=None):
         raise RuntimeError("set-up fails")
