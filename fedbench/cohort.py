@@ -134,8 +134,8 @@ class CohortTrainer:
                        optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
         """For a compiled cohort: a step computes a fixed number of rows (:func:`bucket_rows`:
         all K, or ceil(K/2) or ceil(K/4) once that many clients are done), so graphs of at
-        most three sizes (two graphs each: batches and step) serve every round (a cohort that shrinks client by client compiles one per
-        size it passes through). A client whose epochs are done rides along where its row
+        most three sizes (two graphs each: batches and step) serve every round (a cohort that
+        shrinks client by client compiles one per size it passes through). A client whose epochs are done rides along where its row
         pads the bucket: its loss is masked out of the step (zero gradient, not counted) and
         its parameters and buffers, which weight decay, momentum and BatchNorm would still
         move, are set aside when it finishes and put back at the round's end. Each step is

@@ -202,7 +202,8 @@ def test_evaluation_waits_for_the_device_a_fixed_few_times_however_many_batches(
         evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
                  batch_size=10)
     names = [event.name for event in prof.events()]
-    assert names.count("aten::_local_scalar_dense") <= 5 and "aten::nonzero" not in names, names.count("aten::_local_scalar_dense")
+    reads = names.count("aten::_local_scalar_dense")
+    assert reads <= 5 and "aten::nonzero" not in names, reads
 
 
 def test_every_attack_is_registered_under_its_cli_name():

@@ -225,7 +225,8 @@ def test_cells_trained_together_log_to_w_and_b_each_as_its_own_run(tiny_root, tm
         if exit_code == 0:
             assert json.loads((folder / "summary.json").read_text())["local_training"] == "cohort", "packed"
             final = json.loads((folder / "summary.json").read_text())["final"]
-            assert summary["final/A"] == pytest.approx(final["A"]) and summary["final/ASR"] == pytest.approx(final["ASR"])
+            assert summary["final/A"] == pytest.approx(final["A"])
+            assert summary["final/ASR"] == pytest.approx(final["ASR"])
         else:
             assert "final/A" not in summary and not (folder / "summary.json").exists()
 
@@ -238,7 +239,8 @@ def test_a_pack_of_one_cell_runs_as_the_cell_alone(tiny_root, tmp_path, monkeypa
 
     cells = load_grid(packed_grid(tiny_root, tmp_path, AXES), str(tmp_path / "out")).cells
     alone: list[str] = []
-    monkeypatch.setattr(cell_packs, "run_cell_isolated", lambda cell, cell_dir, jobs, running: alone.append(cell.cell_id))
+    monkeypatch.setattr(cell_packs, "run_cell_isolated",
+                        lambda cell, cell_dir, jobs, running: alone.append(cell.cell_id))
     monkeypatch.setattr(cell_packs, "run_process", lambda *args: pytest.fail("a pack process for one cell"))
     (tmp_path / "one").mkdir()
     cell_packs.run_pack_isolated(cells[:1], [tmp_path / "one"], 1, None)

@@ -57,8 +57,8 @@ def main(argv=None) -> str:
                          t["round"]])
     text = (f"### Paper-protocol round {args.round} (Fashion-MNIST, 10 clients, E = {args.epochs}), seconds, "
             f"{machine()}\n\n"
-            + table(["defense", "clients trained", "local training", "client hooks (Fisher)", "hooks / training", "aggregation",
-                     "evaluation", "round"], rows))
+            + table(["defense", "clients trained", "local training", "client hooks (Fisher)", "hooks / training",
+                     "aggregation", "evaluation", "round"], rows))
     print(text, flush=True)
     return text
 
