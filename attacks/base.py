@@ -285,7 +285,8 @@ class BatchPoisoning:
     """Applied by the client to every training batch it builds, on the device."""
 
     def apply(self, images: Tensor, labels: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Poison the batch made of the client's samples ``index`` (already normalised)."""
+        """Poison the batch made of the client's samples ``index`` (already normalised).
+        Each sample on its own: the samples given may be several batches' at once."""
         raise NotImplementedError
 
 

@@ -19,7 +19,7 @@ client is asked to run. A malicious client runs what the attack makes of it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -147,6 +147,15 @@ class QuadraticPull:
         return self.weight * sum(((p - q).pow(2) * d).sum() for p, q, d in zip(self.params, self.anchor, self.scale))
 
 
+class HookCall(NamedTuple):
+    """The arguments of one client's :meth:`ClientHook.before_training` (or ``after_training``)."""
+
+    client: "ClientInfo"
+    model: nn.Module
+    local_batches: Batches
+    server_batches: Batches | None
+
+
 class ClientHook:
     """Client-side work a defense asks for. Methods run on the client, around local training.
 
@@ -158,6 +167,8 @@ class ClientHook:
     :meth:`state_dict` makes it part of checkpoints. With ``train.cohort`` every selected
     client's :meth:`before_training` runs before any of them trains (sequentially: right
     before its own training), each on its own copy of the model: keep state per client.
+    The engine calls :meth:`before_training_together` and :meth:`after_training_together`
+    with every client of a cohort that runs this hook (sequentially: with one client).
     """
 
     upload_keys: tuple[str, ...] = ()
@@ -176,11 +187,24 @@ class ClientHook:
         a cohort then computes it for all its clients at once)."""
         return None
 
+    def before_training_together(self, calls: list[HookCall]) -> list[Callable[[], Tensor] | None]:
+        """:meth:`before_training` of several clients (those that run this hook, each on its
+        own model: a cohort's, or one client alone): one after another here; a hook whose
+        work vectorises across clients overrides this to return the same terms from one pass."""
+        return [self.before_training(*call) for call in calls]
+
     def after_training(
         self, client: "ClientInfo", model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
         """Called with the trained model; returns the scalar uploads named in ``upload_keys``."""
         return {}
+
+    def after_training_together(self, calls: list[HookCall]) -> list[dict[str, Tensor]]:
+        """:meth:`after_training` of several clients (a cohort's, or one client alone), each on
+        its own model: one after another here; a hook whose work vectorises across clients
+        (SDFC's Fisher) overrides this to return the same uploads from one pass. The engine
+        calls the ``*_together`` methods only."""
+        return [self.after_training(*call) for call in calls]
 
     def state_dict(self) -> dict[str, Any]:
         return {}

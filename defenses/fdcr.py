@@ -10,9 +10,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import ClientInfo
-from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, RoundContext, \
-    sample_weights
-from fedbench.fisher import FisherEstimator, diagonal_fisher
+from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, HookCall, \
+    RoundContext, sample_weights
+from fedbench.fisher import FisherEstimator, cohort_fishers
 
 FISHER = "fdcr_fisher"
 
@@ -43,8 +43,13 @@ class FDCRClientHook(ClientHook):
     def after_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
-        fisher = diagonal_fisher(model, local_batches(), self.estimator)
-        return {FISHER: torch.cat([f.reshape(-1) for f in fisher])}
+        return self.after_training_together([HookCall(client, model, local_batches, server_batches)])[0]
+
+    def after_training_together(self, calls: list[HookCall]) -> list[dict[str, Tensor]]:
+        """Every client's Fisher (a cohort's computed together, :func:`~fedbench.fisher.cohort_fishers`)."""
+        fishers = cohort_fishers([call.model for call in calls], [call.local_batches() for call in calls],
+                                 self.estimator)
+        return [{FISHER: torch.cat([f.reshape(-1) for f in fisher])} for fisher in fishers]
 
 
 @DEFENSES.register("fdcr")

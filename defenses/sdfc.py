@@ -10,21 +10,22 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import ClientInfo
-from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, QuadraticPull, \
-    RoundContext, none_excluded, sample_weights
-from fedbench.fisher import FisherEstimator, diagonal_fisher
+from defenses.base import DEFENSES, Aggregate, Batches, ClientHook, Defense, DefenseSetup, HookCall, \
+    QuadraticPull, RoundContext, none_excluded, sample_weights
+from fedbench.fisher import FisherEstimator, cohort_fishers
 from fedbench.params import trainable_parameters
 
 SCORE = "sdfc_score"
 
 
-def fisher_difference(
-    model: nn.Module, local_batches: Batches, server_batches: Batches, estimator: FisherEstimator
-) -> list[Tensor]:
-    """``Delta = |F(w, D_local) - F(w, D_val)|`` per parameter tensor."""
-    local = diagonal_fisher(model, local_batches(), estimator)
-    validation = diagonal_fisher(model, server_batches(), estimator)
-    return [(a - b).abs() for a, b in zip(local, validation)]
+def fisher_differences(models: list[nn.Module], local_batches: list[Batches], server_batches: list[Batches],
+                       estimator: FisherEstimator) -> list[list[Tensor]]:
+    """``Delta_k = |F(w_k, D_k) - F(w_k, D_val)|`` per parameter tensor, for each client's
+    model ``w_k``; several clients' together (:func:`~fedbench.fisher.cohort_fishers`: one
+    vectorised pass per batch step), one client as :func:`~fedbench.fisher.diagonal_fisher`."""
+    local = cohort_fishers(models, [batches() for batches in local_batches], estimator)
+    validation = cohort_fishers(models, [batches() for batches in server_batches], estimator)
+    return [[(a - b).abs() for a, b in zip(mine, theirs)] for mine, theirs in zip(local, validation)]
 
 
 def difference_score(delta: list[Tensor]) -> Tensor:
@@ -74,26 +75,37 @@ class SDFCClientHook(ClientHook):
     def before_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> Callable[[], Tensor] | None:
+        return self.before_training_together([HookCall(client, model, local_batches, server_batches)])[0]
+
+    def before_training_together(self, calls: list[HookCall]) -> list[Callable[[], Tensor] | None]:
         defense = self.defense
         if defense.mode == "weights_only" or defense.calibration_lambda == 0:
-            return None
-        if not self.is_fresh(client):
-            # First participation (round 0 in the paper) or stale state: Delta and theta_prev
-            # of the current global model, which is loaded now.
-            assert server_batches is not None
-            delta = fisher_difference(model, local_batches, server_batches, defense.estimator)
-            self._store(client, model, delta)
-        delta, previous = self.delta[client.client_id], self.previous[client.client_id]
-        params = trainable_parameters(model)
-        return QuadraticPull(params, previous, delta, defense.calibration_lambda)
+            return [None] * len(calls)
+        # First participation (round 0 in the paper) or stale state: Delta and theta_prev of
+        # the current global model, which is loaded now.
+        self._compute_and_store([call for call in calls if not self.is_fresh(call.client)])
+        return [QuadraticPull(trainable_parameters(call.model), self.previous[call.client.client_id],
+                              self.delta[call.client.client_id], defense.calibration_lambda) for call in calls]
 
     def after_training(
         self, client: ClientInfo, model: nn.Module, local_batches: Batches, server_batches: Batches | None
     ) -> dict[str, Tensor]:
-        assert server_batches is not None
-        delta = fisher_difference(model, local_batches, server_batches, self.defense.estimator)
-        self._store(client, model, delta)
-        return {SCORE: difference_score(delta)}
+        return self.after_training_together([HookCall(client, model, local_batches, server_batches)])[0]
+
+    def after_training_together(self, calls: list[HookCall]) -> list[dict[str, Tensor]]:
+        return [{SCORE: difference_score(delta)} for delta in self._compute_and_store(calls)]
+
+    def _compute_and_store(self, calls: list[HookCall]) -> list[list[Tensor]]:
+        """Delta of each call's client at its model (the clients' Fisher matrices computed
+        together), stored with the model as the client's anchor."""
+        if not calls:
+            return []
+        assert all(call.server_batches is not None for call in calls)
+        deltas = fisher_differences([call.model for call in calls], [call.local_batches for call in calls],
+                                    [call.server_batches for call in calls], self.defense.estimator)
+        for call, delta in zip(calls, deltas):
+            self._store(call.client, call.model, delta)
+        return deltas
 
     def state_dict(self) -> dict[str, Any]:
         return {

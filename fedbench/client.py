@@ -115,18 +115,22 @@ def raw_batches(
     train: bool = True,
     shuffle: bool = True,
     drop_last: bool = True,
+    chunk: int = 1,
 ) -> Iterator[RawBatch]:
-    """One epoch of batches. Its sample order and its augmentation draws are made at its
-    start (:func:`epoch_order`), so a client's batches are the same whether they are
-    finished one by one, together with other clients', or gathered for a whole cohort."""
+    """One epoch of batches, ``chunk`` batches at a time as one RawBatch (their samples in
+    order). Its sample order and its augmentation draws are made at its start
+    (:func:`epoch_order`), so a client's batches are the same whether they are finished
+    one by one, several at a time, together with other clients', or gathered for a whole
+    cohort."""
     order, draws, sizes = epoch_order(len(data), pipeline, batch_size, generator, data.labels.device,
                                       train=train, shuffle=shuffle, drop_last=drop_last)
     start = 0
-    for size in sizes:
-        index = order[start : start + size]
-        batch_draws = draws.slice(start, start + size) if draws is not None else None
-        yield RawBatch(data.images[index], data.labels[index], index, batch_draws)
-        start += size
+    for first in range(0, len(sizes), chunk):
+        stop = start + sum(sizes[first:first + chunk])
+        index = order[start:stop]
+        yield RawBatch(data.images[index], data.labels[index], index,
+                       draws.slice(start, stop) if draws is not None else None)
+        start = stop
 
 
 def epoch_order(n: int, pipeline: ImagePipeline, batch_size: int, generator: torch.Generator | None,
@@ -142,11 +146,19 @@ def epoch_order(n: int, pipeline: ImagePipeline, batch_size: int, generator: tor
 
 
 def iterate_batches(data: ImageSet, pipeline: ImagePipeline, batch_size: int, generator: torch.Generator | None,
-                    *, poison: BatchPoisoning | None = None, **epoch: bool) -> Iterator[tuple[Tensor, Tensor]]:
+                    *, poison: BatchPoisoning | None = None, chunk: int = 1,
+                    **epoch: bool) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of model-ready ``(inputs, labels)`` batches, built on the data's device
-    (``epoch``: :func:`raw_batches`'s ``train``, ``shuffle`` and ``drop_last``)."""
-    for raw in raw_batches(data, pipeline, batch_size, generator, **epoch):
-        yield finished(pipeline, raw, poison)
+    (``epoch``: :func:`raw_batches`'s ``train``, ``shuffle`` and ``drop_last``).
+
+    ``chunk`` batches are built at a time (one gather, one pipeline pass, one poisoning)
+    and handed out one by one: on a GPU a batch then costs a few launches per chunk, not
+    a dozen per batch. The batches are the same bit for bit whatever ``chunk`` (every
+    step of the pipeline and of a poisoning is per sample; only an epoch's last batch
+    can be short)."""
+    for raw in raw_batches(data, pipeline, batch_size, generator, chunk=chunk, **epoch):
+        inputs, labels = finished(pipeline, raw, poison)
+        yield from zip(inputs.split(batch_size), labels.split(batch_size))
 
 
 def finished(pipeline: ImagePipeline, raw: RawBatch, poison: BatchPoisoning | None) -> tuple[Tensor, Tensor]:

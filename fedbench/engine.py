@@ -39,7 +39,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import AttackSetup, ClientInfo, ServerView
-from defenses.base import Aggregate, ClientHook, FinalView, RoundContext
+from defenses.base import Aggregate, ClientHook, FinalView, HookCall, RoundContext
 from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, iterate_batches
@@ -56,6 +56,10 @@ from fedbench.partition import class_counts, partition_clients
 from fedbench.results import METRICS, SUMMARY, append_jsonl, write_json_atomic, write_jsonl
 from fedbench.screening import check_size, screen_updates
 from fedbench.seeding import derive_seed, numpy_rng, seed_table, torch_generator
+
+# Batches a client hook's batch iterators build at a time (see iterate_batches): 16 of 64
+# images of 3x32x32 are 12.6 MB, and a GPU pays a batch's data launches once per 16 batches.
+HOOK_BATCH_CHUNK = 16
 
 
 @dataclass
@@ -192,8 +196,29 @@ def train_in_one_cohort(runs: list["FederatedRun"], clients: list[list[ClientInf
     for run, run_jobs in zip(runs, jobs):
         mine_trained = trained[position:position + len(run_jobs)]
         position += len(run_jobs)
-        results.append([run.finish_client(job, result, share) for job, result in zip(run_jobs, mine_trained)])
+        results.append(run.finish_clients(run_jobs, mine_trained, [share] * len(run_jobs)))
     return results
+
+
+def protocol_uploads(jobs: list[ClientJob]) -> list[dict[str, Tensor]]:
+    """Each client's uploads from its defense protocol's ``after_training_together``."""
+    uploads: list[dict[str, Tensor]] = [{} for _ in jobs]
+    for protocol, members, calls in by_protocol(jobs):
+        for position, sent in zip(members, protocol.after_training_together(calls)):
+            uploads[position] = sent
+    return uploads
+
+
+def by_protocol(jobs: list[ClientJob]) -> list[tuple[ClientHook, list[int], list[HookCall]]]:
+    """The jobs grouped by the defense protocol object they run (the honest clients share
+    the defense's; an adaptive attacker runs its own): each group's protocol, its jobs'
+    positions and their hook calls, for the protocol's ``*_together`` methods."""
+    groups: dict[int, list[int]] = {}
+    for position, job in enumerate(jobs):
+        if job.protocol is not None:
+            groups.setdefault(id(job.protocol), []).append(position)
+    return [(jobs[members[0]].protocol, members, [HookCall(jobs[i].client, jobs[i].model, *jobs[i].batches)
+                                                  for i in members]) for members in groups.values()]
 
 
 @dataclass
@@ -322,11 +347,11 @@ class FederatedRun:
     def train_client(self, client: ClientInfo) -> ClientResult:
         """One client's local training from the global model, with the attack's and the
         defense's client-side hooks; returns what it sends."""
-        job = self.prepare_client(client, self.model)
+        job = self.prepare_clients([client], [self.model])[0]
         started = time.perf_counter()
         result = self.trainer.train(job.data, job.generator, job.plan, regularizer=job.regularizer,
                                     after_step=job.after_step)
-        return self.finish_client(job, result, time.perf_counter() - started)
+        return self.finish_clients([job], [result], [time.perf_counter() - started])[0]
 
     def train_cohort(self, clients: list[ClientInfo]) -> list[ClientResult]:
         """The clients trained together (see fedbench.cohort), each on its own copy of the
@@ -338,32 +363,56 @@ class FederatedRun:
         """The clients prepared for a cohort, each on its own copy of the model."""
         while len(self._cohort_models) < len(clients):
             self._cohort_models.append(copy.deepcopy(self.model))
-        return [self.prepare_client(c, m) for c, m in zip(clients, self._cohort_models)]
+        return self.prepare_clients(clients, self._cohort_models[:len(clients)])
 
-    def prepare_client(self, client: ClientInfo, model: nn.Module) -> ClientJob:
-        """Load the global model into ``model`` and run the hooks that come before training."""
+    def prepare_clients(self, clients: list[ClientInfo], models: list[nn.Module]) -> list[ClientJob]:
+        """Load the global model into each client's model and run the hooks that come before
+        training: the defense's protocol for all the clients at once (its
+        ``before_training_together``), then each attacking client's hooks. Each client is
+        charged an equal share of the hooks' time."""
+        jobs = [self.client_job(client, model) for client, model in zip(clients, models)]
+        started = time.perf_counter()
+        defense_terms: list = [None] * len(jobs)
+        for protocol, members, calls in by_protocol(jobs):
+            for position, term in zip(members, protocol.before_training_together(calls)):
+                defense_terms[position] = term
+        for job, defense_term in zip(jobs, defense_terms):
+            attack_term, job.after_step = self._attack_training_hooks(job.client, job.model)
+            job.regularizer = sum_of_terms(defense_term, attack_term)
+        share = (time.perf_counter() - started) / max(len(jobs), 1)
+        for job in jobs:
+            job.time_hook = share
+        return jobs
+
+    def client_job(self, client: ClientInfo, model: nn.Module) -> ClientJob:
+        """``client``'s job with the global model loaded into ``model``, before any hook."""
         attack, data = self.exp.attack, self.client_sets[client.client_id]
         plan = attack.poison_plan(client, len(data))
         self.layout.load(model, self.global_params)
         self.layout.load_buffers(model, self.global_buffers)
         generator = torch_generator(self.seed, "train", client.round, client.client_id, device=self.device)
-        protocol = self.protocol_of(client)
-        batches = self._hook_batches(client, data, plan)
-        started = time.perf_counter()
-        defense_term = protocol.before_training(client, model, *batches) if protocol else None
-        attack_term, after_step = self._attack_training_hooks(client, model)
-        time_hook = time.perf_counter() - started  # the defense's and the attack's hooks
-        return ClientJob(client, model, data, generator, plan, protocol, batches,
-                         sum_of_terms(defense_term, attack_term), after_step, time_hook)
+        return ClientJob(client, model, data, generator, plan, self.protocol_of(client),
+                         self._hook_batches(client, data, plan), regularizer=None, after_step=None, time_hook=0.0)
 
-    def finish_client(self, job: ClientJob, result: LocalResult, time_train: float) -> ClientResult:
-        """The hooks after training, and the update the client sends."""
-        client, model, attack = job.client, job.model, self.exp.attack
+    def finish_clients(self, jobs: list[ClientJob], results: list[LocalResult],
+                       time_train: list[float]) -> list[ClientResult]:
+        """The hooks after training, and the updates the clients send: the attack's hook of
+        every attacking client, then the defense's protocol for all of them at once
+        (:func:`protocol_uploads`), then each client's update. Each client is charged an
+        equal share of the hooks' time."""
         started = time.perf_counter()
-        if client.attacking:
-            attack.after_training(client, model)
-        uploads = job.protocol.after_training(client, model, *job.batches) if job.protocol else {}
-        time_hook = job.time_hook + time.perf_counter() - started
+        for job in jobs:
+            if job.client.attacking:
+                self.exp.attack.after_training(job.client, job.model)
+        uploads = protocol_uploads(jobs)
+        share = (time.perf_counter() - started) / max(len(jobs), 1)
+        return [self.client_result(job, result, sent, seconds, job.time_hook + share)
+                for job, result, sent, seconds in zip(jobs, results, uploads, time_train)]
+
+    def client_result(self, job: ClientJob, result: LocalResult, uploads: dict[str, Tensor], time_train: float,
+                      time_hook: float) -> ClientResult:
+        """The update one client sends (as the attack crafts it) and what it reports."""
+        client, model, attack = job.client, job.model, self.exp.attack
         update = self.trained_minus(model, self.global_params)
         if client.attacking:
             update = attack.craft_update(update, client)
@@ -397,12 +446,14 @@ class FederatedRun:
 
         def local_batches(clean: bool = False):
             generator = torch_generator(*key, 1, device=self.device)
-            batches = iterate_batches(data, pipeline, batch_size, generator, poison=None if clean else plan)
+            batches = iterate_batches(data, pipeline, batch_size, generator, poison=None if clean else plan,
+                                      chunk=HOOK_BATCH_CHUNK)
             return ((prepare(x), y) for x, y in batches)
 
         def server_batches():
             generator = torch_generator(*key, 2, device=self.device)
-            return ((prepare(x), y) for x, y in iterate_batches(self.data.server, pipeline, batch_size, generator))
+            batches = iterate_batches(self.data.server, pipeline, batch_size, generator, chunk=HOOK_BATCH_CHUNK)
+            return ((prepare(x), y) for x, y in batches)
 
         return local_batches, server_batches if self.exp.defense.needs_server_data else None
 

@@ -165,3 +165,114 @@ def diagonal_fisher(
         with torch.no_grad():
             for buffer, value in zip(model.buffers(), saved):
                 buffer.copy_(value)
+
+
+# A cohort's per-sample gradients ([rows, batch, parameters] floats) are computed for at
+# most this many bytes at a time (the empirical estimator); more rows go in turns.
+PER_SAMPLE_BYTES = 2 ** 30
+
+
+def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor, Tensor]]],
+                   estimator: FisherEstimator = "published") -> list[list[Tensor]]:
+    """Every model's diagonal Fisher on its own batches (``streams[k]`` for ``models[k]``),
+    with :func:`diagonal_fisher`'s conventions, for models of one architecture computed
+    together: each step takes every model's next batch and runs one ``vmap``ped pass over
+    the stacked models (those whose batches share a shape), so a step of K models costs
+    the launches of one (a cohort's Fisher on a GPU; equal to each model alone to float
+    rounding). The models, buffers included, are left as they were. Models the cohort
+    cannot vmap (random layers, BatchNorm(momentum=None)) go one by one."""
+    from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train  # fedbench.cohort imports defenses
+
+    template = models[0]
+    if len(models) == 1 or cohort_cannot_train(template, "32-true") is not None:
+        return [diagonal_fisher(model, stream, estimator) for model, stream in zip(models, streams)]
+    if estimator not in ("empirical", "published"):
+        raise ValueError(f"fisher estimator must be 'empirical' or 'published', not {estimator!r}")
+    trainable = [name for name, p in template.named_parameters() if p.requires_grad]
+    fixed = [name for name, p in template.named_parameters() if not p.requires_grad]
+    fixed += [name for name, _ in template.named_buffers()]
+    state = [dict(model.named_parameters()) | dict(model.named_buffers()) for model in models]
+    with torch.no_grad():
+        params = {name: torch.stack([s[name] for s in state]) for name in trainable}
+        # copies: in training mode BatchNorm updates its running statistics (which the
+        # published estimator never reads) in place
+        others = {name: torch.stack([s[name] for s in state]) for name in fixed}
+    was_training = template.training
+    template.train(estimator == "published")  # as published: training mode; empirical: eval mode
+    try:
+        with batch_norm_as_tensor_ops(params[trainable[0]].device.type == "cuda"):  # cuDNN's refuses vmap
+            totals, counts = _cohort_sums(template, params, others, streams, estimator)
+    finally:
+        template.train(was_training)
+    divisors = torch.tensor([max(count, 1) for count in counts], dtype=torch.float64)
+    fishers = []
+    for total in totals.values():
+        mean = total / divisors.to(total.device, total.dtype).view(-1, *[1] * (total.ndim - 1))
+        fishers.append(mean.pow(2) if estimator == "published" else mean)
+    return [list(per_model) for per_model in zip(*(fisher.unbind(0) for fisher in fishers))]
+
+
+def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor],
+                 streams: list[Iterable[tuple[Tensor, Tensor]]],
+                 estimator: FisherEstimator) -> tuple[dict[str, Tensor], list[int]]:
+    """Per model, the sum over its batches of the batch-mean gradient (published; counts:
+    batches) or of the squared per-sample gradients (empirical; counts: samples)."""
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+    counts = [0] * len(streams)
+    iterators = [iter(stream) for stream in streams]
+    live = list(range(len(streams)))
+    device = next(iter(params.values())).device
+    rows_of: dict[tuple[int, ...], Tensor] = {}  # a device index per set of rows, made once
+    while live:
+        batches = {k: batch for k in live if (batch := next(iterators[k], None)) is not None}
+        live = list(batches)
+        for group in _same_shapes(batches):
+            index, chosen = None, (params, others)
+            if len(group) < len(streams):
+                index = rows_of.setdefault(tuple(group), torch.tensor(group, device=device))
+                chosen = ({n: p.index_select(0, index) for n, p in params.items()},
+                          {n: b.index_select(0, index) for n, b in others.items()})
+            inputs = torch.stack([batches[k][0] for k in group])
+            labels = torch.stack([batches[k][1] for k in group])
+            sums = _group_sums(template, *chosen, inputs, labels, estimator)
+            if index is None:
+                torch._foreach_add_(list(totals.values()), [sums[name] for name in totals])
+            else:
+                for name, total in totals.items():
+                    total.index_add_(0, index, sums[name])
+            for k in group:
+                counts[k] += 1 if estimator == "published" else len(batches[k][1])
+    return totals, counts
+
+
+def _same_shapes(batches: dict[int, tuple[Tensor, Tensor]]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for k, (inputs, labels) in batches.items():
+        groups.setdefault((inputs.shape, inputs.dtype, labels.shape), []).append(k)
+    return list(groups.values())
+
+
+def _group_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor,
+                labels: Tensor, estimator: FisherEstimator) -> dict[str, Tensor]:
+    """One batch of each of G models: ``[G, ...]`` per trainable parameter."""
+    if estimator == "published":
+        def batch_objective(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            log_probs = torch.log_softmax(functional_call(template, (p, o), (x,)), dim=1)
+            return log_probs[:, y].mean()  # [B, B]: every (sample, label) pair, as published
+
+        return vmap(grad(batch_objective))(params, others, inputs, labels)
+
+    def log_likelihood(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(template, (p, o), (x.unsqueeze(0),))
+        return torch.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
+
+    def squared_sum(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        per_sample = vmap(grad(log_likelihood), in_dims=(None, None, 0, 0))(p, o, x, y)
+        return {name: g.pow(2).sum(dim=0) for name, g in per_sample.items()}
+
+    rows, batch = inputs.shape[0], inputs.shape[1]
+    per_row = batch * sum(p[0].numel() * p.element_size() for p in params.values())
+    step = max(1, PER_SAMPLE_BYTES // per_row)
+    parts = [vmap(squared_sum)(*({n: t[r:r + step] for n, t in d.items()} for d in (params, others)),
+                               inputs[r:r + step], labels[r:r + step]) for r in range(0, rows, step)]
+    return parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts]) for name in parts[0]}

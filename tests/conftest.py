@@ -183,17 +183,17 @@ def sgd_by_hand(model, batches, steps: int, lr: float, momentum: float, weight_d
 
 
 def spy_on_clients(run) -> "dict[int, torch.Tensor]":
-    """Record every update a client hands to the server (finish_client's output, sequential
+    """Record every update a client hands to the server (client_result's output, sequential
     or cohort training)."""
     sent: dict = {}
-    finish_client = run.finish_client
+    client_result = run.client_result
 
-    def recording(job, result, time_train):
-        sent_result = finish_client(job, result, time_train)
+    def recording(job, *args):
+        sent_result = client_result(job, *args)
         sent[job.client.client_id] = sent_result.update.detach().clone()
         return sent_result
 
-    run.finish_client = recording
+    run.client_result = recording
     return sent
 
 

@@ -19,7 +19,7 @@ from attacks.norm_bounded import NormBounded
 from attacks.pixel_pattern import PixelPattern
 from conftest import spy_on_clients, tiny_experiment
 from defenses.base import QuadraticPull
-from defenses.sdfc import SDFC
+from defenses.sdfc import SDFC, SDFCClientHook
 from fedbench.client import LocalTrainConfig, iterate_batches, raw_batches
 from fedbench.cohort import ClientStacks, CohortTrainer, StackedPull, cohort_batch, next_batches, same_shape_groups
 from fedbench.cohort_feed import CohortFeed, DataPool
@@ -85,7 +85,12 @@ def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 MODEL_TOLERANCE, UPDATE_TOLERANCE = 1e-5, 1e-4
 
 
-def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_root, tmp_path):
+def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_root, tmp_path, monkeypatch):
+    together = []
+    for method in ("before_training_together", "after_training_together"):
+        computed = getattr(SDFCClientHook, method)
+        monkeypatch.setattr(SDFCClientHook, method, lambda hook, calls, method=method, computed=computed:
+                            together.append((method[:5], len(calls))) or computed(hook, calls))
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC())
     steps = seq_rec[0]["local_steps"]
@@ -97,6 +102,8 @@ def test_a_cohort_round_with_poisoning_and_sdfc_hooks_equals_sequential(tiny_roo
     assert coh_rec[0]["weights"] == pytest.approx(seq_rec[0]["weights"], rel=1e-4), "SDFC's uploads agree too"
     assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4), "losses of finished clients kept"
     assert coh.cohort_trainer.pulled_rows == list(range(5)), "SDFC's calibration ran as one stacked pull"
+    # sequentially each client's hooks run alone; the cohort's clients' Fishers are computed together
+    assert together == [("befor", 1), ("after", 1)] * 5 + [("befor", 5), ("after", 5)]
 
 
 def test_a_cohort_runs_the_attack_step_hook_of_each_client(tiny_root, tmp_path):

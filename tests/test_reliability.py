@@ -245,15 +245,14 @@ class InfFisherFromClientsThreeAndFour(FDCR):
 
     def __init__(self) -> None:
         super().__init__()
-        after_training = self.hook.after_training
+        after_training = self.hook.after_training_together
 
-        def inf_for_three_and_four(client, model, local_batches, server_batches):
-            uploads = after_training(client, model, local_batches, server_batches)
-            if client.client_id in (3, 4):
-                uploads = {key: torch.full_like(value, float("inf")) for key, value in uploads.items()}
-            return uploads
+        def inf_for_three_and_four(calls):
+            uploads = after_training(calls)
+            return [{key: torch.full_like(value, float("inf")) for key, value in sent.items()}
+                    if call.client.client_id in (3, 4) else sent for call, sent in zip(calls, uploads)]
 
-        self.hook.after_training = inf_for_three_and_four
+        self.hook.after_training_together = inf_for_three_and_four
 
 
 def test_fdcr_goes_on_when_a_client_uploads_an_inf_fisher(tiny_root, tmp_path):

@@ -120,24 +120,25 @@ def test_under_client_sampling_a_returning_client_reanchors_inside_the_engine(ti
     exp = tiny_experiment(tiny_root, tmp_path, defense=SDFC(),
                           federation=FederationConfig(num_clients=5, rounds=5, final_rounds=1, client_fraction=0.4))
     run = FederatedRun(exp)
-    hook, original = run.hook, run.hook.before_training
+    hook, original = run.hook, run.hook.before_training_together
     seen: dict[int, int] = {}
     checked = {"stale": 0, "fresh": 0}
 
-    def spy(client, model, local_batches, server_batches):
-        before = hook.previous.get(client.client_id)
-        term = original(client, model, local_batches, server_batches)
-        anchor = torch.cat([p.reshape(-1) for p in hook.previous[client.client_id]])
-        if seen.get(client.client_id, -2) < client.round - 1:  # absent from the previous round
-            assert torch.equal(anchor, run.global_params), "a returning client anchors to the current global model"
-            checked["stale"] += 1
-        else:
-            assert hook.previous[client.client_id] is before, "a client seen last round keeps its own anchor"
-            checked["fresh"] += 1
-        seen[client.client_id] = client.round
-        return term
+    def spy(calls):
+        before = {call.client.client_id: hook.previous.get(call.client.client_id) for call in calls}
+        terms = original(calls)
+        for client in (call.client for call in calls):
+            anchor = torch.cat([p.reshape(-1) for p in hook.previous[client.client_id]])
+            if seen.get(client.client_id, -2) < client.round - 1:  # absent from the previous round
+                assert torch.equal(anchor, run.global_params), "a returning client anchors to the current global model"
+                checked["stale"] += 1
+            else:
+                assert hook.previous[client.client_id] is before[client.client_id], "a client seen last round keeps its own anchor"
+                checked["fresh"] += 1
+            seen[client.client_id] = client.round
+        return terms
 
-    hook.before_training = spy
+    hook.before_training_together = spy
     run.run()
     assert checked["stale"] > 0 and checked["fresh"] > 0, checked
     assert hook.stored_round == seen

@@ -17,7 +17,8 @@
 # PERF_SECONDS=0 skips stage 1. On the first H200 session stage 1 did not finish in 120 s
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
-# simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_COMPILE (default "default
+# simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
+# Fisher hooks one by one vs together (PERF_FISHER_SECONDS, default 120); PERF_COMPILE (default "default
 # reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
 # compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE). PERF_TOGETHER=0
@@ -66,6 +67,9 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
   [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
+  # SDFC's Fisher hooks after a round, client by client vs the cohort's together (benchmarks/perf/fisher.py)
+  [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-120}" $PY benchmarks/perf/fisher.py --device cuda \
+    --estimators published 2>&1 | tee -a "$OUT/cohort.md"
   # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
   # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
   if [ "${PERF_TOGETHER:-1}" = 1 ]; then

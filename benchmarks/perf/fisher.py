@@ -1,0 +1,88 @@
+"""(f) SDFC's client hooks after local training, one client at a time vs a cohort's together.
+
+After its local training every SDFC client computes the diagonal Fisher of its model on
+its own data and on the server's validation split (6,000 images at the papers' protocol):
+about 180 batches per client and round, each a forward and a backward pass, in every
+round. With the training step compiled and cells packed, these passes, client by client,
+would launch more kernels per round than the training itself. Counted and timed here on
+one round's clients (Fashion-MNIST, 10 clients, 3 with the pixel pattern, simple_cnn, the
+global model; ``--train-subset`` shrinks the clients' data, the validation split stays):
+
+- one by one, batch by batch: each client's ``after_training``, its batches built one at
+  a time (as before 2026-11-27);
+- one by one, in chunks: the batches built 16 at a time (``HOOK_BATCH_CHUNK``);
+- together: the cohort's ``after_training_together`` (one vmapped pass per batch step
+  over all clients, ``fedbench.fisher.cohort_fishers``), which a cohort runs.
+
+Launches counted as in ``cohort.py`` (CPU: aten ops that would launch a kernel; GPU: CUDA
+kernels); the clients' scores (SDFC's uploads) of each way against one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cohort import Workload, best_seconds, kernels_of, make_run  # noqa: E402
+from common import machine, table  # noqa: E402
+
+import torch  # noqa: E402
+
+from defenses.sdfc import SCORE, SDFC  # noqa: E402
+from fedbench import engine  # noqa: E402
+
+WAYS = {"one by one, batch by batch": (1, False), "one by one, in chunks of 16": (16, False),
+        "together (cohort)": (16, True)}
+
+
+def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int, out: Path) -> list[list]:
+    """One row per way of running the hooks of one round's 10 clients."""
+    run = make_run("simple_cnn", True, 1, "32-true", device, out, Workload("sdfc", train_subset, None, "pixel_pattern"))
+    run.exp.defense.estimator = estimator
+    assert isinstance(run.exp.defense, SDFC)
+    jobs = run.cohort_jobs(run.select_clients(0))  # every client's model is the global one here
+    cuda = run.device.type == "cuda"
+    batches = sum(1 for job in jobs for batches in job.batches for _ in batches())  # of every client
+    rows, reference = [], None
+    for label, (chunk, together) in WAYS.items():
+        engine.HOOK_BATCH_CHUNK = chunk  # read by each client's batch iterators when they start
+
+        def hooks():
+            if together:
+                return engine.protocol_uploads(jobs)
+            return [job.protocol.after_training(job.client, job.model, *job.batches) for job in jobs]
+
+        launched = kernels_of(hooks, cuda)
+        seconds = best_seconds(hooks, repeat, cuda)
+        scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
+        reference = scores if reference is None else reference
+        gap = float(((scores - reference).abs() / reference.abs()).max())
+        rows.append([estimator, label, launched, round(launched / batches), round(seconds, 2), f"{gap:.1e}"])
+    engine.HOOK_BATCH_CHUNK = 16
+    return rows
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--estimators", nargs="+", default=["published", "empirical"])
+    parser.add_argument("--train-subset", type=int, default=6000, help="clients' pool size (0: all)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for estimator in args.estimators:
+            rows += hook_rows(estimator, args.train_subset or None, args.device, args.repeat, Path(out))
+    kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "aten ops (CPU)"
+    text = (f"### SDFC's hooks after one round's training, 10 clients, one by one vs together, {machine()}\n\n"
+            + table(["estimator", "hooks run", f"{kind} per round", "per client-batch",
+                     "seconds", "scores' largest relative gap"], rows))
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

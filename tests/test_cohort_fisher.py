@@ -1,0 +1,164 @@
+"""A cohort's Fisher matrices (SDFC's client hook for clients trained together), and the
+hook batches built several at a time."""
+
+import copy
+
+import pytest
+import torch
+
+from attacks.base import AttackSetup, PoisonPlan
+from attacks.pixel_pattern import PixelPattern
+from fedbench.client import iterate_batches
+from fedbench.data import ImagePipeline, ImageSet
+from fedbench.fisher import cohort_fishers
+from fedbench.models import build_model
+from test_cohort import reference_indexed_batches, stamped_reference
+from test_sdfc import fisher_by_batch_loop_as_published, fisher_by_per_sample_loop
+
+
+def small_bn_net() -> torch.nn.Module:
+    # no bias before BatchNorm: in training mode its gradient is zero but for rounding
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def perturbed_copies(model: torch.nn.Module, count: int, seed: int = 0) -> list[torch.nn.Module]:
+    """``count`` copies of ``model``, each parameter and running statistic moved at random,
+    as clients' models differ after local training."""
+    generator = torch.Generator().manual_seed(seed)
+    copies = []
+    for _ in range(count):
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            for tensor in clone.parameters():
+                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+            for tensor in (b for b in clone.buffers() if b.is_floating_point()):  # variances stay positive
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype).abs())
+        copies.append(clone)
+    return copies
+
+
+def papers_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same starting model whatever ran before
+    return build_model("simple_cnn", 10, 3, 32)
+
+
+def uneven_streams(counts: list[int], classes: int, dtype: torch.dtype, side: int = 8, seed: int = 1) -> list[list]:
+    """Per model, ``counts[k]`` batches of 6 images and, for the first, a short batch of 4
+    too: the models run out of batches at different steps and one step splits by shape."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def batch(size):
+        return (torch.randn(size, 3, side, side, generator=generator, dtype=dtype),
+                torch.randint(0, classes, (size,), generator=generator))
+
+    streams = [[batch(6) for _ in range(count)] for count in counts]
+    streams[0].append(batch(4))
+    return streams
+
+
+def by_explicit_loops(model: torch.nn.Module, batches: list, estimator: str) -> list[torch.Tensor]:
+    model = copy.deepcopy(model)  # the loops move BatchNorm's running statistics
+    if estimator == "empirical":
+        model.eval()
+        return fisher_by_per_sample_loop(model, torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    return fisher_by_batch_loop_as_published(model, batches)
+
+
+def relative_gaps(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> float:
+    return max(float((g - w).abs().max() / w.abs().max()) for gs, ws in zip(got, want) for g, w in zip(gs, ws))
+
+
+@pytest.mark.parametrize("estimator", ["published", "empirical"])
+def test_cohort_fishers_of_batchnorm_models_equal_explicit_loops_in_float64(estimator):
+    models = [m.double() for m in perturbed_copies(small_bn_net(), 3)]
+    streams = uneven_streams([3, 1, 2], classes=3, dtype=torch.float64)
+    got = cohort_fishers(models, streams, estimator)
+    want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
+    assert [[g.shape for g in gs] for gs in got] == [[w.shape for w in ws] for ws in want]
+    assert relative_gaps(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("estimator", ["published", "empirical"])
+def test_cohort_fishers_of_the_papers_cnn_equal_explicit_loops_in_float32(estimator):
+    models = perturbed_copies(papers_cnn(), 3)
+    streams = uneven_streams([2, 1, 2], classes=10, dtype=torch.float32, side=32)
+    got = cohort_fishers(models, streams, estimator)
+    want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
+    assert relative_gaps(got, want) < 1e-5
+
+
+def test_cohort_fishers_leave_every_model_as_it_was():
+    models = perturbed_copies(small_bn_net(), 2)
+    models[1].eval()
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    for estimator in ("published", "empirical"):
+        cohort_fishers(models, uneven_streams([2, 2], classes=3, dtype=torch.float32), estimator)
+    for model, saved in zip(models, before):
+        assert all(torch.equal(value, model.state_dict()[name]) for name, value in saved.items())
+    assert [m.training for m in models] == [True, False]
+
+
+def test_a_cohorts_fisher_runs_one_forward_pass_per_step_for_all_models():
+    models = perturbed_copies(papers_cnn(), 5)
+    streams = [stream[:2] for stream in uneven_streams([2] * 5, classes=10, dtype=torch.float32, side=32)]
+    calls = []
+    for model in models:
+        model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape))
+    cohort_fishers(models, streams, "published")
+    assert len(calls) == 2, "one vmapped pass per step (2 steps), not one per model and step (10)"
+
+
+def test_a_model_with_dropout_gets_its_fisher_alone():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    models = perturbed_copies(model, 2)
+    streams = uneven_streams([2, 1], classes=3, dtype=torch.float32)
+    got = cohort_fishers(models, streams, "empirical")  # eval mode: Dropout passes inputs through
+    want = [by_explicit_loops(m, s, "empirical") for m, s in zip(models, streams)]
+    assert relative_gaps(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_hook_batches_built_in_chunks_equal_an_explicit_loop_bit_for_bit(chunk):
+    """70 images of 8x8, batches of 8, crop and flip, half the samples carrying the pixel
+    pattern: built ``chunk`` batches at a time, every batch equals the explicit reference
+    loop's (whole batches); with the short last batch kept, equal to batch by batch."""
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (70, 1, 8, 8), generator=generator, dtype=torch.uint8),
+                    torch.randint(0, 10, (70,), generator=generator))
+    pipeline = ImagePipeline((0.5,), (0.25,), channels=3, augment=True, hflip=True, crop_padding=2)
+    attack = PixelPattern(poison_ratio=0.5)
+    attack.setup(AttackSetup(3, 10, 3, 8, pipeline, torch.device("cpu"), seed=0))
+    plan = PoisonPlan(attack, torch.rand(70, generator=generator) < 0.5, None)
+
+    def batches(chunk_size: int, drop_last: bool):
+        epoch = torch.Generator().manual_seed(7)
+        return list(iterate_batches(data, pipeline, 8, epoch, poison=plan, chunk=chunk_size, drop_last=drop_last))
+
+    expected = stamped_reference(reference_indexed_batches(data, torch.Generator().manual_seed(7), 8, 1, size=8), plan)
+    chunked = batches(chunk, drop_last=True)
+    assert len(chunked) == len(expected) == 8
+    for (x, y), (ex, ey) in zip(chunked, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    alone, chunked = batches(1, drop_last=False), batches(chunk, drop_last=False)
+    assert [x.shape[0] for x, _ in chunked] == [8] * 8 + [6]
+    for (x, y), (cx, cy) in zip(alone, chunked):
+        assert torch.equal(x, cx) and torch.equal(y, cy)
+
+
+def test_fdcr_uploads_of_a_cohort_round_equal_sequential_trainings(tiny_root, tmp_path, monkeypatch):
+    from defenses.fdcr import FISHER, FDCR, FDCRClientHook
+    from test_cohort import both_ways
+
+    uploaded, aggregate = [], FDCR.aggregate
+    monkeypatch.setattr(FDCR, "aggregate", lambda self, updates, num_samples, ctx:
+                        uploaded.append(ctx.uploads[FISHER].clone()) or aggregate(self, updates, num_samples, ctx))
+    together, computed = [], FDCRClientHook.after_training_together
+    monkeypatch.setattr(FDCRClientHook, "after_training_together",
+                        lambda hook, calls: together.append(len(calls)) or computed(hook, calls))
+    both_ways(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), defense=FDCR())
+    sequential, cohort = uploaded
+    assert together == [1] * 5 + [5], "one by one sequentially, together in the cohort"
+    assert sequential.shape[0] == 5 and bool((sequential.sum(dim=1) > 0).all())
+    assert float((sequential - cohort).abs().max() / sequential.abs().max()) < 1e-4
