@@ -30,7 +30,9 @@ def finch_first_partition(values: np.ndarray) -> np.ndarray:
 
 class FDCRClientHook(ClientHook):
     """After local training every client uploads its diagonal Fisher of the trained model on
-    its own training data (poisoned for an attacker that poisons), one value per parameter."""
+    its own training data (poisoned for an attacker that poisons), one value per parameter.
+    The engine calls ``after_training_together`` (a cohort's clients' Fishers computed
+    together); ``after_training`` is its one-client form."""
 
     upload_keys = (FISHER,)
 

@@ -53,6 +53,10 @@ class SDFCClientHook(ClientHook):
     sampling) is stale: the global model has moved on without it, and anchoring to a model
     many rounds old would pull the client back to it. Such a client, like one at its first
     participation, computes Delta at the current global model and anchors to it.
+
+    The engine calls the ``*_together`` methods (a cohort's clients at once, their Fisher
+    matrices computed together; sequentially one client); ``before_training`` and
+    ``after_training`` are their one-client forms, so a subclass overrides the former.
     """
 
     upload_keys = (SCORE,)

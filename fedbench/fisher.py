@@ -168,23 +168,31 @@ def diagonal_fisher(
 
 
 # A cohort's per-sample gradients ([rows, batch, parameters] floats) are computed for at
-# most this many bytes at a time (the empirical estimator); more rows go in turns.
+# most this many bytes at a time (the empirical estimator), or one row's when a row is
+# more (ResNet-18: 2.7 GiB at batch 64, as one client's sequential computation); more rows
+# go in turns.
 PER_SAMPLE_BYTES = 2 ** 30
 
 
 def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor, Tensor]]],
-                   estimator: FisherEstimator = "published") -> list[list[Tensor]]:
+                   estimator: FisherEstimator = "published",
+                   explicit_batch_norm: bool | None = None) -> list[list[Tensor]]:
     """Every model's diagonal Fisher on its own batches (``streams[k]`` for ``models[k]``),
     with :func:`diagonal_fisher`'s conventions, for models of one architecture computed
     together: each step takes every model's next batch and runs one ``vmap``ped pass over
     the stacked models (those whose batches share a shape), so a step of K models costs
     the launches of one (a cohort's Fisher on a GPU; equal to each model alone to float
-    rounding). The models, buffers included, are left as they were. Models the cohort
-    cannot vmap (random layers, BatchNorm(momentum=None)) go one by one."""
-    from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train  # fedbench.cohort imports defenses
+    rounding). The models, buffers and modes included, are left as they were. Go one by
+    one: models the cohort cannot vmap (random layers, BatchNorm(momentum=None)) and, for
+    the published estimator, which keeps each model's modes, models whose modes differ.
+    ``explicit_batch_norm`` (default: on CUDA, where cuDNN's refuses vmap) computes
+    BatchNorm in tensor operations."""
+    from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train, vmappable  # cohort imports defenses
 
     template = models[0]
-    if len(models) == 1 or cohort_cannot_train(template, "32-true") is not None:
+    modes = [[module.training for module in model.modules()] for model in models]
+    if (len(models) == 1 or cohort_cannot_train(template, "32-true") is not None
+            or estimator == "published" and any(mode != modes[0] for mode in modes)):
         return [diagonal_fisher(model, stream, estimator) for model, stream in zip(models, streams)]
     if estimator not in ("empirical", "published"):
         raise ValueError(f"fisher estimator must be 'empirical' or 'published', not {estimator!r}")
@@ -193,17 +201,19 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
     fixed += [name for name, _ in template.named_buffers()]
     state = [dict(model.named_parameters()) | dict(model.named_buffers()) for model in models]
     with torch.no_grad():
-        params = {name: torch.stack([s[name] for s in state]) for name in trainable}
+        params = {name: vmappable(torch.stack([s[name] for s in state])) for name in trainable}
         # copies: in training mode BatchNorm updates its running statistics (which the
         # published estimator never reads) in place
-        others = {name: torch.stack([s[name] for s in state]) for name in fixed}
-    was_training = template.training
-    template.train(estimator == "published")  # as published: training mode; empirical: eval mode
+        others = {name: vmappable(torch.stack([s[name] for s in state])) for name in fixed}
+    if estimator == "empirical":
+        template.eval()
+    cuda = params[trainable[0]].device.type == "cuda"
     try:
-        with batch_norm_as_tensor_ops(params[trainable[0]].device.type == "cuda"):  # cuDNN's refuses vmap
+        with batch_norm_as_tensor_ops(cuda if explicit_batch_norm is None else explicit_batch_norm):
             totals, counts = _cohort_sums(template, params, others, streams, estimator)
     finally:
-        template.train(was_training)
+        for module, training in zip(template.modules(), modes[0]):
+            module.training = training
     divisors = torch.tensor([max(count, 1) for count in counts], dtype=torch.float64)
     fishers = []
     for total in totals.values():
@@ -217,6 +227,8 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
                  estimator: FisherEstimator) -> tuple[dict[str, Tensor], list[int]]:
     """Per model, the sum over its batches of the batch-mean gradient (published; counts:
     batches) or of the squared per-sample gradients (empirical; counts: samples)."""
+    from fedbench.cohort import vmappable
+
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
     counts = [0] * len(streams)
     iterators = [iter(stream) for stream in streams]
@@ -232,7 +244,7 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
                 index = rows_of.setdefault(tuple(group), torch.tensor(group, device=device))
                 chosen = ({n: p.index_select(0, index) for n, p in params.items()},
                           {n: b.index_select(0, index) for n, b in others.items()})
-            inputs = torch.stack([batches[k][0] for k in group])
+            inputs = vmappable(torch.stack([batches[k][0] for k in group]))
             labels = torch.stack([batches[k][1] for k in group])
             sums = _group_sums(template, *chosen, inputs, labels, estimator)
             if index is None:

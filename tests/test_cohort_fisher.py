@@ -10,6 +10,7 @@ from attacks.base import AttackSetup, PoisonPlan
 from attacks.pixel_pattern import PixelPattern
 from fedbench.client import iterate_batches
 from fedbench.data import ImagePipeline, ImageSet
+from fedbench import fisher
 from fedbench.fisher import cohort_fishers
 from fedbench.models import build_model
 from test_cohort import reference_indexed_batches, stamped_reference
@@ -45,8 +46,9 @@ def papers_cnn() -> torch.nn.Module:
 
 
 def uneven_streams(counts: list[int], classes: int, dtype: torch.dtype, side: int = 8, seed: int = 1) -> list[list]:
-    """Per model, ``counts[k]`` batches of 6 images and, for the first, a short batch of 4
-    too: the models run out of batches at different steps and one step splits by shape."""
+    """Per model, ``counts[k]`` batches of 6 images, and for the second model a short batch
+    of 4 first: the models run out of batches at different steps and the first step splits
+    by shape (the second model alone, the others together)."""
     generator = torch.Generator().manual_seed(seed)
 
     def batch(size):
@@ -54,7 +56,8 @@ def uneven_streams(counts: list[int], classes: int, dtype: torch.dtype, side: in
                 torch.randint(0, classes, (size,), generator=generator))
 
     streams = [[batch(6) for _ in range(count)] for count in counts]
-    streams[0].append(batch(4))
+    if len(streams) > 1:
+        streams[1].insert(0, batch(4))
     return streams
 
 
@@ -71,10 +74,16 @@ def relative_gaps(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]])
 
 
 @pytest.mark.parametrize("estimator", ["published", "empirical"])
-def test_cohort_fishers_of_batchnorm_models_equal_explicit_loops_in_float64(estimator):
+@pytest.mark.parametrize("variant", ["plain", "batchnorm_as_on_cuda", "per_sample_in_turns"])
+def test_cohort_fishers_of_batchnorm_models_equal_explicit_loops_in_float64(estimator, variant, monkeypatch):
+    """Three BatchNorm nets, 3, 1 and 2 batches (the second also a short one first); as on
+    CPU, with BatchNorm in tensor operations as on CUDA, and with the per-sample gradients
+    of one model at a time (a model bigger than the memory cap)."""
+    if variant == "per_sample_in_turns":
+        monkeypatch.setattr(fisher, "PER_SAMPLE_BYTES", 1)
     models = [m.double() for m in perturbed_copies(small_bn_net(), 3)]
     streams = uneven_streams([3, 1, 2], classes=3, dtype=torch.float64)
-    got = cohort_fishers(models, streams, estimator)
+    got = cohort_fishers(models, streams, estimator, explicit_batch_norm=variant == "batchnorm_as_on_cuda")
     want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
     assert [[g.shape for g in gs] for gs in got] == [[w.shape for w in ws] for ws in want]
     assert relative_gaps(got, want) < 1e-10
@@ -91,18 +100,31 @@ def test_cohort_fishers_of_the_papers_cnn_equal_explicit_loops_in_float32(estima
 
 def test_cohort_fishers_leave_every_model_as_it_was():
     models = perturbed_copies(small_bn_net(), 2)
-    models[1].eval()
+    for model in models:
+        model[1].eval()  # a BatchNorm in eval mode inside a model in training mode
     before = [copy.deepcopy(m.state_dict()) for m in models]
     for estimator in ("published", "empirical"):
         cohort_fishers(models, uneven_streams([2, 2], classes=3, dtype=torch.float32), estimator)
     for model, saved in zip(models, before):
         assert all(torch.equal(value, model.state_dict()[name]) for name, value in saved.items())
-    assert [m.training for m in models] == [True, False]
+        assert [m.training for m in model.modules()] == [True, True, False, True, True, True, True]
+
+
+def test_the_published_fisher_of_models_in_eval_mode_keeps_their_mode():
+    """As the published code does: the model's own mode (here eval: BatchNorm normalises
+    with its running statistics); models in different modes go one by one."""
+    models = [m.double().eval() for m in perturbed_copies(small_bn_net(), 3)]
+    streams = uneven_streams([2, 1, 2], classes=3, dtype=torch.float64)
+    want = [by_explicit_loops(model, stream, "published") for model, stream in zip(models, streams)]
+    assert relative_gaps(cohort_fishers(models, streams, "published"), want) < 1e-10
+    models[2].train()
+    want[2] = by_explicit_loops(models[2], streams[2], "published")
+    assert relative_gaps(cohort_fishers(models, streams, "published"), want) < 1e-10
 
 
 def test_a_cohorts_fisher_runs_one_forward_pass_per_step_for_all_models():
     models = perturbed_copies(papers_cnn(), 5)
-    streams = [stream[:2] for stream in uneven_streams([2] * 5, classes=10, dtype=torch.float32, side=32)]
+    streams = [stream[-2:] for stream in uneven_streams([2] * 5, classes=10, dtype=torch.float32, side=32)]
     calls = []
     for model in models:
         model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape))
@@ -111,12 +133,17 @@ def test_a_cohorts_fisher_runs_one_forward_pass_per_step_for_all_models():
 
 
 def test_a_model_with_dropout_gets_its_fisher_alone():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    """In training mode (the published estimator) Dropout draws random numbers, which a
+    vmapped pass cannot: each model goes alone, drawing what it draws alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 8 * 8, 3))
     models = perturbed_copies(model, 2)
     streams = uneven_streams([2, 1], classes=3, dtype=torch.float32)
-    got = cohort_fishers(models, streams, "empirical")  # eval mode: Dropout passes inputs through
-    want = [by_explicit_loops(m, s, "empirical") for m, s in zip(models, streams)]
-    assert relative_gaps(got, want) < 1e-5
+    torch.manual_seed(5)
+    got = cohort_fishers(models, streams, "published")
+    torch.manual_seed(5)
+    want = [by_explicit_loops(m, s, "published") for m, s in zip(models, streams)]
+    assert relative_gaps(got, want) < 1e-6
 
 
 @pytest.mark.parametrize("chunk", [3, 16])

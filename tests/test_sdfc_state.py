@@ -8,6 +8,7 @@ import torch.nn as nn
 from attacks.base import ClientInfo
 from conftest import tiny_experiment
 from defenses.sdfc import SDFC
+from fedbench.client import LocalTrainConfig
 from fedbench.engine import FederatedRun
 from fedbench.experiment import FederationConfig
 from fedbench.fisher import diagonal_fisher, published_fisher
@@ -116,15 +117,18 @@ def test_a_client_seen_in_the_previous_round_keeps_its_own_anchor():
     assert float(term().detach()) == pytest.approx(expected, rel=1e-6)
 
 
-def test_under_client_sampling_a_returning_client_reanchors_inside_the_engine(tiny_root, tmp_path):
+@pytest.mark.parametrize("cohort", [False, True])
+def test_under_client_sampling_a_returning_client_reanchors_inside_the_engine(tiny_root, tmp_path, cohort):
     exp = tiny_experiment(tiny_root, tmp_path, defense=SDFC(),
+                          train=LocalTrainConfig(local_steps=4, batch_size=32, cohort=cohort),
                           federation=FederationConfig(num_clients=5, rounds=5, final_rounds=1, client_fraction=0.4))
     run = FederatedRun(exp)
     hook, original = run.hook, run.hook.before_training_together
     seen: dict[int, int] = {}
-    checked = {"stale": 0, "fresh": 0}
+    checked, handed = {"stale": 0, "fresh": 0}, []
 
     def spy(calls):
+        handed.append(len(calls))
         before = {call.client.client_id: hook.previous.get(call.client.client_id) for call in calls}
         terms = original(calls)
         for client in (call.client for call in calls):
@@ -141,4 +145,5 @@ def test_under_client_sampling_a_returning_client_reanchors_inside_the_engine(ti
     hook.before_training_together = spy
     run.run()
     assert checked["stale"] > 0 and checked["fresh"] > 0, checked
+    assert set(handed) == ({2} if cohort else {1}), "a cohort's two clients go to the hook together"
     assert hook.stored_round == seen
