@@ -46,7 +46,7 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
     jobs = run.cohort_jobs(run.select_clients(0))  # every client's model is the global one here
     cuda = run.device.type == "cuda"
     batches = sum(1 for job in jobs for batches in job.batches for _ in batches())  # of every client
-    rows, reference = [], None
+    rows, reference, chunk_of_engine = [], None, engine.HOOK_BATCH_CHUNK
     for label, (chunk, together) in WAYS.items():
         engine.HOOK_BATCH_CHUNK = chunk  # read by each client's batch iterators when they start
 
@@ -55,13 +55,15 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
                 return engine.protocol_uploads(jobs)
             return [job.protocol.after_training(job.client, job.model, *job.batches) for job in jobs]
 
-        launched = kernels_of(hooks, cuda)
-        seconds = best_seconds(hooks, repeat, cuda)
-        scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
+        try:
+            launched = kernels_of(hooks, cuda)
+            seconds = best_seconds(hooks, repeat, cuda)
+            scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
+        finally:
+            engine.HOOK_BATCH_CHUNK = chunk_of_engine
         reference = scores if reference is None else reference
         gap = float(((scores - reference).abs() / reference.abs()).max())
         rows.append([estimator, label, launched, round(launched / batches), round(seconds, 2), f"{gap:.1e}"])
-    engine.HOOK_BATCH_CHUNK = 16
     return rows
 
 
