@@ -43,7 +43,7 @@ before-training hooks run before any client trains: hooks keep their state per c
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,8 @@ from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 from fedbench.fused_step import FusedState, FusedStep, Pull, uses_every_parameter
 from fedbench.params import trainable_parameters
+
+Batch = TypeVar("Batch")  # a client's batch, as its stream hands it out
 
 
 class CohortTrainer:
@@ -584,7 +586,7 @@ class BatchByBatch:
                 for group in same_shape_groups(batches)]
 
 
-def next_batches(streams: list[Iterator[RawBatch]], active: list[int]) -> dict[int, RawBatch]:
+def next_batches(streams: list[Iterator[Batch]], active: list[int]) -> dict[int, Batch]:
     """The next batch of every active client whose epochs are not done."""
     batches = {}
     for k in active:
@@ -594,9 +596,11 @@ def next_batches(streams: list[Iterator[RawBatch]], active: list[int]) -> dict[i
     return batches
 
 
-def same_shape_groups(batches: dict[int, RawBatch]) -> list[list[int]]:
-    """Clients grouped by their batch's shape (in client order)."""
+def same_shape_groups(batches: dict[int, Batch],
+                      shape_of: Callable[[Batch], tuple] = lambda raw: tuple(raw.images.shape)) -> list[list[int]]:
+    """Clients grouped by their batch's shape (in client order; ``shape_of`` reads it, by
+    default a RawBatch's images' shape)."""
     groups: dict[tuple, list[int]] = {}
-    for k, raw in batches.items():
-        groups.setdefault(tuple(raw.images.shape), []).append(k)
+    for k, batch in batches.items():
+        groups.setdefault(shape_of(batch), []).append(k)
     return list(groups.values())

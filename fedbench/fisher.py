@@ -227,7 +227,7 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
                  estimator: FisherEstimator) -> tuple[dict[str, Tensor], list[int]]:
     """Per model, the sum over its batches of the batch-mean gradient (published; counts:
     batches) or of the squared per-sample gradients (empirical; counts: samples)."""
-    from fedbench.cohort import vmappable
+    from fedbench.cohort import next_batches, same_shape_groups, vmappable
 
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
     counts = [0] * len(streams)
@@ -236,9 +236,9 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
     device = next(iter(params.values())).device
     rows_of: dict[tuple[int, ...], Tensor] = {}  # a device index per set of rows, made once
     while live:
-        batches = {k: batch for k in live if (batch := next(iterators[k], None)) is not None}
+        batches = next_batches(iterators, live)
         live = list(batches)
-        for group in _same_shapes(batches):
+        for group in same_shape_groups(batches, lambda batch: tuple(batch[0].shape)):
             index, chosen = None, (params, others)
             if len(group) < len(streams):
                 index = rows_of.setdefault(tuple(group), torch.tensor(group, device=device))
@@ -255,13 +255,6 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
             for k in group:
                 counts[k] += 1 if estimator == "published" else len(batches[k][1])
     return totals, counts
-
-
-def _same_shapes(batches: dict[int, tuple[Tensor, Tensor]]) -> list[list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for k, (inputs, labels) in batches.items():
-        groups.setdefault((inputs.shape, inputs.dtype, labels.shape), []).append(k)
-    return list(groups.values())
 
 
 def _group_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor,
