@@ -38,6 +38,13 @@ Batches = Callable[..., Iterator[tuple[Tensor, Tensor]]]
 ServerTrain = Callable[[Tensor, "ImageSet", int, int], Tensor]
 
 
+class ServerTraining(NamedTuple):
+    """A ``server_train`` call a defense will make this round: on ``data``, ``steps`` steps."""
+
+    data: "ImageSet"
+    steps: int
+
+
 @dataclass
 class DefenseSetup:
     """Given once before training.
@@ -237,6 +244,14 @@ class Defense:
 
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         raise NotImplementedError
+
+    def server_training_plan(self, local_steps: Tensor) -> ServerTraining | None:
+        """The ``env.server_train`` call :meth:`aggregate` will make (from the round's global
+        parameters, in this round) if its updates' clients ran ``local_steps``; None if it
+        will make none (the default). The engine may train it beforehand, together with the
+        clients (a cohort's extra row), and answer that call with the result; a call it did
+        not foresee trains then."""
+        return None
 
     def final_evaluation(self, view: FinalView) -> dict[str, float | None]:
         """Numbers the defense adds to the run's final numbers after the last round (e.g.

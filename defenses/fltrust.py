@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext
+from defenses.base import DEFENSES, Aggregate, Defense, DefenseSetup, RoundContext, ServerTraining
 from fedbench.seeding import torch_generator
 
 
@@ -23,7 +23,9 @@ class FLTrust(Defense):
     ``trust_i / sum_j trust_j``.
 
     The root set is ``root_size`` samples drawn once (seeded) from the server-held
-    validation split, never from the test set.
+    validation split, never from the test set. Where the clients train as a cohort, the
+    engine trains ``g_0`` as one more row beside them (:meth:`server_training_plan`);
+    the same update up to float rounding.
 
     Args:
         root_size: samples in the root set (paper: 100).
@@ -56,9 +58,16 @@ class FLTrust(Defense):
         chosen = torch.randperm(len(env.server_data), generator=generator)[: self.root_size]
         self.root_set = env.server_data.subset(chosen.to(env.server_data.labels.device))
 
+    def steps_for(self, local_steps: Tensor) -> int:
+        """The server's steps: ``server_steps``, else the lower median of the clients' steps."""
+        return self.server_steps or int(local_steps.median())
+
+    def server_training_plan(self, local_steps: Tensor) -> ServerTraining:
+        return ServerTraining(self.root_set, self.steps_for(local_steps))
+
     def aggregate(self, updates: Tensor, num_samples: Tensor, ctx: RoundContext) -> Aggregate:
         assert self.env is not None and self.env.server_train is not None
-        steps = self.server_steps or int(ctx.local_steps.median())
+        steps = self.steps_for(ctx.local_steps)
         server_update = self.env.server_train(ctx.global_params, self.root_set, steps, ctx.round).to(updates.dtype)
         return self.combine(updates, server_update, steps)
 

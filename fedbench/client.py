@@ -183,6 +183,12 @@ class ClientJob:
     regularizer: Callable[[], Tensor] | None
     after_step: Callable[[], None] | None
     time_hook: float
+    max_steps: int | None = None  # train exactly this many steps over endless epochs (the server's training)
+
+    def step_limit(self, config: LocalTrainConfig) -> int | None:
+        """The steps this job trains at most: its own ``max_steps``, else ``local_steps``
+        (None: its ``local_epochs``), as :meth:`LocalTrainer.train` counts them."""
+        return self.max_steps if self.max_steps is not None else config.local_steps
 
 
 @dataclass

@@ -113,7 +113,7 @@ class CohortTrainer:
                         optimizer: "StackedSGD") -> tuple[list[int], Tensor]:
         """Each step trains the clients that still have a batch (gathered rows when not all
         do); returns every client's steps and loss total."""
-        limit = self.trainer.config.local_steps
+        limits = [job.step_limit(self.trainer.config) for job in jobs]
         steps = [0] * len(jobs)
         loss_sums = torch.zeros(len(jobs), device=stacks.device)
         active = list(range(len(jobs)))
@@ -129,7 +129,7 @@ class CohortTrainer:
             self.after_steps(jobs, stepped, steps)
             # in client order: groups of other shapes come back joined, and an unsorted list
             # would never again be the whole cohort (every step would gather its rows)
-            active = sorted(k for k in stepped if limit is None or steps[k] < limit)
+            active = sorted(k for k in stepped if limits[k] is None or steps[k] < limits[k])
         return steps, loss_sums
 
     def train_all_rows(self, jobs: list[ClientJob], feed: "CohortFeed", stacks: "ClientStacks",
@@ -142,12 +142,12 @@ class CohortTrainer:
         its parameters and buffers, which weight decay, momentum and BatchNorm would still
         move, are set aside when it finishes and put back at the round's end. Each step is
         one :class:`~fedbench.fused_step.FusedStep` where it can be (else, every row)."""
-        limit = self.trainer.config.local_steps
+        limits = [job.step_limit(self.trainer.config) for job in jobs]
         steps = [0] * len(jobs)
         loss_sums = self.stable(("loss totals",), torch.zeros(len(jobs), device=stacks.device))
         live, parked, fused = list(stacks.everyone), {}, None
         while True:
-            still = [k for k in live if (limit is None or steps[k] < limit) and feed.has_batch(k)]
+            still = [k for k in live if (limits[k] is None or steps[k] < limits[k]) and feed.has_batch(k)]
             if not still:
                 break
             for k in set(live).difference(still):  # done since the last step: rows as they finished
@@ -577,8 +577,8 @@ class BatchByBatch:
 
     def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob]) -> None:
         self.pipeline, self.plans = trainer.pipeline, [job.plan for job in jobs]
-        endless = trainer.config.local_steps is not None
-        self.streams = [trainer.raw_epochs(job.data, job.generator, endless=endless) for job in jobs]
+        self.streams = [trainer.raw_epochs(job.data, job.generator, endless=job.step_limit(trainer.config) is not None)
+                        for job in jobs]
 
     def next(self, active: list[int]) -> list["Group"]:
         batches = next_batches(self.streams, active)

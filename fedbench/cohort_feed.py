@@ -43,7 +43,8 @@ class CohortFeed:
 
     At cohort step ``t`` client k, whose current epoch began at step ``s_k``, takes its
     epoch's batch ``t - s_k``; it starts a new epoch after its ``n_k // B`` batches, and
-    has batches for ``local_epochs`` epochs (or for ever, when the trainer counts steps)."""
+    has batches for ``local_epochs`` epochs (or for ever, when its job counts steps:
+    ``local_steps``, or the job's own ``max_steps``)."""
 
     def __init__(self, trainer: LocalTrainer, jobs: list[ClientJob], pool: "DataPool",
                  batches_of_rows: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, static: bool = False,
@@ -54,7 +55,9 @@ class CohortFeed:
         self.sizes, self.base = pool.sizes, pool.base
         self.images, self.labels, self.device = pool.images, pool.labels, pool.labels.device
         self.batches = [n // self.batch_size for n in self.sizes]
-        self.epochs = None if trainer.config.local_steps is not None else trainer.config.local_epochs
+        # per client: its epochs, or None where it counts steps over endless epochs
+        self.epochs = [None if job.step_limit(trainer.config) is not None else trainer.config.local_epochs
+                       for job in jobs]
         self.tables(max(self.batches) * self.batch_size, len(jobs), stable)
         self.step = 0
         # self.step on the device, advanced by row_batches (a round is served by rows or never)
@@ -109,7 +112,7 @@ class CohortFeed:
                                                   if job.plan is not None and k not in blended}
 
     def has_batch(self, k: int) -> bool:
-        return self.epochs is None or self.step < self.epochs * self.batches[k]
+        return self.epochs[k] is None or self.step < self.epochs[k] * self.batches[k]
 
     def next(self, active: list[int], rows: list[int] | None = None) -> list[Group]:
         """This step's batches of the active clients that have one, as one group; with

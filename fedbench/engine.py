@@ -39,10 +39,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from attacks.base import AttackSetup, ClientInfo, ServerView
-from defenses.base import Aggregate, ClientHook, FinalView, HookCall, RoundContext
+from defenses.base import Aggregate, ClientHook, FinalView, HookCall, RoundContext, ServerTraining
 from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
-from fedbench.client import ClientJob, LocalResult, LocalTrainer, iterate_batches
+from fedbench.client import ClientJob, LocalResult, LocalTrainer, batches_per_epoch, iterate_batches
 from fedbench.cohort import CohortTrainer, cohort_cannot_train, trains_as_cohort
 from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
@@ -185,13 +185,18 @@ def cast_floating_inputs(dtype: torch.dtype, module: nn.Module, args: tuple) -> 
 def train_in_one_cohort(runs: list["FederatedRun"], clients: list[list[ClientInfo]]) -> list[list[ClientResult]]:
     """Each run's ``clients`` prepared on its own model copies, all trained in ONE cohort
     (the first run's cohort trainer: runs that share one are configured alike, see
-    fedbench.together), then finished by their run; each client is charged an equal share
-    of the cohort's time."""
+    fedbench.together), then finished by their run. A run whose defense will train on
+    server data this round (FLTrust) adds that training as one more row
+    (:meth:`FederatedRun.server_job`). Each job is charged an equal share of the cohort's
+    time (a server row's share is charged to no client)."""
     jobs = [run.cohort_jobs(mine) for run, mine in zip(runs, clients)]
     everyone = [job for run_jobs in jobs for job in run_jobs]
+    servers = [(run, job) for run, mine in zip(runs, clients) if (job := run.server_job(mine)) is not None]
     started = time.perf_counter()
-    trained = runs[0].cohort_trainer.train(everyone) if everyone else []
-    share = (time.perf_counter() - started) / max(len(everyone), 1)
+    trained = runs[0].cohort_trainer.train(everyone + [job for _, job in servers]) if everyone else []
+    share = (time.perf_counter() - started) / max(len(trained), 1)
+    for (run, _), result in zip(servers, trained[len(everyone):]):
+        run.server_trained(result)
     results, position = [], 0
     for run, run_jobs in zip(runs, jobs):
         mine_trained = trained[position:position + len(run_jobs)]
@@ -219,6 +224,22 @@ def by_protocol(jobs: list[ClientJob]) -> list[tuple[ClientHook, list[int], list
             groups.setdefault(id(job.protocol), []).append(position)
     return [(jobs[members[0]].protocol, members, [HookCall(jobs[i].client, jobs[i].model, *jobs[i].batches)
                                                   for i in members]) for members in groups.values()]
+
+
+@dataclass
+class ServerTrainingAhead:
+    """A defense's server training, trained with the clients before the defense asks."""
+
+    round: int
+    plan: ServerTraining
+    params: Tensor  # the global parameters it started from
+    job: ClientJob
+    trained_steps: int = -1  # set once trained
+
+    def answers(self, params: Tensor, data: ImageSet, steps: int, round_index: int) -> bool:
+        """Whether this is the ``server_train`` call asked for (the same objects, the steps trained)."""
+        return (round_index == self.round and params is self.params and data is self.plan.data
+                and steps == self.plan.steps == self.trained_steps)
 
 
 @dataclass
@@ -294,6 +315,8 @@ class FederatedRun:
         self.cohort = trains_as_cohort(exp.train, self.device, cannot)
         self.cohort_trainer = CohortTrainer(self.trainer)
         self._cohort_models: list[nn.Module] = []
+        self._server_model: nn.Module | None = None  # the server's training in a cohort
+        self._server_ahead: ServerTrainingAhead | None = None
 
     def _setup_attack_and_defense(self) -> None:
         exp, num_clients, pipeline = self.exp, self.exp.federation.num_clients, self.data.pipeline
@@ -469,8 +492,54 @@ class FederatedRun:
         self.layout.load_buffers(self.model, self.global_buffers)
         return update
 
+    def server_job(self, clients: list[ClientInfo]) -> ClientJob | None:
+        """The server training the defense will ask for this round (its
+        ``server_training_plan`` at the clients' :meth:`expected_steps`), as one more job of
+        their cohort: the global model on the server's data, its own seeded stream (the one
+        :meth:`server_train` draws), exactly the planned steps; None if the defense plans
+        none. :meth:`server_train` answers the call with it if the call is the one planned
+        (else, e.g. screening dropped a client and the steps' median moved, it trains then).
+        One process only: with several, each trains the server's update when asked, so all
+        compute the same one."""
+        defense = self.exp.defense
+        if self.world != 1 or not defense.needs_server_data or not clients:
+            return None
+        expected = torch.tensor([self.expected_steps(c.client_id) for c in clients], dtype=torch.int64)
+        plan = defense.server_training_plan(expected)
+        if plan is None:
+            return None
+        if self._server_model is None:
+            self._server_model = copy.deepcopy(self.model)
+        self.layout.load(self._server_model, self.global_params)
+        self.layout.load_buffers(self._server_model, self.global_buffers)
+        round_index = clients[0].round
+        generator = torch_generator(self.seed, "server", round_index, device=self.device)
+        job = ClientJob(ClientInfo(-1, round_index), self._server_model, plan.data, generator, plan=None,
+                        protocol=None, batches=(None, None), regularizer=None, after_step=None, time_hook=0.0,
+                        max_steps=plan.steps)
+        self._server_ahead = ServerTrainingAhead(round_index, plan, self.global_params, job)
+        return job
+
+    def server_trained(self, result: LocalResult) -> None:
+        """The :meth:`server_job` of this round is trained (``result.steps`` steps)."""
+        assert self._server_ahead is not None
+        self._server_ahead.trained_steps = result.steps
+
+    def expected_steps(self, client_id: int) -> int:
+        """The optimizer steps a client's local training takes, as the trainers count them:
+        ``local_steps``, else ``local_epochs`` epochs of its batches."""
+        train = self.exp.train
+        if train.local_steps is not None:
+            return train.local_steps
+        size = len(self.client_sets[client_id])
+        return train.local_epochs * batches_per_epoch(size, train.batch_size, train.drop_last)
+
     def server_train(self, params: Tensor, data: ImageSet, steps: int, round_index: int) -> Tensor:
-        """Train a copy of the global model on server-held data (FLTrust's root set)."""
+        """Train a copy of the global model on server-held data (FLTrust's root set); the
+        update trained ahead in the clients' cohort if it is this call's (:meth:`server_job`)."""
+        ahead, self._server_ahead = self._server_ahead, None
+        if ahead is not None and ahead.answers(params, data, steps, round_index):
+            return self.trained_minus(ahead.job.model, params)
         self.layout.load(self.model, params)
         self.layout.load_buffers(self.model, self.global_buffers)
         generator = torch_generator(self.seed, "server", round_index, device=self.device)

@@ -20,7 +20,7 @@ from attacks.pixel_pattern import PixelPattern
 from conftest import spy_on_clients, tiny_experiment
 from defenses.base import QuadraticPull
 from defenses.sdfc import SDFC, SDFCClientHook
-from fedbench.client import LocalTrainConfig, iterate_batches, raw_batches
+from fedbench.client import ClientJob, LocalTrainConfig, iterate_batches, raw_batches
 from fedbench.cohort import ClientStacks, CohortTrainer, StackedPull, cohort_batch, next_batches, same_shape_groups
 from fedbench.cohort_feed import CohortFeed, DataPool
 from fedbench.data import ImagePipeline, ImageSet
@@ -73,6 +73,11 @@ def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = 
         records = [run.run_round(r) for r in range(rounds)]
         runs[cohort] = (run, sent, records)
     return runs[False], runs[True]
+
+
+def feed_job(data: ImageSet, plan, generator: torch.Generator) -> ClientJob:
+    """A job as the cohort feed reads it: data, poisoning and generator (no model, no hooks)."""
+    return ClientJob(None, None, data, generator, plan, None, (), regularizer=None, after_step=None, time_hook=0.0)
 
 
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -610,7 +615,7 @@ def test_the_cohort_feed_gathers_every_clients_own_batches_bit_for_bit(local_ste
         assert len(expected[-1]) == epochs * (len(data) // 16)
     config = SimpleNamespace(batch_size=16, drop_last=True, local_steps=local_steps, local_epochs=2)
     trainer = SimpleNamespace(pipeline=pipeline, config=config)
-    jobs = [SimpleNamespace(data=data, plan=plan, generator=torch.Generator().manual_seed(3 + k))
+    jobs = [feed_job(data, plan, torch.Generator().manual_seed(3 + k))
             for k, (data, plan) in enumerate(zip(sets, plans))]
     feed = CohortFeed.of(trainer, jobs)
     assert feed.stamps.clients == [0, 2] and list(feed.others) == [1]
@@ -653,7 +658,7 @@ def test_a_cohort_with_a_short_batch_goes_batch_by_batch():
     batches kept, leave the cohort to the batch-by-batch path."""
     data = [ImageSet(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (40, 10)]
     pipeline = ImagePipeline((0.5,), (0.25,), channels=1, augment=False, hflip=False, crop_padding=0)
-    jobs = [SimpleNamespace(data=d, plan=None, generator=torch.Generator()) for d in data]
+    jobs = [feed_job(d, None, torch.Generator()) for d in data]
     for drop_last, sets in ((True, jobs), (False, jobs[:1])):
         config = SimpleNamespace(batch_size=16, drop_last=drop_last, local_steps=None, local_epochs=1)
         assert CohortFeed.of(SimpleNamespace(pipeline=pipeline, config=config), sets) is None
@@ -777,7 +782,7 @@ def test_only_whole_image_blends_of_one_shape_are_stamped_together():
         attack.setup(setup)
     sets = [ImageSet(torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8), torch.zeros(32, dtype=torch.long))
             for _ in attacks]
-    jobs = [SimpleNamespace(data=d, plan=PoisonPlan(a, torch.arange(32) % 2 == 0, None), generator=torch.Generator())
+    jobs = [feed_job(d, PoisonPlan(a, torch.arange(32) % 2 == 0, None), torch.Generator())
             for d, a in zip(sets, attacks)]
     config = SimpleNamespace(batch_size=16, drop_last=True, local_steps=None, local_epochs=1)
     feed = CohortFeed.of(SimpleNamespace(pipeline=pipeline, config=config), jobs)

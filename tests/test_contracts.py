@@ -68,6 +68,31 @@ def test_every_defense_keeps_the_aggregation_contract(name):
     assert allowed >= 1, f"{name} allowed no n in 1..20"
 
 
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_plans_the_server_training_it_asks_for(name):
+    # What server_training_plan foresees from the clients' steps is the one server_train call
+    # aggregate then makes (None: no call), from this round's global parameters, so a cohort
+    # can train it beforehand as one more row (FederatedRun.server_job).
+    layout, n = tiny_layout(), 10
+    defense = DEFENSES.get(name)()
+    env = defense_env(n, layout)
+    calls = []
+    fixed = env.server_train
+    env.server_train = lambda *args: calls.append(args) or fixed(*args)
+    defense.setup(env)
+    ctx = round_context(n, layout.dim, defense)
+    ctx.local_steps = torch.tensor([3, 9, 4, 12, 7, 5, 8, 6, 11, 10])
+    plan = defense.server_training_plan(ctx.local_steps.clone())
+    defense.aggregate(torch.randn(n, layout.dim, generator=torch.Generator().manual_seed(1)),
+                      torch.arange(1, n + 1) * 10, ctx)
+    if plan is None:
+        assert calls == [], f"{name} asks for server training it did not plan (a cohort would train it alone, after)"
+        return
+    ((params, data, steps, round_index),) = calls
+    assert params is ctx.global_params and round_index == ctx.round
+    assert data is plan.data and steps == plan.steps, name
+
+
 def ready_attack(name: str, channels: int = 1, size: int = 28):
     pipeline = ImagePipeline(MEAN, STD, channels=channels, augment=False, hflip=False, crop_padding=0)
     attack = ATTACKS.get(name)()

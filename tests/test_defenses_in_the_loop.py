@@ -2,6 +2,8 @@
 aggregation rule in numpy on the updates the clients really sent, and clean accuracy and
 ASR by evaluating the final global model in an explicit loop."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import endless_training_batches, flat_params, load_flat, sgd_by_ha
 from defenses import DEFENSES
 from defenses.fltrust import FLTrust
 from defenses.multi_krum import MultiKrum
+from fedbench.client import LocalTrainConfig
 from fedbench.engine import FederatedRun
 from fedbench.experiment import FederationConfig
 from fedbench.models import build_model
@@ -212,9 +215,47 @@ def test_round_metrics_equal_an_independent_evaluation_of_a_partially_backdoored
     assert_metrics_match(record, mine)
 
 
-def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_root, tmp_path):
+def server_update_by_hand(run, start: torch.Tensor, steps: int, round_index: int = 0) -> np.ndarray:
+    """FLTrust's g0 redone by hand: the global model ``start`` trained on the root set by
+    explicit SGD with the clients' optimizer for ``steps`` steps, on the server's stream."""
+    exp, root = run.exp, run.exp.defense.root_set
+    model = build_model("simple_cnn", run.data.num_classes, 3, int(root.images.shape[-1]))
+    load_flat(model, start.cpu())
+    batches = endless_training_batches(root, run.data.pipeline, exp.train,
+                                       torch_generator(exp.seed, "server", round_index))
+    train = exp.train
+    sgd_by_hand(model, batches, steps, train.lr, train.momentum, train.weight_decay)
+    return (flat_params(model) - start.cpu()).double().numpy()
+
+
+def sequential_trainings(run) -> list[dict]:
+    """Record the keyword arguments of every training of the run's sequential trainer."""
+    calls: list[dict] = []
+    train = run.trainer.train
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return train(*args, **kwargs)
+
+    run.trainer.train = recording
+    return calls
+
+
+@pytest.mark.parametrize("cohort, batch_size, compile_mode", [(False, 32, None), (True, 32, None), (True, 8, None),
+                                                              (True, 8, "default")],
+                         ids=["sequential", "cohort batch by batch", "cohort feed", "compiled cohort"])
+def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_root, tmp_path, cohort, batch_size,
+                                                                            compile_mode):
+    # In a cohort the server's training is one more row of the clients' cohort (batch 32: the
+    # 20-sample root set is one short batch, so the cohort goes batch by batch; batch 8: every
+    # set has whole batches, so the cohort feed serves the root set's rows too; compiled: one
+    # fused step over the six rows).
+    if compile_mode is not None and shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
     exp = tiny_experiment(tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.2),
                           defense=FLTrust(root_size=20),
+                          train=LocalTrainConfig(local_steps=4, batch_size=batch_size, cohort=cohort,
+                                                 compile=compile_mode),
                           federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
     run = FederatedRun(exp)
     root = exp.defense.root_set
@@ -223,6 +264,7 @@ def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_
 
     sent = spy_on_clients(run)
     server_updates = spy_on_server_training(exp.defense)
+    trained_alone = sequential_trainings(run)
     outputs = []
     aggregate = exp.defense.aggregate
     exp.defense.aggregate = lambda *args: outputs.append(aggregate(*args)) or outputs[-1]
@@ -230,15 +272,14 @@ def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_
     record = run.run_round(0)
     (g0,) = server_updates
     (out,) = outputs
+    # sequentially: 5 clients and the server, one after another; in a cohort: all six together
+    assert [call.get("max_steps") for call in trained_alone] == ([None] * 5 + [4] if not cohort else [])
+    assert (run.cohort_trainer.pool is not None) == (cohort and batch_size == 8), "the feed served the cohort"
+    assert (run.cohort_trainer.every_parameter_used is True) == (compile_mode is not None), "the fused step trained"
 
     # g0: the paper's server update, the global model trained on the root set with the clients'
     # optimizer for the clients' number of local iterations, here redone by hand.
-    train = exp.train
-    model = build_model("simple_cnn", run.data.num_classes, 3, int(root.images.shape[-1]))
-    load_flat(model, start.cpu())
-    batches = endless_training_batches(root, run.data.pipeline, train, torch_generator(exp.seed, "server", 0))
-    sgd_by_hand(model, batches, train.local_steps, train.lr, train.momentum, train.weight_decay)
-    by_hand = (flat_params(model) - start.cpu()).double().numpy()
+    by_hand = server_update_by_hand(run, start, exp.train.local_steps)
     g0 = g0.double().cpu().numpy()
     assert np.linalg.norm(by_hand) > 1e-2
     np.testing.assert_allclose(g0, by_hand, rtol=0, atol=1e-6)
@@ -265,6 +306,50 @@ def test_fltrust_server_update_and_rule_against_an_independent_computation(tiny_
     np.testing.assert_allclose(out.update.double().numpy(), expected, rtol=0, atol=ATOL)
     np.testing.assert_allclose(out.weights.double().numpy(), more_trust / more_trust.sum(), rtol=0, atol=1e-6)
     assert out.excluded.tolist() == (more_trust == 0).tolist()
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_fltrust_server_row_trains_the_median_of_the_clients_epochs(tiny_root, tmp_path, drop_last):
+    # By epochs, the clients' steps differ (2 epochs of their batches of 9: the last one short
+    # without drop_last, which moves the median client's steps); the server row's steps,
+    # foreseen before training, are the lower median of what they then take, and its g0 is
+    # the root set trained that many steps (drop_last: the cohort feed serves every row;
+    # without: batch by batch, the root set's last batch short).
+    exp = tiny_experiment(tiny_root, tmp_path, defense=FLTrust(root_size=20),
+                          train=LocalTrainConfig(local_epochs=2, batch_size=9, drop_last=drop_last, cohort=True),
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1))
+    run = FederatedRun(exp)
+    server_updates = spy_on_server_training(exp.defense)
+    trained_alone = sequential_trainings(run)
+    sizes = [len(s) for s in run.client_sets]
+    by_epochs = [2 * (n // 9 if drop_last else -(-n // 9)) for n in sizes]
+    median = sorted(by_epochs)[2]
+    assert len(set(by_epochs)) > 2, "clients of different sizes"
+    for round_index in range(2):
+        start = run.global_params.clone()
+        record = run.run_round(round_index)
+        assert record["local_steps"] == [by_epochs[c] for c in record["clients"]]
+        assert record["defense"]["server_steps"] == median
+        by_hand = server_update_by_hand(run, start, median, round_index)
+        np.testing.assert_allclose(server_updates[-1].double().cpu().numpy(), by_hand, rtol=0, atol=1e-6)
+    assert trained_alone == [], "the server trained in the cohort, not alone"
+
+
+def test_fltrust_trains_when_asked_for_a_server_update_the_cohort_did_not_foresee(tiny_root, tmp_path):
+    # The steps foreseen for the clients are made wrong (5, they take 4): the cohort's server
+    # row trains 5 steps, the defense asks for 4, so the server trains then, from the global model.
+    exp = tiny_experiment(tiny_root, tmp_path, defense=FLTrust(root_size=20),
+                          train=LocalTrainConfig(local_steps=4, batch_size=8, cohort=True),
+                          federation=FederationConfig(num_clients=5, rounds=1, final_rounds=1))
+    run = FederatedRun(exp)
+    run.expected_steps = lambda client_id: 5
+    server_updates = spy_on_server_training(exp.defense)
+    trained_alone = sequential_trainings(run)
+    start = run.global_params.clone()
+    run.run_round(0)
+    assert [call.get("max_steps") for call in trained_alone] == [4]
+    np.testing.assert_allclose(server_updates[0].double().cpu().numpy(), server_update_by_hand(run, start, 4),
+                               rtol=0, atol=1e-6)
 
 
 def test_excluded_clients_show_up_in_the_detection_metrics(tiny_root, tmp_path):

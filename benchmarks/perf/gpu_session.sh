@@ -18,7 +18,8 @@
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
 # simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
-# Fisher hooks one by one vs together (PERF_FISHER_SECONDS, default 120); PERF_COMPILE (default "default
+# Fisher hooks one by one vs together (PERF_FISHER_SECONDS, default 120); PERF_SERVER=0 skips the table of
+# FLTrust's server update alone vs as a cohort row (PERF_SERVER_SECONDS, default 90); PERF_COMPILE (default "default
 # reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
 # compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE). PERF_TOGETHER=0
@@ -70,6 +71,9 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # SDFC's Fisher hooks after a round, client by client vs the cohort's together (benchmarks/perf/fisher.py)
   [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-120}" $PY benchmarks/perf/fisher.py --device cuda \
     --estimators published 2>&1 | tee -a "$OUT/cohort.md"
+  # FLTrust's server update trained alone at aggregation vs as one more cohort row (benchmarks/perf/server_update.py)
+  [ "${PERF_SERVER:-1}" = 1 ] && timeout "${PERF_SERVER_SECONDS:-90}" $PY benchmarks/perf/server_update.py --device cuda \
+    --steps 10 2>&1 | tee -a "$OUT/cohort.md"
   # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
   # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
   if [ "${PERF_TOGETHER:-1}" = 1 ]; then
