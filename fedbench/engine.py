@@ -49,6 +49,7 @@ from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
 from fedbench.evaluation import evaluate, predict_labels
 from fedbench.experiment import Experiment, defense_setup, expected_malicious, validate
+from fedbench.fisher import compiled_passes
 from fedbench.metrics import final_numbers, flat_metrics
 from fedbench.models import build_model
 from fedbench.params import ParameterLayout
@@ -396,9 +397,10 @@ class FederatedRun:
         jobs = [self.client_job(client, model) for client, model in zip(clients, models)]
         started = time.perf_counter()
         defense_terms: list = [None] * len(jobs)
-        for protocol, members, calls in by_protocol(jobs):
-            for position, term in zip(members, protocol.before_training_together(calls)):
-                defense_terms[position] = term
+        with compiled_passes(self.exp.train.compile):
+            for protocol, members, calls in by_protocol(jobs):
+                for position, term in zip(members, protocol.before_training_together(calls)):
+                    defense_terms[position] = term
         for job, defense_term in zip(jobs, defense_terms):
             attack_term, job.after_step = self._attack_training_hooks(job.client, job.model)
             job.regularizer = sum_of_terms(defense_term, attack_term)
@@ -427,7 +429,8 @@ class FederatedRun:
         for job in jobs:
             if job.client.attacking:
                 self.exp.attack.after_training(job.client, job.model)
-        uploads = protocol_uploads(jobs)
+        with compiled_passes(self.exp.train.compile):
+            uploads = protocol_uploads(jobs)
         share = (time.perf_counter() - started) / max(len(jobs), 1)
         return [self.client_result(job, result, sent, seconds, job.time_hook + share)
                 for job, result, sent, seconds in zip(jobs, results, uploads, time_train)]

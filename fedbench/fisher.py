@@ -23,7 +23,9 @@ a client uploads the buffers its local training left.
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,24 @@ from torch.func import functional_call, grad, vmap
 from fedbench.params import trainable_parameters
 
 FisherEstimator = Literal["empirical", "published"]
+
+# train.compile's mode for cohort_fishers' whole-cohort passes, set by the engine around a
+# cohort's hooks (they are the defense's code: the mode reaches them without passing through it)
+_COMPILE_MODE: ContextVar[str | None] = ContextVar("fisher_compile_mode", default=None)
+GroupSums = Callable[..., dict[str, Tensor]]
+# per compile mode, made once: torch.compile keeps a graph per model, estimator and shape
+_COMPILED: dict[str, GroupSums] = {}
+
+
+@contextmanager
+def compiled_passes(mode: str | None) -> Iterator[None]:
+    """While open, :func:`cohort_fishers` compiles its passes over the whole cohort with
+    ``torch.compile`` in ``mode`` (``train.compile``; None: not compiled)."""
+    token = _COMPILE_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _COMPILE_MODE.reset(token)
 
 
 def _named_trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -185,6 +205,8 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
     rounding). The models, buffers and modes included, are left as they were. Go one by
     one: models the cohort cannot vmap (random layers, BatchNorm(momentum=None)) and, for
     the published estimator, which keeps each model's modes, models whose modes differ.
+    Inside :func:`compiled_passes` the steps over every model are compiled (one graph per
+    batch shape; a step of fewer models, once some models' batches are done, is not).
     ``explicit_batch_norm`` (default: on CUDA, where cuDNN's refuses vmap) computes
     BatchNorm in tensor operations."""
     from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train, vmappable  # cohort imports defenses
@@ -229,6 +251,7 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
     batches) or of the squared per-sample gradients (empirical; counts: samples)."""
     from fedbench.cohort import next_batches, same_shape_groups, vmappable
 
+    whole = _whole_cohort_sums(_COMPILE_MODE.get())
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
     counts = [0] * len(streams)
     iterators = [iter(stream) for stream in streams]
@@ -246,7 +269,8 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
                           {n: b.index_select(0, index) for n, b in others.items()})
             inputs = vmappable(torch.stack([batches[k][0] for k in group]))
             labels = torch.stack([batches[k][1] for k in group])
-            sums = _group_sums(template, *chosen, inputs, labels, estimator)
+            compute = whole if whole is not None and index is None else _group_sums
+            sums = compute(template, *chosen, inputs, labels, estimator)
             if index is None:
                 torch._foreach_add_(list(totals.values()), [sums[name] for name in totals])
             else:
@@ -255,6 +279,25 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
             for k in group:
                 counts[k] += 1 if estimator == "published" else len(batches[k][1])
     return totals, counts
+
+
+def _whole_cohort_sums(mode: str | None) -> GroupSums | None:
+    """:func:`_group_sums` compiled in ``mode`` (a graph for each model, estimator and batch
+    shape it meets, kept for the next rounds), under ``reduce-overhead`` marking each step's
+    start; None when ``mode`` is None."""
+    if mode is None:
+        return None
+    from fedbench.compiling import compiled, step_begins
+
+    if mode not in _COMPILED:
+        _COMPILED[mode] = compiled(_group_sums, mode)
+    compiled_sums = _COMPILED[mode]
+
+    def sums(*args: object) -> dict[str, Tensor]:
+        step_begins(mode)  # the sums are added to the totals before the next step
+        return compiled_sums(*args)
+
+    return sums
 
 
 def _group_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor,

@@ -92,12 +92,20 @@ def test_help_lists_the_registered_attacks_and_defenses(capsys):
     (["--attack", "pixel_pattern", "--attack.selection", "wrong"], "attack.selection='wrong': one of: last, random"),
     (["--defense", "sdfc", "--defense.estimator", "wrong"], "defense.estimator='wrong': one of: empirical, published"),
 ])
-def test_bad_input_is_one_clear_message_and_no_traceback(tiny_root, argv, expected):
-    result = cli("run", "--data.root", str(tiny_root), *TINY[:-2], *argv)
+def test_bad_input_is_one_clear_message_and_no_traceback(tiny_root, argv, expected, capsys):
+    # in this process, as the console script calls it (one case through the script itself below)
+    assert main(["run", "--data.root", str(tiny_root), *TINY[:-2], *argv]) == 2
+    stderr = capsys.readouterr().err
+    assert expected in stderr
+    assert "Traceback" not in stderr and stderr.startswith("fedbench run: error:")
+    assert "NestedArg" not in stderr, "not jsonargparse's dump of union types"
+
+
+def test_the_console_script_reports_bad_input_in_one_line_without_traceback(tiny_root):
+    result = cli("run", "--data.root", str(tiny_root), *TINY[:-2], "--train.lr", "-0.1")
     assert result.returncode == 2
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.startswith("fedbench run: error:")
-    assert "NestedArg" not in result.stderr, "not jsonargparse's dump of union types"
+    assert result.stderr.startswith("fedbench run: error:") and "train.lr=-0.1: a learning rate > 0" in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_a_users_own_defense_by_class_path_without_editing_the_suite(tiny_root, tmp_path):

@@ -295,8 +295,9 @@ def test_auto_trains_as_a_cohort_on_a_gpu_or_compiled_and_sequentially_on_a_cpu(
 
 def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_root, tmp_path):
     """train.compile=reduce-overhead (on CPU: compiled, no CUDA graph): each step is two
-    inductor graphs (counted), the batches' and the whole fused step's with SDFC's pulls,
-    and every update still equals plain sequential training's. Every tensor the graphs are
+    inductor graphs (counted), the batches' and the whole fused step's with SDFC's pulls
+    (and SDFC's Fisher hooks one more, their steps over every client), and every update
+    still equals plain sequential training's. Every tensor the graphs are
     given keeps its address from round to round (what a CUDA graph needs to replay instead
     of recording again), each step's batch and small row indices and masks excepted."""
     import shutil
@@ -326,7 +327,8 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
             tiny_root, tmp_path, rounds=2, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC(),
             train=LocalTrainConfig(local_steps=3, batch_size=32, compile="reduce-overhead"))
     assert coh.exp.train.compile == "reduce-overhead" and seq.exp.train.compile is None
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2, "the batches' gather, and the whole step, pulls included"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3, \
+        "the batches' gather, the whole step (pulls included), and SDFC's Fisher pass over every client"
     assert coh.cohort_trainer.every_parameter_used, "the fused step trained"
     assert coh.cohort_trainer.pulled_rows == list(range(5))
     for client in seq_sent:

@@ -98,6 +98,33 @@ def test_cohort_fishers_of_the_papers_cnn_equal_explicit_loops_in_float32(estima
     assert relative_gaps(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("estimator, explicit_batch_norm", [("published", False), ("empirical", True)])
+def test_compiled_cohort_fishers_equal_explicit_loops_and_compile_once(estimator, explicit_batch_norm):
+    """Inside ``compiled_passes`` (a compiled cohort's hooks) the steps over every model run
+    compiled: float64 BatchNorm nets as in the uncompiled test (its second step is the one
+    over all three models), to 1e-10, one graph compiled and kept for the next round's
+    models (the cohort's same copies, other values)."""
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    if shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled Fisher pass is untested here")
+    models = [m.double() for m in perturbed_copies(small_bn_net(), 3)]
+    graphs_before = counters["stats"]["unique_graphs"]
+    for round_index in range(2):
+        streams = uneven_streams([3, 1, 2], classes=3, dtype=torch.float64, seed=1 + round_index)
+        want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
+        with fisher.compiled_passes("default"):
+            got = cohort_fishers(models, streams, estimator, explicit_batch_norm=explicit_batch_norm)
+        assert relative_gaps(got, want) < 1e-10, round_index
+        assert counters["stats"]["unique_graphs"] - graphs_before == 1, "one graph, compiled in the first round"
+        with torch.no_grad():  # the next round's clients: other values in the same models
+            for model in models:
+                for tensor in model.parameters():
+                    tensor.mul_(1.01)
+
+
 def test_cohort_fishers_leave_every_model_as_it_was():
     models = perturbed_copies(small_bn_net(), 2)
     for model in models:

@@ -12,7 +12,9 @@ global model; ``--train-subset`` shrinks the clients' data, the validation split
   a time (as before 2026-11-27);
 - one by one, in chunks: the batches built 16 at a time (``HOOK_BATCH_CHUNK``);
 - together: the cohort's ``after_training_together`` (one vmapped pass per batch step
-  over all clients, ``fedbench.fisher.cohort_fishers``), which a cohort runs.
+  over all clients, ``fedbench.fisher.cohort_fishers``), which a cohort runs;
+- with ``--compile MODE``, together with the passes over every client compiled, as a
+  compiled cohort (``train.compile``) runs them (the compiling call left out).
 
 Launches counted as in ``cohort.py`` (CPU: aten ops that would launch a kernel; GPU: CUDA
 kernels); the clients' scores (SDFC's uploads) of each way against one by one.
@@ -33,12 +35,23 @@ import torch  # noqa: E402
 
 from defenses.sdfc import SCORE, SDFC  # noqa: E402
 from fedbench import engine  # noqa: E402
+from fedbench.fisher import compiled_passes  # noqa: E402
 
 WAYS = {"one by one, batch by batch": (1, False), "one by one, in chunks of 16": (16, False),
         "together (cohort)": (16, True)}
 
 
-def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int, out: Path) -> list[list]:
+def ways(compile_mode: str | None) -> dict[str, tuple[int, bool, str | None]]:
+    """Each way's (hook batch chunk, together, compile mode); with ``compile_mode`` one more
+    way: together, the passes over every client compiled (``train.compile``)."""
+    rows = {label: (chunk, together, None) for label, (chunk, together) in WAYS.items()}
+    if compile_mode is not None:
+        rows[f"together, compiled ({compile_mode})"] = (16, True, compile_mode)
+    return rows
+
+
+def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int, out: Path,
+              compile_mode: str | None = None) -> list[list]:
     """One row per way of running the hooks of one round's 10 clients."""
     run = make_run("simple_cnn", True, 1, "32-true", device, out, Workload("sdfc", train_subset, None, "pixel_pattern"))
     run.exp.defense.estimator = estimator
@@ -47,15 +60,18 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
     cuda = run.device.type == "cuda"
     batches = sum(1 for job in jobs for batches in job.batches for _ in batches())  # of every client
     rows, reference, chunk_of_engine = [], None, engine.HOOK_BATCH_CHUNK
-    for label, (chunk, together) in WAYS.items():
+    for label, (chunk, together, mode) in ways(compile_mode).items():
         engine.HOOK_BATCH_CHUNK = chunk  # read by each client's batch iterators when they start
 
         def hooks():
             if together:
-                return engine.protocol_uploads(jobs)
+                with compiled_passes(mode):
+                    return engine.protocol_uploads(jobs)
             return [job.protocol.after_training(job.client, job.model, *job.batches) for job in jobs]
 
         try:
+            if mode is not None:
+                hooks()  # compiles: left out of the count and the time
             launched = kernels_of(hooks, cuda)
             seconds = best_seconds(hooks, repeat, cuda)
             scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
@@ -73,11 +89,16 @@ def main(argv=None) -> str:
     parser.add_argument("--train-subset", type=int, default=6000, help="clients' pool size (0: all)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", default=None, help="adds the compiled passes' row, e.g. default")
     args = parser.parse_args(argv)
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for estimator in args.estimators:
-            rows += hook_rows(estimator, args.train_subset or None, args.device, args.repeat, Path(out))
+            rows += hook_rows(estimator, args.train_subset or None, args.device, args.repeat, Path(out), args.compile)
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "aten ops (CPU)"
     text = (f"### SDFC's hooks after one round's training, 10 clients, one by one vs together, {machine()}\n\n"
             + table(["estimator", "hooks run", f"{kind} per round", "per client-batch",

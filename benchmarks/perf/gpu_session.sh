@@ -18,7 +18,8 @@
 # (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
 # simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
-# Fisher hooks one by one vs together (PERF_FISHER_SECONDS, default 120); PERF_SERVER=0 skips the table of
+# Fisher hooks one by one vs together, and compiled in PERF_FISHER_COMPILE (default reduce-overhead; ""
+# skips) (PERF_FISHER_SECONDS, default 180); PERF_SERVER=0 skips the table of
 # FLTrust's server update alone vs as a cohort row (PERF_SERVER_SECONDS, default 90); PERF_COMPILE (default "default
 # reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
@@ -69,8 +70,9 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
   # SDFC's Fisher hooks after a round, client by client vs the cohort's together (benchmarks/perf/fisher.py)
-  [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-120}" $PY benchmarks/perf/fisher.py --device cuda \
-    --estimators published 2>&1 | tee -a "$OUT/cohort.md"
+  fisher_compile=${PERF_FISHER_COMPILE-reduce-overhead}
+  [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-180}" $PY benchmarks/perf/fisher.py --device cuda \
+    --estimators published ${fisher_compile:+--compile "$fisher_compile"} 2>&1 | tee -a "$OUT/cohort.md"
   # FLTrust's server update trained alone at aggregation vs as one more cohort row (benchmarks/perf/server_update.py)
   [ "${PERF_SERVER:-1}" = 1 ] && timeout "${PERF_SERVER_SECONDS:-90}" $PY benchmarks/perf/server_update.py --device cuda \
     --steps 10 2>&1 | tee -a "$OUT/cohort.md"
