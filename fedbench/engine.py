@@ -189,7 +189,8 @@ def train_in_one_cohort(runs: list["FederatedRun"], clients: list[list[ClientInf
     fedbench.together), then finished by their run. A run whose defense will train on
     server data this round (FLTrust) adds that training as one more row
     (:meth:`FederatedRun.server_job`). Each job is charged an equal share of the cohort's
-    time (a server row's share is charged to no client)."""
+    time (a server row's share goes to its round's aggregation time, where the server's
+    training is counted when it trains alone)."""
     jobs = [run.cohort_jobs(mine) for run, mine in zip(runs, clients)]
     everyone = [job for run_jobs in jobs for job in run_jobs]
     servers = [(run, job) for run, mine in zip(runs, clients) if (job := run.server_job(mine)) is not None]
@@ -197,7 +198,7 @@ def train_in_one_cohort(runs: list["FederatedRun"], clients: list[list[ClientInf
     trained = runs[0].cohort_trainer.train(everyone + [job for _, job in servers]) if everyone else []
     share = (time.perf_counter() - started) / max(len(trained), 1)
     for (run, _), result in zip(servers, trained[len(everyone):]):
-        run.server_trained(result)
+        run.server_trained(result, share)
     results, position = [], 0
     for run, run_jobs in zip(runs, jobs):
         mine_trained = trained[position:position + len(run_jobs)]
@@ -236,6 +237,7 @@ class ServerTrainingAhead:
     params: Tensor  # the global parameters it started from
     job: ClientJob
     trained_steps: int = -1  # set once trained
+    seconds: float = 0.0  # its share of the cohort's training time
 
     def answers(self, params: Tensor, data: ImageSet, steps: int, round_index: int) -> bool:
         """Whether this is the ``server_train`` call asked for (the same objects, the steps trained)."""
@@ -318,6 +320,7 @@ class FederatedRun:
         self._cohort_models: list[nn.Module] = []
         self._server_model: nn.Module | None = None  # the server's training in a cohort
         self._server_ahead: ServerTrainingAhead | None = None
+        self._server_seconds_ahead = 0.0  # the answered row's training time, for the round's record
 
     def _setup_attack_and_defense(self) -> None:
         exp, num_clients, pipeline = self.exp, self.exp.federation.num_clients, self.data.pipeline
@@ -523,10 +526,12 @@ class FederatedRun:
         self._server_ahead = ServerTrainingAhead(round_index, plan, self.global_params, job)
         return job
 
-    def server_trained(self, result: LocalResult) -> None:
-        """The :meth:`server_job` of this round is trained (``result.steps`` steps)."""
+    def server_trained(self, result: LocalResult, seconds: float) -> None:
+        """The :meth:`server_job` of this round is trained (``result.steps`` steps, in its
+        share ``seconds`` of the cohort's time)."""
         assert self._server_ahead is not None
         self._server_ahead.trained_steps = result.steps
+        self._server_ahead.seconds = seconds
 
     def expected_steps(self, client_id: int) -> int:
         """The optimizer steps a client's local training takes, as the trainers count them:
@@ -542,6 +547,7 @@ class FederatedRun:
         update trained ahead in the clients' cohort if it is this call's (:meth:`server_job`)."""
         ahead, self._server_ahead = self._server_ahead, None
         if ahead is not None and ahead.answers(params, data, steps, round_index):
+            self._server_seconds_ahead = ahead.seconds
             return self.trained_minus(ahead.job.model, params)
         self.layout.load(self.model, params)
         self.layout.load_buffers(self.model, self.global_buffers)
@@ -755,7 +761,8 @@ class FederatedRun:
         verdict = self.screen(round_)
         self.aggregate(round_, verdict)
         self.server_step(round_, verdict)
-        times["aggregation"] = time.perf_counter() - aggregation_started
+        times["aggregation"] = time.perf_counter() - aggregation_started + self._server_seconds_ahead
+        self._server_seconds_ahead = 0.0
         evaluation_started = time.perf_counter()
         metrics = self.evaluate(round_index)
         times["evaluation"] = time.perf_counter() - evaluation_started

@@ -303,6 +303,7 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     import shutil
 
     import fedbench.cohort
+    import fedbench.fisher
 
     if shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
@@ -320,13 +321,23 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
             return run(*args)
         return call
 
+    fisher_modes = []  # the compile mode of each cohort Fisher pass (sequential training computes none)
+    real_whole_cohort_sums = fedbench.fisher._whole_cohort_sums
+
+    def fisher_pass(mode):
+        fisher_modes.append(mode)
+        return real_whole_cohort_sums(mode)
+
     graphs_before = counters["stats"]["unique_graphs"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fedbench.cohort, "compiled", recording)
+        patch.setattr(fedbench.fisher, "_whole_cohort_sums", fisher_pass)
         (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
             tiny_root, tmp_path, rounds=2, attack=PixelPattern(malicious_fraction=0.4), defense=SDFC(),
             train=LocalTrainConfig(local_steps=3, batch_size=32, compile="reduce-overhead"))
     assert coh.exp.train.compile == "reduce-overhead" and seq.exp.train.compile is None
+    # two Fishers (local data, validation split) before round 0's training, two after each round's
+    assert fisher_modes == ["reduce-overhead"] * 6, "both hook calls compile their passes"
     assert counters["stats"]["unique_graphs"] - graphs_before == 3, \
         "the batches' gather, the whole step (pulls included), and SDFC's Fisher pass over every client"
     assert coh.cohort_trainer.every_parameter_used, "the fused step trained"

@@ -325,9 +325,13 @@ def test_fltrust_server_row_trains_the_median_of_the_clients_epochs(tiny_root, t
     by_epochs = [2 * (n // 9 if drop_last else -(-n // 9)) for n in sizes]
     median = sorted(by_epochs)[2]
     assert len(set(by_epochs)) > 2, "clients of different sizes"
+    row_seconds = []
+    server_trained = run.server_trained
+    run.server_trained = lambda result, seconds: row_seconds.append(seconds) or server_trained(result, seconds)
     for round_index in range(2):
         start = run.global_params.clone()
         record = run.run_round(round_index)
+        assert record["time"]["aggregation"] >= row_seconds[-1] > 0, "the row's time counts as aggregation's"
         assert record["local_steps"] == [by_epochs[c] for c in record["clients"]]
         assert record["defense"]["server_steps"] == median
         by_hand = server_update_by_hand(run, start, median, round_index)
@@ -349,6 +353,27 @@ def test_fltrust_trains_when_asked_for_a_server_update_the_cohort_did_not_forese
     run.run_round(0)
     assert [call.get("max_steps") for call in trained_alone] == [4]
     np.testing.assert_allclose(server_updates[0].double().cpu().numpy(), server_update_by_hand(run, start, 4),
+                               rtol=0, atol=1e-6)
+
+
+def test_a_server_row_left_from_a_refused_round_does_not_answer_the_next_rounds_call(tiny_root, tmp_path):
+    # Round 0's updates are all refused (max_update_norm), so FLTrust never asks for its row
+    # and the global model stays the same object; round 1 trains its clients sequentially (no
+    # new row): its call must train g0 on round 1's stream, not take round 0's row.
+    exp = tiny_experiment(tiny_root, tmp_path, defense=FLTrust(root_size=20),
+                          train=LocalTrainConfig(local_steps=4, batch_size=8, cohort=True),
+                          federation=FederationConfig(num_clients=5, rounds=2, final_rounds=1, max_update_norm=1e-12))
+    run = FederatedRun(exp)
+    server_updates = spy_on_server_training(exp.defense)
+    trained_alone = sequential_trainings(run)
+    record = run.run_round(0)
+    assert len(record["rejected"]) == 5 and server_updates == [] and trained_alone == []
+    run.exp.federation.max_update_norm = None
+    run.cohort = False
+    start = run.global_params.clone()
+    run.run_round(1)
+    assert [call.get("max_steps") for call in trained_alone] == [None] * 5 + [4]
+    np.testing.assert_allclose(server_updates[0].double().cpu().numpy(), server_update_by_hand(run, start, 4, 1),
                                rtol=0, atol=1e-6)
 
 
