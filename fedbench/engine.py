@@ -797,6 +797,7 @@ class FederatedRun:
             "non_finite_aggregate": verdict.non_finite_aggregate,
             "detection": detection,
             "defense": verdict.info,
+            "ended_at": time.time(),  # wall clock (Unix seconds): a grid's throughput, benchmarks/perf/projection.py
         }
 
     # ------------------------------------------------------------------ checkpoints

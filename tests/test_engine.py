@@ -23,6 +23,9 @@ def test_short_run_writes_per_round_metrics_and_a_summary(tiny_root, tmp_path):
     summary = run_experiment(exp)
     records = read_jsonl(exp.run_dir / "metrics.jsonl")
     assert [r["round"] for r in records] == [0, 1, 2]
+    for earlier, record in zip(records, records[1:]):
+        # each round ran between the previous round's end and its own (wall clock)
+        assert record["ended_at"] - earlier["ended_at"] >= record["time"]["round"] > 0
     for record in records:
         assert 0 <= record["clean_acc"] <= 100 and record["clean_loss"] > 0
         assert set(record["time"]) == {"local_training", "client_hook", "server_attack", "aggregation", "evaluation",

@@ -28,7 +28,13 @@
 # each PERF_COMPILE mode, PERF_TOGETHER_SECONDS each). Under reduce-overhead both tables end
 # with the CUDA graphs skipped and recorded and the rounds trained: recordings that grow with
 # the rounds mean a graph records again each round (its static tensors moved).
-# GRID_PACK=K trains stage 2's cohort cells K per process (--cells-per-process K).
+# GRID_PACK=K trains stage 2's cohort cells K per process (--cells-per-process K). Stage 2
+# ends with the projected time of the full paper grid (benchmarks/perf/projection.py: the
+# cohort cells' rounds after every cell's first, throughput and start-up, into projection.md).
+# GRID_SEQUENTIAL=0 leaves out the sequential FedAvg cell (it shares the GPU with the cohort
+# cells, so the projection is measured beside it unless left out). GRID_FLAGS adds options to
+# the cohort grid (e.g. "--set data.train_subset=3000" for a dry run).
+# DEVICE=cpu: a dry run of every stage on a machine without a GPU (numbers meaningless).
 # CPU_GRID="FILE..." puts the machine's spare CPU cores to work meanwhile (they share the
 # cores with stage 1's launching thread: keep CPU_JOBS a few below the core count): the grids'
 # cells run on CPU (CUDA hidden, so each cell's config is the one a CPU machine runs; CPU_JOBS
@@ -42,8 +48,10 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 PY=${PYTHON:-python3}
-nvidia-smi -L
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+DEVICE=${DEVICE:-cuda}
+gpu_state() { command -v nvidia-smi >/dev/null && nvidia-smi "$@"; }
+gpu_state -L
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
 cpu_deadline=$(( $(date +%s) + ${CPU_SECONDS:-420} ))
 cpu_grid() {  # grid file, output folder, patterns...
@@ -64,55 +72,61 @@ if [ -n "${CPU_GRID:-}" ]; then
 fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
-  timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
+  timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" --steps 10 --repeat 2 \
     --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
   # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
-  [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device cuda \
+  [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device "$DEVICE" \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
   # SDFC's Fisher hooks after a round, client by client vs the cohort's together (benchmarks/perf/fisher.py)
   fisher_compile=${PERF_FISHER_COMPILE-reduce-overhead}
-  [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-180}" $PY benchmarks/perf/fisher.py --device cuda \
+  [ "${PERF_FISHER:-1}" = 1 ] && timeout "${PERF_FISHER_SECONDS:-180}" $PY benchmarks/perf/fisher.py --device "$DEVICE" \
     --estimators published ${fisher_compile:+--compile "$fisher_compile"} 2>&1 | tee -a "$OUT/cohort.md"
   # FLTrust's server update trained alone at aggregation vs as one more cohort row (benchmarks/perf/server_update.py)
-  [ "${PERF_SERVER:-1}" = 1 ] && timeout "${PERF_SERVER_SECONDS:-90}" $PY benchmarks/perf/server_update.py --device cuda \
+  [ "${PERF_SERVER:-1}" = 1 ] && timeout "${PERF_SERVER_SECONDS:-90}" $PY benchmarks/perf/server_update.py --device "$DEVICE" \
     --steps 10 2>&1 | tee -a "$OUT/cohort.md"
   # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
   # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
   if [ "${PERF_TOGETHER:-1}" = 1 ]; then
     for mode in "" ${PERF_COMPILE-default reduce-overhead}; do
-      timeout "${PERF_TOGETHER_SECONDS:-150}" $PY benchmarks/perf/together.py --device cuda --steps 10 \
+      timeout "${PERF_TOGETHER_SECONDS:-150}" $PY benchmarks/perf/together.py --device "$DEVICE" --steps 10 \
         --cells 1 2 4 7 --attack pixel_pattern ${mode:+--compile "$mode"} 2>&1 | tee -a "$OUT/cohort.md"
     done
   fi
   # the cohort compiled (train.compile), each mode of PERF_COMPILE on PERF_COMPILE_MODELS, fp32
   for mode in ${PERF_COMPILE-default reduce-overhead}; do
-    timeout "${PERF_COMPILE_SECONDS:-180}" $PY benchmarks/perf/cohort.py --device cuda --steps 10 --repeat 2 \
+    timeout "${PERF_COMPILE_SECONDS:-180}" $PY benchmarks/perf/cohort.py --device "$DEVICE" --steps 10 --repeat 2 \
       --models ${PERF_COMPILE_MODELS:-simple_cnn resnet18} --compile "$mode" 2>&1 | tee -a "$OUT/cohort.md"
   done
 fi
 
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
-compiled=(); [ -n "${GRID_COMPILE:-}" ] && compiled=(--set "train.compile=$GRID_COMPILE")
+# shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
+compiled=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && compiled=(--set "train.compile=$GRID_COMPILE")
 [ -n "${GRID_PACK:-}" ] && compiled+=(--cells-per-process "$GRID_PACK")
 cohort_runs="runs/fmnist_paper_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
   --out "$cohort_runs" --jobs 6 --set train.cohort=true \
   "${compiled[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
 cohort_grid=$!
-timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
-  --out runs/fmnist_paper_gpu_sequential --jobs 1 --set train.cohort=false --set wandb.mode=disabled \
-  --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
-sequential_grid=$!
+sequential_grid=$cohort_grid
+if [ "${GRID_SEQUENTIAL:-1}" = 1 ]; then
+  timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
+    --out runs/fmnist_paper_gpu_sequential --jobs 1 --set train.cohort=false --set wandb.mode=disabled \
+    --cells 'pixel_pattern-fedavg' >"$OUT/grid_sequential.log" 2>&1 &
+  sequential_grid=$!
+fi
 while sleep 30; do  # the GPU grids only: a CPU grid (CPU_GRID) may still be running
   kill -0 $cohort_grid 2>/dev/null || kill -0 $sequential_grid 2>/dev/null || break
   echo "$(( $(date +%s) - start )) s: $(ls "$cohort_runs"/cells/*/summary.json 2>/dev/null | wc -l) cells done;" \
-    "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+    "$(gpu_state --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
 done
 wait $cohort_grid $sequential_grid
 echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
-tar czf "$OUT/runs.tgz" "$cohort_runs" runs/fmnist_paper_gpu_sequential
+$PY benchmarks/perf/projection.py "$cohort_runs" --grid benchmarks/paper.yaml --since "$start" 2>&1 \
+  | tee "$OUT/projection.md"
+tar czf "$OUT/runs.tgz" "$cohort_runs" $([ -d runs/fmnist_paper_gpu_sequential ] && echo runs/fmnist_paper_gpu_sequential)
 fi
 
 if [ -n "${CPU_GRID:-}" ]; then
