@@ -52,9 +52,10 @@ def test_projection_counts_the_rounds_after_every_cell_is_warm(tmp_path, earlier
     assert result.startup == pytest.approx(30)
     # target: 6 cells x 4 rounds = 24 cell-rounds at 9/40 per s, two waves of 3 cells
     assert result.seconds_for(6, 4) == pytest.approx(24 * 40 / 9 + 2 * 30)
+    assert result.seconds_for(6, 4, cached=True) == pytest.approx(24 * 40 / 9 + 30), "the first wave compiles"
     text = projection.main([str(tmp_path / "runs"), "--grid", str(tmp_path / "target.yaml")]
                            + ([] if earlier is None else ["--since", "60"]))
-    assert f"{(24 * 40 / 9 + 60) / 3600:.2f} hours" in text
+    assert f"{(24 * 40 / 9 + 60) / 3600:.2f} hours" in text and f"{(24 * 40 / 9 + 30) / 3600:.2f} hours if" in text
     assert "fedavg 2, multi_krum 1" in text and "fedavg 3, multi_krum 3" in text
 
 
