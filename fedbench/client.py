@@ -57,7 +57,8 @@ class LocalTrainConfig:
             a GPU), or None (off).
             Inductor fuses the elementwise kernels; each distinct batch shape compiles once
             per process (seconds to a minute; a C++ compiler on CPU). Equal to the
-            uncompiled cohort up to float rounding.
+            uncompiled cohort up to float rounding. The round's evaluation compiles too
+            (``fedbench.evaluation.evaluate_compiled``: the same counts, one graph per batch).
     """
 
     lr: float = 0.01

@@ -709,7 +709,8 @@ class FederatedRun:
         self.layout.load(self.model, self.global_params)
         self.layout.load_buffers(self.model, self.global_buffers)
         return evaluate(self.model, self.data.test, self.data.pipeline, exp.attack, self.data.num_classes,
-                        exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last)
+                        exp.federation.eval_batch_size, self.fabric.autocast, exp.train.channels_last,
+                        exp.train.compile)
 
     def defense_final_numbers(self) -> dict[str, float | None]:
         """What the defense measures on the final model (e.g. CRFL's smoothing); rank 0 only.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +15,6 @@ from attacks.base import Attack, BackdoorAttack
 from fedbench.data import ImagePipeline, ImageSet
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     test: ImageSet,
@@ -23,13 +24,28 @@ def evaluate(
     batch_size: int = 1024,
     autocast=None,
     channels_last: bool = False,
+    compile_mode: str | None = None,
 ) -> dict[str, float | None]:
     """``clean_acc``, ``asr`` and ``asr_all`` in percent, ``clean_loss`` the mean cross-entropy.
 
     Every test image is triggered; ``asr`` is the share predicted as the target among
     images whose true label is not the target (the headline), ``asr_all`` the share among
     all test images (the published SDFC/FDCR count). Both None for attacks without a trigger.
+    ``compile_mode`` (``train.compile``): each batch's counts in one compiled graph
+    (:func:`evaluate_compiled`) instead of torchmetrics' updates, for attacks whose trigger
+    is :class:`~attacks.base.BackdoorAttack`'s blend (one that applies its own stays here).
     """
+    blend = isinstance(attack, BackdoorAttack) and type(attack).apply_trigger is BackdoorAttack.apply_trigger
+    if compile_mode is not None and (blend or not isinstance(attack, BackdoorAttack)):
+        return evaluate_compiled(model, test, pipeline, attack, batch_size, autocast, channels_last, compile_mode)
+    return evaluate_with_torchmetrics(model, test, pipeline, attack, num_classes, batch_size, autocast, channels_last)
+
+
+@torch.inference_mode()
+def evaluate_with_torchmetrics(model: nn.Module, test: ImageSet, pipeline: ImagePipeline, attack: Attack,
+                               num_classes: int, batch_size: int, autocast,
+                               channels_last: bool) -> dict[str, float | None]:
+    """:func:`evaluate` batch by batch, the metrics in torchmetrics."""
     device = test.labels.device
     # Only one process evaluates the global model, so the metrics must not sync across
     # processes; nor with the host per batch (input checks, NaN filtering, boolean masks:
@@ -71,6 +87,82 @@ def evaluate(
         "clean_loss": float(loss.compute()),
         "asr": 100.0 * float(non_target_hits.compute()) / counted if counted > 0 else None,
         "asr_all": 100.0 * float(asr_all.compute()) if backdoor is not None else None,
+    }
+
+
+# per compile mode, made once: torch.compile keeps a graph per model and batch shape
+_COMPILED_COUNTS: dict[str, Callable[..., Tensor]] = {}
+COUNTS = ("correct", "loss", "images", "hits", "non_target_hits", "non_target_images")
+
+
+def batch_counts(model: nn.Module, images: Tensor, labels: Tensor, valid: Tensor, pipeline: ImagePipeline,
+                 trigger: tuple[Tensor, Tensor, Tensor] | None, memory_format: torch.memory_format) -> Tensor:
+    """One batch's sums, float64, in the order of :data:`COUNTS`: correct predictions, the
+    cross-entropy's sum, images; with a trigger ``(alpha, pattern, target)``, the triggered
+    images predicted as the target, those among non-target images, and non-target images.
+    Rows where ``valid`` is False (padding) count nowhere."""
+    inputs = pipeline(images, train=False)
+    logits = model(inputs.contiguous(memory_format=memory_format)).float()
+    correct = (logits.argmax(dim=1) == labels) & valid
+    loss = torch.where(valid, F.cross_entropy(logits, labels, reduction="none"), 0.0)
+    counts = [correct.sum(), loss.sum(), valid.sum()]
+    if trigger is not None:
+        alpha, pattern, target = trigger
+        triggered = inputs * (1 - alpha) + alpha * pattern  # BackdoorAttack.apply_trigger's blend
+        hit = (model(triggered.contiguous(memory_format=memory_format)).argmax(dim=1) == target) & valid
+        non_target = (labels != target) & valid
+        counts += [hit.sum(), (hit & non_target).sum(), non_target.sum()]
+    return torch.stack([count.double() for count in counts])
+
+
+@torch.no_grad()  # not inference mode: its tensors (the padded last batch) would compile a second graph
+def evaluate_compiled(model: nn.Module, test: ImageSet, pipeline: ImagePipeline, attack: Attack, batch_size: int,
+                      autocast, channels_last: bool, mode: str) -> dict[str, float | None]:
+    """:func:`evaluate`'s numbers with each batch's counts in one compiled graph
+    (:func:`batch_counts`, ``torch.compile`` in ``mode``): a shorter last batch is padded
+    to the full batch size (its padding counts nowhere), so one graph serves every batch.
+    Counts are exact (float64 sums of integers); the loss's sum is float64 over float32
+    per-image losses, where torchmetrics sums in float32: ``clean_loss`` may differ from
+    the uncompiled path in its last digits."""
+    from fedbench.compiling import compiled, step_begins
+
+    if mode not in _COMPILED_COUNTS:
+        _COMPILED_COUNTS[mode] = compiled(batch_counts, mode)
+    counts_of = _COMPILED_COUNTS[mode]
+    device = test.labels.device
+    backdoor = attack if isinstance(attack, BackdoorAttack) else None
+    trigger = None
+    if backdoor is not None:
+        trigger = (*backdoor.trigger(None), torch.tensor(backdoor.target_label, device=device))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    size = min(batch_size, len(test))
+    everything = torch.ones(size, dtype=torch.bool, device=device)
+    totals = torch.zeros(len(COUNTS), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(test), size):
+        images, labels = test.images[start:start + size], test.labels[start:start + size]
+        valid = everything
+        if len(labels) < size:  # the last batch, padded: one graph for every batch
+            valid = torch.arange(size, device=device) < len(labels)
+            images = torch.cat([images, images.new_zeros((size - len(labels), *images.shape[1:]))])
+            labels = torch.cat([labels, labels.new_zeros(size - len(labels))])
+        step_begins(mode)  # the counts are added to the totals before the next batch
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            counts = counts_of(model, images, labels, valid, pipeline, trigger, memory_format)
+        totals[:len(counts)] += counts
+    model.train(was_training)
+    return results_from(dict(zip(COUNTS, totals.tolist())), backdoor is not None)
+
+
+def results_from(totals: dict[str, float], triggered: bool) -> dict[str, float | None]:
+    """:func:`evaluate`'s results from :func:`batch_counts`' sums over the test set."""
+    images, non_target = totals["images"], totals["non_target_images"]
+    return {
+        "clean_acc": 100.0 * totals["correct"] / images,
+        "clean_loss": totals["loss"] / images,
+        "asr": 100.0 * totals["non_target_hits"] / non_target if triggered and non_target > 0 else None,
+        "asr_all": 100.0 * totals["hits"] / images if triggered else None,
     }
 
 

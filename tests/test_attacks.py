@@ -15,6 +15,19 @@ from fedbench.evaluation import evaluate
 MEAN, STD = 0.1307, 0.3081
 
 
+def needs_a_compiler(mode):
+    """``mode`` itself; skipped, loudly, for a compiled mode where torch.compile cannot build on CPU."""
+    import shutil
+
+    if mode is not None and shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled evaluation is untested here")
+    return mode
+
+
+# train.compile's evaluation (fedbench.evaluation.evaluate_compiled) against the same hand counts
+EVALUATION_MODES = pytest.mark.parametrize("compile_mode", [None, "default"], ids=["torchmetrics", "compiled"])
+
+
 def ready(attack, size: int = 32, channels: int = 3, num_classes: int = 10):
     pipeline = ImagePipeline((MEAN,), (STD,), channels=channels, augment=False, hflip=False, crop_padding=0)
     attack.setup(AttackSetup(10, num_classes, channels, size, pipeline, torch.device("cpu"), seed=0))
@@ -145,13 +158,14 @@ class LabelReader(torch.nn.Module):
         return torch.nn.functional.one_hot(labels, 10).float()
 
 
-def test_asr_is_reported_over_non_target_images_and_over_all_images():
+@EVALUATION_MODES
+def test_asr_is_reported_over_non_target_images_and_over_all_images(compile_mode):
     labels = torch.arange(10).repeat(10)  # 10 images of each class
     images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
     images[:, 0, 16, 16] = labels.to(torch.uint8)
     test = ImageSet(images, labels)
     honest = ready(PixelPattern(target_label=2))
-    result = evaluate(LabelReader(), test, honest.env.pipeline, honest, 10)
+    result = evaluate(LabelReader(), test, honest.env.pipeline, honest, 10, compile_mode=needs_a_compiler(compile_mode))
     assert result["clean_acc"] == pytest.approx(100.0)
     assert result["asr"] == 0.0, "a model that ignores the trigger has no backdoor"
     assert result["asr_all"] == pytest.approx(10.0), "the published count: the 10 target-class images hit"
@@ -171,39 +185,118 @@ class FollowsTheTriggerOnOddLabels(torch.nn.Module):
         return torch.zeros(len(x), 10).scatter_(1, predicted[:, None], 1.0)
 
 
-def test_asr_counts_non_target_images_across_batches_and_is_none_without_any():
-    """Batches of 10 images of one class each (one batch holds only target-class images):
-    the 50 odd-labelled images of 90 non-target ones are hit, ASR 55.6; of all 100, those 50
-    and the 10 target-class images (predicted as what they are), 60."""
+@EVALUATION_MODES
+@pytest.mark.parametrize("batch_size", [10, 32])
+def test_asr_counts_non_target_images_across_batches_and_is_none_without_any(compile_mode, batch_size):
+    """Batches of 10 images of one class each (one batch holds only target-class images),
+    or of 32 (the compiled evaluation pads the last, of 4, to 32): the 50 odd-labelled
+    images of 90 non-target ones are hit, ASR 55.6; of all 100, those 50 and the 10
+    target-class images (predicted as what they are), 60."""
+    compile_mode = needs_a_compiler(compile_mode)
     labels = torch.arange(10).repeat_interleave(10)
     images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
     images[:, 0, 16, 16] = labels.to(torch.uint8)
     attack = ready(PixelPattern(target_label=2))
     result = evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
-                      batch_size=10)
+                      batch_size=batch_size, compile_mode=compile_mode)
     assert result["clean_acc"] == pytest.approx(100.0)
     assert result["asr"] == pytest.approx(100.0 * 50 / 90) and result["asr_all"] == pytest.approx(60.0)
     target_only = ImageSet(images[labels == 2], labels[labels == 2])
-    result = evaluate(FollowsTheTriggerOnOddLabels(), target_only, attack.env.pipeline, attack, 10, batch_size=4)
+    result = evaluate(FollowsTheTriggerOnOddLabels(), target_only, attack.env.pipeline, attack, 10, batch_size=4,
+                      compile_mode=compile_mode)
     assert result["asr"] is None and result["asr_all"] == pytest.approx(100.0), "no non-target image: no ASR"
 
 
-def test_evaluation_waits_for_the_device_a_fixed_few_times_however_many_batches():
+@EVALUATION_MODES
+def test_evaluation_waits_for_the_device_a_fixed_few_times_however_many_batches(compile_mode):
     """Host syncs (``.item()``-like reads and boolean masks, each a wait for a GPU), counted
     by torch's profiler on CPU: the four results at the end and one count, not a few per
     batch (84 for Fashion-MNIST's 10 batches before 2026-11-26)."""
     from torch.profiler import ProfilerActivity, profile
 
+    compile_mode = needs_a_compiler(compile_mode)
     labels = torch.arange(10).repeat_interleave(10)
     images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
     images[:, 0, 16, 16] = labels.to(torch.uint8)
     attack = ready(PixelPattern(target_label=2))
+    test = ImageSet(images, labels)
+    if compile_mode is not None:  # compiled before the count: compiling reads shapes and values
+        evaluate(FollowsTheTriggerOnOddLabels(), test, attack.env.pipeline, attack, 10, batch_size=10,
+                 compile_mode=compile_mode)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
-                 batch_size=10)
+        evaluate(FollowsTheTriggerOnOddLabels(), test, attack.env.pipeline, attack, 10, batch_size=10,
+                 compile_mode=compile_mode)
     names = [event.name for event in prof.events()]
     reads = names.count("aten::_local_scalar_dense")
     assert reads <= 5 and "aten::nonzero" not in names, reads
+
+
+class PredictsOneClass(torch.nn.Module):
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), 10).float() + 0 * x.flatten(1)[:, :1]
+
+
+@EVALUATION_MODES
+@pytest.mark.parametrize("target", [0, 2])
+def test_a_model_predicting_the_target_everywhere_hits_every_test_image(compile_mode, target):
+    """98 images, labels 0-9 in turn, batches of 32 (the compiled evaluation pads the last,
+    of 2, to 32 with images labelled 0): every triggered image is predicted as the target,
+    so both ASRs are 100 and the clean accuracy is the share of target-labelled images,
+    10 of 98 (padding, whatever it is predicted and labelled, counts nowhere)."""
+    labels = torch.arange(10).repeat(10)[:98]
+    test = ImageSet(torch.randint(0, 256, (98, 1, 32, 32), dtype=torch.uint8), labels)
+    attack = ready(PixelPattern(target_label=target))
+    result = evaluate(PredictsOneClass(target), test, attack.env.pipeline, attack, 10, batch_size=32,
+                      compile_mode=needs_a_compiler(compile_mode))
+    assert result["asr_all"] == pytest.approx(100.0) and result["asr"] == pytest.approx(100.0)
+    assert result["clean_acc"] == pytest.approx(100.0 * 10 / 98)
+
+
+class NaNOnBlackImages(torch.nn.Module):
+    """A linear classifier whose logits are NaN for an all-black image (the compiled
+    evaluation pads its last batch with black images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(0)) / 30)
+
+    def forward(self, x):
+        black = (x - (-MEAN / STD)).abs().flatten(1).amax(dim=1) < 1e-6
+        return torch.where(black[:, None], float("nan"), self.linear(x.flatten(1)))
+
+
+@pytest.mark.parametrize("attack", [Blended(), NoAttack()], ids=["blended", "none"])
+def test_compiled_evaluation_equals_torchmetrics_and_its_padding_counts_nowhere(attack):
+    """100 images in batches of 32 (the last, of 4, padded with black images, on which the
+    model gives NaN): the compiled counts equal torchmetrics' batch-by-batch metrics
+    (float32 there), and the loss stays finite."""
+    needs_a_compiler("default")
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(1, 256, (100, 1, 32, 32), dtype=torch.uint8, generator=generator)
+    test = ImageSet(images, torch.randint(0, 10, (100,), generator=generator))
+    attack = ready(attack)
+    model = NaNOnBlackImages()
+    eager = evaluate(model, test, attack.env.pipeline, attack, 10, batch_size=32)
+    if isinstance(attack, Blended):  # the target most triggered images hit, so that the counts are exercised
+        hits = {}
+        for target in range(10):
+            attack.target_label = target
+            hits[target] = evaluate(model, test, attack.env.pipeline, attack, 10, batch_size=32)["asr_all"]
+        attack.target_label = max(hits, key=hits.get)
+        eager = evaluate(model, test, attack.env.pipeline, attack, 10, batch_size=32)
+    compiled = evaluate(model, test, attack.env.pipeline, attack, 10, batch_size=32, compile_mode="default")
+    assert 0 < eager["clean_acc"] < 100 and eager["clean_loss"] == eager["clean_loss"], "a finite loss"
+    for key in ("clean_acc", "asr", "asr_all"):
+        assert compiled[key] == (None if eager[key] is None else pytest.approx(eager[key], abs=1e-4)), key
+    assert compiled["clean_loss"] == pytest.approx(eager["clean_loss"], rel=1e-6)
+    if isinstance(attack, Blended):
+        assert 0 < eager["asr_all"] < 100, "some triggered images hit: the counts are exercised"
 
 
 def test_every_attack_is_registered_under_its_cli_name():

@@ -328,6 +328,7 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
         fisher_modes.append(mode)
         return real_whole_cohort_sums(mode)
 
+    torch._dynamo.reset()  # graphs of earlier tests (the evaluation's fits any model of its shape) compile anew
     graphs_before = counters["stats"]["unique_graphs"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fedbench.cohort, "compiled", recording)
@@ -338,8 +339,8 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     assert coh.exp.train.compile == "reduce-overhead" and seq.exp.train.compile is None
     # two Fishers (local data, validation split) before round 0's training, two after each round's
     assert fisher_modes == ["reduce-overhead"] * 6, "both hook calls compile their passes"
-    assert counters["stats"]["unique_graphs"] - graphs_before == 3, \
-        "the batches' gather, the whole step (pulls included), and SDFC's Fisher pass over every client"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 4, \
+        "the batches' gather, the whole step (pulls included), SDFC's Fisher pass over every client, the evaluation"
     assert coh.cohort_trainer.every_parameter_used, "the fused step trained"
     assert coh.cohort_trainer.pulled_rows == list(range(5))
     for client in seq_sent:
@@ -370,13 +371,15 @@ def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_c
 
     if shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled cohort is untested here")
+    torch._dynamo.reset()  # graphs of earlier tests (the evaluation's fits any model of its shape) compile anew
     graphs_before = counters["stats"]["unique_graphs"]
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, rounds=2, model=ModelConfig(name="test_cohort.small_bn_net"), explicit_batch_norm=True,
         fabric=FabricConfig(precision="64-true"),
         train=LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32, compile="default"))
     assert len(set(seq_rec[0]["local_steps"])) > 1 and coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
-    assert counters["stats"]["unique_graphs"] - graphs_before == 6, "two graphs (gather, step) for each of 5, 3, 2 rows"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 7, \
+        "two graphs (gather, step) for each of 5, 3, 2 rows, and the evaluation's"
     for r in range(2):
         assert coh_rec[r]["train_loss"] == pytest.approx(seq_rec[r]["train_loss"], rel=1e-6), "float32 loss totals"
     assert seq.global_buffers.abs().sum() > 0

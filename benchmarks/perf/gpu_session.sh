@@ -20,7 +20,8 @@
 # simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
 # Fisher hooks one by one vs together, and compiled in PERF_FISHER_COMPILE (default reduce-overhead; ""
 # skips) (PERF_FISHER_SECONDS, default 180); PERF_SERVER=0 skips the table of
-# FLTrust's server update alone vs as a cohort row (PERF_SERVER_SECONDS, default 90); PERF_COMPILE (default "default
+# FLTrust's server update alone vs as a cohort row (PERF_SERVER_SECONDS, default 90); PERF_EVAL=0 skips
+# the table of the round's evaluation, torchmetrics vs compiled (PERF_EVAL_SECONDS, default 120); PERF_COMPILE (default "default
 # reduce-overhead"; "" skips) adds the compiled cohort's rows (train.compile) for
 # PERF_COMPILE_MODELS, PERF_COMPILE_SECONDS (default 180) per mode. GRID_COMPILE=MODE
 # compiles stage 2's cohort cells (into runs/fmnist_paper_gpu_compiled_MODE). PERF_TOGETHER=0
@@ -84,6 +85,9 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # FLTrust's server update trained alone at aggregation vs as one more cohort row (benchmarks/perf/server_update.py)
   [ "${PERF_SERVER:-1}" = 1 ] && timeout "${PERF_SERVER_SECONDS:-90}" $PY benchmarks/perf/server_update.py --device "$DEVICE" \
     --steps 10 2>&1 | tee -a "$OUT/cohort.md"
+  # the round's evaluation, torchmetrics batch by batch vs compiled in each mode (benchmarks/perf/evaluation.py)
+  [ "${PERF_EVAL:-1}" = 1 ] && timeout "${PERF_EVAL_SECONDS:-120}" $PY benchmarks/perf/evaluation.py --device "$DEVICE" \
+    --compile default reduce-overhead 2>&1 | tee -a "$OUT/cohort.md"
   # cross-cell cohorts: 1, 2, 4 and 7 cells' clients in one cohort (fedbench.together), the
   # paper's pixel pattern (3 attackers per cell), uncompiled and in each mode of PERF_COMPILE
   if [ "${PERF_TOGETHER:-1}" = 1 ]; then

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import aggregation  # noqa: E402
 import cohort  # noqa: E402
+import evaluation  # noqa: E402
 import fisher  # noqa: E402
 import round_breakdown  # noqa: E402
 import server_update  # noqa: E402
@@ -26,5 +27,5 @@ if __name__ == "__main__":
     cohort_args = COHORT_GPU if torch.cuda.is_available() else []
     sections = [throughput.main([]), stacked_clients.main([]), cohort.main(cohort_args),
                 together.main(TOGETHER + (["--steps", "20"] if torch.cuda.is_available() else [])), aggregation.main([]),
-                round_breakdown.main([]), fisher.main([]), server_update.main([])]
+                round_breakdown.main([]), fisher.main([]), server_update.main([]), evaluation.main([])]
     print("\n\n".join(sections))
