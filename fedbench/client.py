@@ -58,7 +58,7 @@ class LocalTrainConfig:
             Inductor fuses the elementwise kernels; each distinct batch shape compiles once
             per process (seconds to a minute; a C++ compiler on CPU). Equal to the
             uncompiled cohort up to float rounding. The round's evaluation compiles too
-            (``fedbench.evaluation.evaluate_compiled``: the same counts, one graph per batch).
+            (``fedbench.evaluation.evaluate_compiled``: one graph per batch; its logits too up to float rounding).
     """
 
     lr: float = 0.01

@@ -36,7 +36,7 @@ def evaluate(
     is :class:`~attacks.base.BackdoorAttack`'s blend (one that applies its own stays here).
     """
     blend = isinstance(attack, BackdoorAttack) and type(attack).apply_trigger is BackdoorAttack.apply_trigger
-    if compile_mode is not None and (blend or not isinstance(attack, BackdoorAttack)):
+    if compile_mode is not None and len(test) > 0 and (blend or not isinstance(attack, BackdoorAttack)):
         return evaluate_compiled(model, test, pipeline, attack, batch_size, autocast, channels_last, compile_mode)
     return evaluate_with_torchmetrics(model, test, pipeline, attack, num_classes, batch_size, autocast, channels_last)
 

@@ -231,6 +231,28 @@ def test_evaluation_waits_for_the_device_a_fixed_few_times_however_many_batches(
     assert reads <= 5 and "aten::nonzero" not in names, reads
 
 
+class StampsNothing(PixelPattern):
+    """A backdoor whose own ``apply_trigger`` leaves images as they are."""
+
+    def apply_trigger(self, images, parts=None):
+        return images
+
+
+def test_an_attack_with_its_own_trigger_is_evaluated_with_it_under_compile():
+    """The compiled evaluation blends BackdoorAttack's trigger; an attack that applies its
+    own is evaluated with it (the torchmetrics path): nothing stamped, so the odd-labelled
+    images are not hit (ASR 0) and only the 10 target-class images count in ASR_all (10),
+    where the blend would give 55.6 and 60."""
+    needs_a_compiler("default")
+    labels = torch.arange(10).repeat_interleave(10)
+    images = torch.zeros(100, 1, 32, 32, dtype=torch.uint8)
+    images[:, 0, 16, 16] = labels.to(torch.uint8)
+    attack = ready(StampsNothing(target_label=2))
+    result = evaluate(FollowsTheTriggerOnOddLabels(), ImageSet(images, labels), attack.env.pipeline, attack, 10,
+                      batch_size=32, compile_mode="default")
+    assert result["asr"] == 0.0 and result["asr_all"] == pytest.approx(10.0)
+
+
 class PredictsOneClass(torch.nn.Module):
     def __init__(self, label: int):
         super().__init__()

@@ -106,7 +106,7 @@ fi
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
 # shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
-compiled=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && compiled=(--set "train.compile=$GRID_COMPILE")
+compiled=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && compiled+=(--set "train.compile=$GRID_COMPILE")
 [ -n "${GRID_PACK:-}" ] && compiled+=(--cells-per-process "$GRID_PACK")
 cohort_runs="runs/fmnist_paper_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \

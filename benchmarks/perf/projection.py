@@ -4,19 +4,21 @@
 
 RUNS is a grid's output folder (``RUNS/cells/*/metrics.jsonl``) whose cells all ran at
 once for the stage measured: ``gpu_session.sh``'s stage 2 runs the six Fashion-MNIST
-paper cells as six processes, or packed K to a process (``--cells-per-process``). Every
-round's record carries the wall-clock time it ended (``ended_at``); the stage's records
-are those that ended after ``--since`` (default: all that carry the time). Then:
+paper cells as six processes, or packed K to a process (``--cells-per-process``), and
+passes the stage's start as ``--since``. Every round's record carries the wall-clock time
+it ended (``ended_at``); the stage's records are those that ended after ``--since``
+(without it, all that carry the time: records of an earlier stage, a resumed cell's
+rounds done twice or a long pause, are refused). Then:
 
-- warm: the moment every cell had ended its first round of the stage (processes started,
-  data loaded, graphs compiled: all that a process pays once);
-- throughput: the rounds (of all cells) that ended after that moment, over the time from
-  it to the last round's end: cell-rounds per second of this machine, at this load, with
-  this mix of cells (packed cells' rounds included: a pack's round ends each of its
-  cells' rounds);
-- start-up: the largest, over the cells, of a cell's first round's time (``time.round``)
-  less its median round time: what a wave of processes pays once, compiling included,
-  imports and data loading not;
+- window: from the moment every cell had ended its first round of the stage (processes
+  started, data loaded, graphs compiled) to the first cell's last round end (every cell
+  still running);
+- throughput: the rounds (of all cells) that ended in the window, over its length:
+  cell-rounds per second of this machine, at this load, with this mix of cells (packed
+  cells' rounds included: a pack's round ends each of its cells' rounds);
+- start-up: the largest, over the cells, of the time from the stage's start to the cell's
+  first round end less its median round (launch, imports, data loading, compiling);
+  without ``--since``, of its first round's time less its median round (compiling only);
 - projected: the target grid's cells x rounds / throughput, plus one start-up per wave
   of as many cells as were measured (ceil(target cells / measured cells) waves); and
   with the first wave's start-up only: torch keeps compiled graphs in on-disk caches, so a
@@ -25,12 +27,10 @@ are those that ended after ``--since`` (default: all that carry the time). Then:
   2 s for a later round).
 
 The projection assumes the target's cells cost what the measured mix costs per round
-(the table says how many of each defense each holds: SDFC's rounds cost about twice a
+(the report names how many of each defense each holds: SDFC's rounds cost about twice a
 FedAvg round's on the H200, so a measured mix with more SDFC cells than the target
 projects on the high side) and that the target runs as waves of the measured
-configuration. Numbers of a stage whose cells did not all run throughout (more cells than
-``--jobs``, or cells that finished early) mean less: the script says how many cells it
-counted and when each warmed.
+configuration. Cells with no round in the stage are named and left out.
 """
 
 from __future__ import annotations
@@ -55,18 +55,37 @@ DEFAULT_ROUNDS = 50  # FederationConfig's default, for grid cells that do not se
 
 @dataclass
 class CellStage:
-    """One cell's rounds in the stage: end times (Unix seconds) and round times (seconds)."""
+    """One cell's rounds in the stage: round indices, end times (Unix seconds) and round
+    times (seconds), in end-time order."""
 
     name: str
     defense: str
+    rounds: list[int]
     ended_at: list[float]
     round_seconds: list[float]
 
-    @property
-    def startup(self) -> float:
-        """First round's time less the median of the others' (0 with one round)."""
+    def median_round(self) -> float:
+        """The median time of the rounds after the first (0 with one round)."""
         rest = self.round_seconds[1:]
-        return self.round_seconds[0] - statistics.median(rest) if rest else 0.0
+        return statistics.median(rest) if rest else 0.0
+
+    def startup(self, since: float | None) -> float:
+        """What this cell's process paid once: from the stage's start (``since``) to its first
+        round's end, less a median round (launch, imports, data, compiling); without a start,
+        its first round's time less a median round (compiling only)."""
+        if since is not None:
+            return self.ended_at[0] - since - self.median_round()
+        return self.round_seconds[0] - self.median_round()
+
+    def stage_problem(self) -> str | None:
+        """Why these records are not one stage: a round done twice (a resumed run redoes the
+        rounds after its last checkpoint) or a pause far longer than its rounds."""
+        if len(set(self.rounds)) < len(self.rounds):
+            return f"{self.name} has rounds done twice (resumed)"
+        gaps = [b - a for a, b in zip(self.ended_at, self.ended_at[1:])]
+        if len(gaps) >= 3 and max(gaps) > 10 * statistics.median(gaps):
+            return f"{self.name} paused {max(gaps):.0f} s between two rounds (median {statistics.median(gaps):.0f} s)"
+        return None
 
 
 @dataclass
@@ -74,13 +93,13 @@ class Projection:
     cells: int
     warm_at: float
     ended_at: float
-    rounds_after_warm: int
+    rounds_in_window: int
     startup: float
 
     @property
     def throughput(self) -> float:
-        """Cell-rounds per second after every cell was warm."""
-        return self.rounds_after_warm / (self.ended_at - self.warm_at)
+        """Cell-rounds per second while every cell was warm and still running."""
+        return self.rounds_in_window / (self.ended_at - self.warm_at)
 
     def seconds_for(self, target_cells: int, target_rounds: int, cached: bool = False) -> float:
         """Every wave paying the start-up, or (``cached``) only the first: the later waves'
@@ -90,18 +109,19 @@ class Projection:
         return target_cells * target_rounds / self.throughput + waves * self.startup
 
 
-def read_stage(runs: Path, since: float | None = None) -> list[CellStage]:
-    """Each cell's records of the stage (ended after ``since``), in end-time order."""
-    stages = []
-    for cell_dir in sorted((runs / CELLS).iterdir()):
+def read_stage(runs: Path, since: float | None = None) -> tuple[list[CellStage], list[str]]:
+    """Each cell's records of the stage (ended after ``since``), and the cells without any."""
+    stages, silent = [], []
+    for cell_dir in sorted(path for path in (runs / CELLS).iterdir() if path.is_dir()):
         records = [r for r in read_jsonl(cell_dir / METRICS)
                    if r.get("ended_at") is not None and (since is None or r["ended_at"] > since)]
         records.sort(key=lambda r: r["ended_at"])
-        if records:
-            defense = defense_of(cell_dir)
-            stages.append(CellStage(cell_dir.name, defense, [r["ended_at"] for r in records],
-                                    [r["time"]["round"] for r in records]))
-    return stages
+        if not records:
+            silent.append(cell_dir.name)
+            continue
+        stages.append(CellStage(cell_dir.name, defense_of(cell_dir), [r["round"] for r in records],
+                                [r["ended_at"] for r in records], [r["time"]["round"] for r in records]))
+    return stages, silent
 
 
 def defense_of(cell_dir: Path) -> str:
@@ -126,16 +146,21 @@ def defense_name(choice: object) -> str:
         return path
 
 
-def project(stages: list[CellStage]) -> Projection:
-    """Throughput after every cell's first round, and the start-up a wave pays."""
+def project(stages: list[CellStage], since: float | None = None) -> Projection:
+    """Throughput between the moment every cell had ended its first round and the first
+    cell's last round end (every cell warm and running), and the start-up a wave pays."""
     if not stages:
         raise SystemExit("no round records with an end time (ended_at) in this folder and window")
+    problems = [problem for problem in map(CellStage.stage_problem, stages) if problem]
+    if problems:
+        raise SystemExit(f"records of more than one stage ({'; '.join(problems)}): pass --since, the stage's start")
     warm_at = max(stage.ended_at[0] for stage in stages)
-    ended_at = max(stage.ended_at[-1] for stage in stages)
-    after = sum(1 for stage in stages for t in stage.ended_at if t > warm_at)
-    if after == 0 or ended_at <= warm_at:
-        raise SystemExit("no round ended after every cell's first round: run the stage longer")
-    return Projection(len(stages), warm_at, ended_at, after, max(stage.startup for stage in stages))
+    ended_at = min(stage.ended_at[-1] for stage in stages)
+    counted = sum(1 for stage in stages for t in stage.ended_at if warm_at < t <= ended_at)
+    if counted == 0 or ended_at <= warm_at:
+        raise SystemExit("no round ended after every cell's first round and before a cell's last: "
+                         "run the stage longer")
+    return Projection(len(stages), warm_at, ended_at, counted, max(stage.startup(since) for stage in stages))
 
 
 def target_of(grid_file: str) -> tuple[int, int, dict[str, int]]:
@@ -152,22 +177,25 @@ def mix(defenses: list[str]) -> dict[str, int]:
     return counts
 
 
-def report(stages: list[CellStage], projection: Projection, grid_file: str) -> str:
+def report(stages: list[CellStage], silent: list[str], projection: Projection, grid_file: str,
+           since: float | None) -> str:
     cells, rounds, target_mix = target_of(grid_file)
-    start = min(stage.ended_at[0] for stage in stages)
-    rows = [[s.name, len(s.ended_at), round(s.ended_at[0] - start, 1), round(s.round_seconds[0], 1),
-             round(statistics.median(s.round_seconds[1:]), 1) if len(s.round_seconds) > 1 else "-",
-             round(s.startup, 1)] for s in stages]
+    start = since if since is not None else min(stage.ended_at[0] for stage in stages)
+    rows = [[s.name, len(s.ended_at), round(s.ended_at[0] - start, 1), round(s.ended_at[-1] - start, 1),
+             round(s.round_seconds[0], 1), round(s.median_round(), 1), round(s.startup(since), 1)] for s in stages]
     seconds, cached = projection.seconds_for(cells, rounds), projection.seconds_for(cells, rounds, cached=True)
-    measured_mix = mix([s.defense for s in stages])
+    origin = "the stage's start" if since is not None else "the first round's end"
+    warning = (f"\nNo round in the stage, left out (so the projection is too low if they ran): {', '.join(silent)}.\n"
+               if silent else "")
     return (f"### Projected grid time, {machine()}\n\n"
-            + table(["cell", "rounds in the stage", "first round ended at (s after the first)", "first round (s)",
-                     "median round (s)", "start-up (s)"], rows)
-            + f"\n\nWarm after {projection.warm_at - start:.1f} s; then {projection.rounds_after_warm} cell-rounds in "
-            f"{projection.ended_at - projection.warm_at:.1f} s: {projection.throughput * 3600:.0f} cell-rounds per hour "
-            f"({len(stages)} cells at once; start-up {projection.startup:.1f} s per wave).\n"
-            f"Measured mix: {fmt_mix(measured_mix)}. Target `{grid_file}`: {cells} cells x {rounds} rounds, "
-            f"{fmt_mix(target_mix)}.\n"
+            + table(["cell", "rounds in the stage", f"first round ended (s after {origin})", "last round ended",
+                     "first round (s)", "median round (s)", "start-up (s)"], rows)
+            + f"\n{warning}\nEvery cell warm at {projection.warm_at - start:.1f} s, the first cell's last round "
+            f"ended at {projection.ended_at - start:.1f} s: {projection.rounds_in_window} cell-rounds between, "
+            f"{projection.throughput * 3600:.0f} cell-rounds per hour ({len(stages)} cells at once; start-up "
+            f"{projection.startup:.1f} s per wave, {'from the stage start' if since is not None else 'compiling only'}).\n"
+            f"Measured mix: {fmt_mix(mix([s.defense for s in stages]))}. Target `{grid_file}`: {cells} cells x "
+            f"{rounds} rounds, {fmt_mix(target_mix)}.\n"
             f"Projected: {seconds / 3600:.2f} hours ({cells * rounds} cell-rounds / throughput + "
             f"{math.ceil(cells / len(stages))} waves x start-up); {cached / 3600:.2f} hours if only the first wave "
             "compiles (the others load the graphs from torch's caches).\n")
@@ -183,8 +211,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--grid", default="benchmarks/paper.yaml", help="the grid file to project (default: make bench's)")
     parser.add_argument("--since", type=float, default=None, help="only rounds that ended after this Unix time")
     args = parser.parse_args(argv)
-    stages = read_stage(args.runs, args.since)
-    text = report(stages, project(stages), args.grid)
+    stages, silent = read_stage(args.runs, args.since)
+    text = report(stages, silent, project(stages, args.since), args.grid, args.since)
     print(text, flush=True)
     return text
 
