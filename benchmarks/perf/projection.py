@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+from collections import Counter
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,18 +164,11 @@ def project(stages: list[CellStage], since: float | None = None) -> Projection:
     return Projection(len(stages), warm_at, ended_at, counted, max(stage.startup(since) for stage in stages))
 
 
-def target_of(grid_file: str) -> tuple[int, int, dict[str, int]]:
+def target_of(grid_file: str) -> tuple[int, int, Counter[str]]:
     """The target grid's cells, rounds per cell (the largest) and cells per defense."""
     grid = load_grid(grid_file)
     rounds = max((cell.config.get("federation") or {}).get("rounds", DEFAULT_ROUNDS) for cell in grid.cells)
-    return len(grid.cells), rounds, mix([defense_name(cell.config.get("defense")) for cell in grid.cells])
-
-
-def mix(defenses: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for name in defenses:
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    return len(grid.cells), rounds, Counter(defense_name(cell.config.get("defense")) for cell in grid.cells)
 
 
 def report(stages: list[CellStage], silent: list[str], projection: Projection, grid_file: str,
@@ -194,14 +188,14 @@ def report(stages: list[CellStage], silent: list[str], projection: Projection, g
             f"ended at {projection.ended_at - start:.1f} s: {projection.rounds_in_window} cell-rounds between, "
             f"{projection.throughput * 3600:.0f} cell-rounds per hour ({len(stages)} cells at once; start-up "
             f"{projection.startup:.1f} s per wave, {'from the stage start' if since is not None else 'compiling only'}).\n"
-            f"Measured mix: {fmt_mix(mix([s.defense for s in stages]))}. Target `{grid_file}`: {cells} cells x "
+            f"Measured mix: {fmt_mix(Counter(s.defense for s in stages))}. Target `{grid_file}`: {cells} cells x "
             f"{rounds} rounds, {fmt_mix(target_mix)}.\n"
             f"Projected: {seconds / 3600:.2f} hours ({cells * rounds} cell-rounds / throughput + "
             f"{math.ceil(cells / len(stages))} waves x start-up); {cached / 3600:.2f} hours if only the first wave "
             "compiles (the others load the graphs from torch's caches).\n")
 
 
-def fmt_mix(counts: dict[str, int]) -> str:
+def fmt_mix(counts: Counter[str]) -> str:
     return ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
 
 
