@@ -314,6 +314,11 @@ def plain_backdoors() -> list[str]:
             and not ATTACKS.get(name).borrows_trigger]
 
 
+def blend(images: Tensor, alpha: Tensor, pattern: Tensor) -> Tensor:
+    """A trigger stamped on model-input ``images``: ``(1 - alpha) * x + alpha * pattern``."""
+    return images * (1 - alpha) + alpha * pattern
+
+
 class BackdoorAttack(Attack):
     """A trigger attack. Subclasses implement :meth:`build_trigger`.
 
@@ -370,7 +375,7 @@ class BackdoorAttack(Attack):
 
     def apply_trigger(self, images: Tensor, parts: tuple[int, ...] | None = None) -> Tensor:
         alpha, pattern = self.trigger(parts)
-        return images * (1 - alpha) + alpha * pattern
+        return blend(images, alpha, pattern)
 
     def parts_of(self, client: ClientInfo) -> tuple[int, ...] | None:
         """The trigger parts an attacker stamps (attacks with ``num_parts > 1``; None = the

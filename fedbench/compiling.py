@@ -3,6 +3,7 @@ tensors a CUDA graph may keep where they are."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, TypeVar
 
 import torch
@@ -38,6 +39,13 @@ def compiled(fn: Callable[..., Result], mode: str | None) -> Callable[..., Resul
             return compiled_fn(*args)
 
     return call
+
+
+@functools.cache
+def compiled_once(fn: Callable[..., Result], mode: str) -> Callable[..., Result]:
+    """:func:`compiled` made once per function and mode for the whole process, so that the
+    graphs torch.compile keeps for it (per model, shape, ...) serve every later call."""
+    return compiled(fn, mode)
 
 
 def mark_static(tree: object) -> None:

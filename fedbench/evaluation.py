@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from attacks.base import Attack, BackdoorAttack
+from attacks.base import Attack, BackdoorAttack, blend
 from fedbench.data import ImagePipeline, ImageSet
 
 
@@ -90,8 +88,6 @@ def evaluate_with_torchmetrics(model: nn.Module, test: ImageSet, pipeline: Image
     }
 
 
-# per compile mode, made once: torch.compile keeps a graph per model and batch shape
-_COMPILED_COUNTS: dict[str, Callable[..., Tensor]] = {}
 COUNTS = ("correct", "loss", "images", "hits", "non_target_hits", "non_target_images")
 
 
@@ -108,7 +104,7 @@ def batch_counts(model: nn.Module, images: Tensor, labels: Tensor, valid: Tensor
     counts = [correct.sum(), loss.sum(), valid.sum()]
     if trigger is not None:
         alpha, pattern, target = trigger
-        triggered = inputs * (1 - alpha) + alpha * pattern  # BackdoorAttack.apply_trigger's blend
+        triggered = blend(inputs, alpha, pattern)
         hit = (model(triggered.contiguous(memory_format=memory_format)).argmax(dim=1) == target) & valid
         non_target = (labels != target) & valid
         counts += [hit.sum(), (hit & non_target).sum(), non_target.sum()]
@@ -124,11 +120,9 @@ def evaluate_compiled(model: nn.Module, test: ImageSet, pipeline: ImagePipeline,
     Counts are exact (float64 sums of integers); the loss's sum is float64 over float32
     per-image losses, where torchmetrics sums in float32: ``clean_loss`` may differ from
     the uncompiled path in its last digits."""
-    from fedbench.compiling import compiled, step_begins
+    from fedbench.compiling import compiled_once, step_begins
 
-    if mode not in _COMPILED_COUNTS:
-        _COMPILED_COUNTS[mode] = compiled(batch_counts, mode)
-    counts_of = _COMPILED_COUNTS[mode]
+    counts_of = compiled_once(batch_counts, mode)  # a graph per model architecture and batch shape, kept
     device = test.labels.device
     backdoor = attack if isinstance(attack, BackdoorAttack) else None
     trigger = None

@@ -41,8 +41,6 @@ FisherEstimator = Literal["empirical", "published"]
 # cohort's hooks (they are the defense's code: the mode reaches them without passing through it)
 _COMPILE_MODE: ContextVar[str | None] = ContextVar("fisher_compile_mode", default=None)
 GroupSums = Callable[..., dict[str, Tensor]]
-# per compile mode, made once: torch.compile keeps a graph per model, estimator and shape
-_COMPILED: dict[str, GroupSums] = {}
 
 
 @contextmanager
@@ -287,11 +285,9 @@ def _whole_cohort_sums(mode: str | None) -> GroupSums | None:
     start; None when ``mode`` is None."""
     if mode is None:
         return None
-    from fedbench.compiling import compiled, step_begins
+    from fedbench.compiling import compiled_once, step_begins
 
-    if mode not in _COMPILED:
-        _COMPILED[mode] = compiled(_group_sums, mode)
-    compiled_sums = _COMPILED[mode]
+    compiled_sums = compiled_once(_group_sums, mode)  # a graph per model, estimator and shape, kept
 
     def sums(*args: object) -> dict[str, Tensor]:
         step_begins(mode)  # the sums are added to the totals before the next step
