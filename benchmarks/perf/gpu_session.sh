@@ -6,8 +6,9 @@
 #      packed on the one GPU: every cell in its own process, cohort training, plus the
 #      FedAvg/pixel cell once more with sequential training, to time both end to end
 #      under the same packing. Cells checkpoint every round: running this again resumes.
-# Writes cohort.md, grid.log and runs.tgz (the run folders: metrics, summaries,
-# checkpoints) to $OUT (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
+# Writes cohort.md, grid.log, projection.md, metrics.tgz (the run folders without
+# checkpoints) and runs.tgz (with them; in parts runs.tgz.part-* over 15 MB) to $OUT
+# (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
 #   GRID_SECONDS=330 bash benchmarks/perf/gpu_session.sh
 # To go on from an earlier session's cells (of this code: cells checkpointed before the
 # epoch-start draws of 2026-11-26 drew another CUDA stream; start those afresh), unpack its
@@ -32,6 +33,9 @@
 # GRID_PACK=K trains stage 2's cohort cells K per process (--cells-per-process K). Stage 2
 # ends with the projected time of the full paper grid (benchmarks/perf/projection.py: the
 # cohort cells' rounds after every cell's first, throughput and start-up, into projection.md).
+# GRID_FILE (default benchmarks/fmnist_paper.yaml) and GRID_CELLS (patterns, e.g.
+# 'fashion_mnist-beta0.5-*-mal0.3-*' of benchmarks/paper.yaml: every attack and defense of the
+# full grid) pick stage 2's cells; GRID_JOBS (default 6) processes at once.
 # GRID_SEQUENTIAL=0 leaves out the sequential FedAvg cell (it shares the GPU with the cohort
 # cells, so the projection is measured beside it unless left out). GRID_FLAGS adds options to
 # the cohort grid (e.g. "--set data.train_subset=3000" for a dry run).
@@ -108,9 +112,11 @@ start=$(date +%s)
 # shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
 compiled=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && compiled+=(--set "train.compile=$GRID_COMPILE")
 [ -n "${GRID_PACK:-}" ] && compiled+=(--cells-per-process "$GRID_PACK")
-cohort_runs="runs/fmnist_paper_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
-timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid benchmarks/fmnist_paper.yaml \
-  --out "$cohort_runs" --jobs 6 --set train.cohort=true \
+grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}
+set -f; for p in ${GRID_CELLS:-}; do compiled+=(--cells "$p"); done; set +f  # patterns, not file names
+cohort_runs="runs/$(basename "$grid_file" .yaml)_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
+timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid "$grid_file" \
+  --out "$cohort_runs" --jobs "${GRID_JOBS:-6}" --set train.cohort=true \
   "${compiled[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
 cohort_grid=$!
 sequential_grid=$cohort_grid
@@ -130,7 +136,15 @@ echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
 $PY benchmarks/perf/projection.py "$cohort_runs" --grid benchmarks/paper.yaml --since "$start" 2>&1 \
   | tee "$OUT/projection.md"
-tar czf "$OUT/runs.tgz" "$cohort_runs" $([ -d runs/fmnist_paper_gpu_sequential ] && echo runs/fmnist_paper_gpu_sequential)
+grid_runs=("$cohort_runs"); [ -d runs/fmnist_paper_gpu_sequential ] && grid_runs+=(runs/fmnist_paper_gpu_sequential)
+# metrics.tgz: metrics, summaries, configs and logs, small; runs.tgz adds the checkpoints (to
+# resume), cut into parts of 15 MB (files over 16 MB do not come back from a lent machine):
+# cat runs.tgz.part-* > runs.tgz
+tar czf "$OUT/metrics.tgz" --exclude=checkpoints --exclude=wandb "${grid_runs[@]}"
+tar czf "$OUT/runs.tgz" "${grid_runs[@]}"
+if [ "$(stat -c %s "$OUT/runs.tgz")" -gt 15000000 ]; then
+  split -b 15000000 "$OUT/runs.tgz" "$OUT/runs.tgz.part-" && rm "$OUT/runs.tgz"
+fi
 fi
 
 if [ -n "${CPU_GRID:-}" ]; then
