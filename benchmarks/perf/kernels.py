@@ -1,0 +1,174 @@
+"""(j) Where a packed, compiled round's device time goes, and what the settings that could
+change it do.
+
+On an H100 the full grid's cells, 16 per process and compiled (``reduce-overhead``), kept the
+GPU busy all the time at about 2 TFLOPS, 3% of its FP32 peak (README, "Speed and scale"):
+launches no longer bound it, the kernels do. This builds N cells (``--cells``, default 16)
+of the paper's setting (simple_cnn, 10 clients each, batch 64, ``--attack``: its clients
+poison), trains their round-0 clients as one cohort (``fedbench.together``), compiled in
+``--compile``, and for each variant (``--variants``):
+
+- ``base``: the grid's settings (fp32, ``train.channels_last=true``, float32 matrix
+  products in full precision);
+- ``nchw``: ``train.channels_last=false`` (a grouped convolution of 3 to 6 channels per
+  client may have faster kernels in the default layout);
+- ``tf32``: ``torch.set_float32_matmul_precision("high")`` (matrix products on TF32 tensor
+  cores; cuDNN convolutions already may use TF32 by default);
+- ``bf16``: ``fabric.precision=bf16-mixed``.
+
+prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of the
+same runs again) and one profiled
+round's kernels grouped by name and ranked by their summed device time, with each group's
+kind (convolution, matrix product, inductor's fused kernel, other) and the share of each
+kind. On a GPU: CUDA kernels and their device time (kernels replayed by a CUDA graph
+included); on CPU (a dry run): the aten ops that compute and their own CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cohort import Workload, best_seconds, make_run  # noqa: E402
+from common import machine, table  # noqa: E402
+
+from fedbench.engine import FederatedRun  # noqa: E402
+from fedbench.together import train_together  # noqa: E402
+
+VARIANTS = ("base", "nchw", "tf32", "bf16")
+# First match wins: inductor names a fused kernel after the ops around it
+# (triton_poi_fused_convolution_backward_0), so fused kernels come first.
+KINDS = (("inductor fused", ("triton", "cpp_fused")),
+         ("convolution", ("conv", "cudnn", "xmma", "implicit", "wgrad", "dgrad", "fprop")),
+         ("matrix product", ("gemm", "cutlass", "matmul", "bmm", "addmm", "aten::mm")))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelGroup:
+    name: str
+    calls: int
+    microseconds: float
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.name)
+
+
+def kind_of(name: str) -> str:
+    """The kernel's kind from its name: the first of :data:`KINDS` whose word it holds."""
+    lowered = name.lower()
+    for kind, words in KINDS:
+        if any(word in lowered for word in words):
+            return kind
+    return "other"
+
+
+def grouped(events: list[tuple[str, float]]) -> list[KernelGroup]:
+    """(name, microseconds) events summed per name, the longest first."""
+    calls: dict[str, int] = defaultdict(int)
+    total: dict[str, float] = defaultdict(float)
+    for name, microseconds in events:
+        calls[name] += 1
+        total[name] += microseconds
+    return sorted((KernelGroup(n, calls[n], total[n]) for n in calls), key=lambda g: -g.microseconds)
+
+
+def kind_shares(groups: list[KernelGroup]) -> dict[str, float]:
+    """Each kind's share of all the groups' time, in percent."""
+    total = sum(g.microseconds for g in groups) or 1.0
+    shares: dict[str, float] = defaultdict(float)
+    for group in groups:
+        shares[group.kind] += 100 * group.microseconds / total
+    return dict(shares)
+
+
+def profiled_events(work, cuda: bool) -> list[tuple[str, float]]:
+    """(name, microseconds) of what ``work()`` computes: its CUDA kernels on a GPU, else the
+    aten ops (and inductor's fused CPU kernels) with their own CPU time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [(e.name, e.self_cpu_time_total) for e in prof.events()
+            if e.name.startswith("aten::") or "cpp_fused" in e.name]
+
+
+def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
+    precision = "bf16-mixed" if variant == "bf16" else "32-true"
+    options = {"channels_last": variant != "nchw"}
+    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
+            for i in range(cells)]
+
+
+def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tuple[list, str]:
+    """The variant's row (samples/s, kinds' shares) and its table of the ``top`` kernel groups."""
+    torch.set_float32_matmul_precision("high" if variant == "tf32" else "highest")
+    try:
+        def train(runs: list[FederatedRun]) -> None:
+            train_together(runs, [run.open_round(0) for run in runs])
+
+        runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
+        cuda = runs[0].device.type == "cuda"
+        samples = args.cells * 10 * args.steps * runs[0].exp.train.batch_size
+        # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
+        per_second = samples / best_seconds(lambda: train(runs), args.repeat, cuda)
+        groups = grouped(profiled_events(lambda: train(runs), cuda))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    shares = kind_shares(groups)
+    total_ms = sum(g.microseconds for g in groups) / 1000
+    row = [variant, round(per_second), round(total_ms, 1)] + [round(shares.get(k, 0.0), 1)
+                                                              for k in [k for k, _ in KINDS] + ["other"]]
+    rows = [[g.name[:90], g.kind, g.calls, round(g.microseconds / 1000, 2),
+             round(100 * g.microseconds / (1000 * total_ms or 1), 1)] for g in groups[:top]]
+    heading = f"#### {variant}: the {top} longest kernel groups of one round\n\n"
+    return row, heading + table(["kernel", "kind", "calls", "ms", "% of the round's kernel time"], rows)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="local steps per client")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attack", default="pixel_pattern")
+    parser.add_argument("--compile", default="reduce-overhead", help="train.compile; 'none' for eager")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--top", type=int, default=12, help="kernel groups listed per variant")
+    args = parser.parse_args(argv)
+    workload = Workload("fedavg", None, None if args.compile == "none" else args.compile, args.attack)
+    if workload.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
+    rows, tables = [], []
+    with tempfile.TemporaryDirectory() as out:
+        for variant in args.variants:
+            row, kernels = measure(variant, args, Path(out), workload, args.top)
+            rows.append(row)
+            tables.append(kernels)
+            print("| " + " | ".join(map(str, row)) + " |", file=sys.stderr, flush=True)
+    unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"
+    text = (f"### Where a packed round's {unit} time goes: {args.cells} cells x 10 clients x {args.steps} steps of 64, "
+            f"{workload.label('simple_cnn')}, {machine()}\n\n"
+            + table(["variant", "samples/s", f"{unit} ms in the profiled round"]
+                    + [f"% {k}" for k, _ in KINDS] + ["% other"], rows)
+            + "\n\n" + "\n\n".join(tables) + "\n")
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/perf/kernels.py: a profiled round's kernels summed per name and per kind."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "perf"))
+import kernels  # noqa: E402
+
+# Kernel names as CUDA's profiler reports them on an H100 (cuDNN, cuBLAS/CUTLASS, inductor, ATen)
+CONV = "sm90_xmma_wgrad_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc_tilesize64x64x32"
+GEMM = "void cutlass::Kernel2<cutlass_80_simt_sgemm_128x64_8x5_nn_align1>(Params)"
+FUSED = "triton_poi_fused_add_mul_relu_0"
+ELEMENTWISE = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>"
+
+
+def test_kinds_from_kernel_names():
+    assert [kernels.kind_of(n) for n in (CONV, GEMM, FUSED, ELEMENTWISE)] == \
+        ["convolution", "matrix product", "inductor fused", "other"]
+    # the CPU dry run's names
+    assert kernels.kind_of("aten::convolution_backward") == "convolution"
+    assert kernels.kind_of("aten::bmm") == "matrix product"
+    assert kernels.kind_of("cpp_fused_relu_3") == "inductor fused"
+    # a fused kernel named after the convolution it sits beside is a fused kernel, not a convolution
+    assert kernels.kind_of("triton_poi_fused_convolution_backward_relu_0") == "inductor fused"
+
+
+def test_groups_summed_per_name_longest_first_and_shares_per_kind():
+    events = [(CONV, 30.0), (FUSED, 5.0), (CONV, 20.0), (GEMM, 15.0), (FUSED, 5.0), (ELEMENTWISE, 25.0)]
+    groups = kernels.grouped(events)
+    assert [(g.name, g.calls, g.microseconds) for g in groups] == \
+        [(CONV, 2, 50.0), (ELEMENTWISE, 1, 25.0), (GEMM, 1, 15.0), (FUSED, 2, 10.0)]
+    # 100 microseconds in all: 50 convolution, 15 matrix product, 10 fused, 25 other
+    assert kernels.kind_shares(groups) == pytest.approx(
+        {"convolution": 50.0, "matrix product": 15.0, "inductor fused": 10.0, "other": 25.0})
