@@ -18,6 +18,11 @@ ELEMENTWISE = "void at::native::vectorized_elementwise_kernel<4, at::native::Fil
 def test_kinds_from_kernel_names():
     assert [kernels.kind_of(n) for n in (CONV, GEMM, FUSED, ELEMENTWISE)] == \
         ["convolution", "matrix product", "inductor fused", "other"]
+    # cuBLAS's Hopper GEMMs say xmma as cuDNN's convolutions do; cuBLASLt's say nvjet; cuDNN's FFT ones neither
+    assert kernels.kind_of("sm90_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1") == \
+        "matrix product"
+    assert kernels.kind_of("nvjet_tst_64x8_64x16_2x1_v_bz_TNT") == "matrix product"
+    assert kernels.kind_of("void fft2d_r2c_32x32<float, false, 1u, false>(float2*, float const*)") == "convolution"
     # the CPU dry run's names
     assert kernels.kind_of("aten::convolution_backward") == "convolution"
     assert kernels.kind_of("aten::bmm") == "matrix product"

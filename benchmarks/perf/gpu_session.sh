@@ -6,7 +6,7 @@
 #      packed on the one GPU: every cell in its own process, cohort training, plus the
 #      FedAvg/pixel cell once more with sequential training, to time both end to end
 #      under the same packing. Cells checkpoint every round: running this again resumes.
-# Writes cohort.md, grid.log, projection.md, metrics.tgz (the run folders without
+# Writes kernels.md, cohort.md, grid.log, projection.md, metrics.tgz (the run folders without
 # checkpoints) and runs.tgz (with them; in parts runs.tgz.part-* over 15 MB) to $OUT
 # (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
 #   GRID_SECONDS=330 bash benchmarks/perf/gpu_session.sh
@@ -141,7 +141,8 @@ echo "grid stage: $(( $(date +%s) - start )) s"
 tail -n 3 "$OUT"/grid*.log
 $PY benchmarks/perf/projection.py "$cohort_runs" --grid benchmarks/paper.yaml --since "$start" 2>&1 \
   | tee "$OUT/projection.md"
-grid_runs=("$cohort_runs"); [ -d runs/fmnist_paper_gpu_sequential ] && grid_runs+=(runs/fmnist_paper_gpu_sequential)
+grid_runs=("$cohort_runs")
+[ "${GRID_SEQUENTIAL:-1}" = 1 ] && [ -d runs/fmnist_paper_gpu_sequential ] && grid_runs+=(runs/fmnist_paper_gpu_sequential)
 # metrics.tgz: metrics, summaries, configs and logs, small; runs.tgz adds the checkpoints (to
 # resume), cut into parts of 15 MB (files over 16 MB do not come back from a lent machine):
 # cat runs.tgz.part-* > runs.tgz

@@ -1,9 +1,10 @@
 """(j) Where a packed, compiled round's device time goes, and what the settings that could
 change it do.
 
-On an H100 the full grid's cells, 16 per process and compiled (``reduce-overhead``), kept the
-GPU busy all the time at about 2 TFLOPS, 3% of its FP32 peak (README, "Speed and scale"):
-launches no longer bound it, the kernels do. This builds N cells (``--cells``, default 16)
+On an H100 the full grid's cells, 16 per process and compiled (``reduce-overhead``), kept
+nvidia-smi's "busy" at 89-100% while training about 2.1 TFLOPS, 3% of its FP32 peak
+(README, "Speed and scale"): what the GPU spends that time on is not measured there. This
+builds N cells (``--cells``, default 16)
 of the paper's setting (simple_cnn, 10 clients each, batch 64, ``--attack``: its clients
 poison), trains their round-0 clients as one cohort (``fedbench.together``), compiled in
 ``--compile``, and for each variant (``--variants``):
@@ -46,9 +47,12 @@ from fedbench.together import train_together  # noqa: E402
 VARIANTS = ("base", "nchw", "tf32", "bf16")
 # First match wins: inductor names a fused kernel after the ops around it
 # (triton_poi_fused_convolution_backward_0), so fused kernels come first.
+# cuDNN's convolutions (implicit GEMM, FFT) before the matrix products: their names may say
+# gemm or cutlass too; cuBLAS's own (sm90_xmma_gemm, nvjet, gemv, split-K) are matrix products.
 KINDS = (("inductor fused", ("triton", "cpp_fused")),
-         ("convolution", ("conv", "cudnn", "xmma", "implicit", "wgrad", "dgrad", "fprop")),
-         ("matrix product", ("gemm", "cutlass", "matmul", "bmm", "addmm", "aten::mm")))
+         ("convolution", ("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop", "fft2d", "flip_filter")),
+         ("matrix product", ("gemm", "nvjet", "gemv", "splitkreduce", "cutlass", "matmul", "bmm", "addmm",
+                             "aten::mm")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +118,7 @@ def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, work
 
 def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tuple[list, str]:
     """The variant's row (samples/s, kinds' shares) and its table of the ``top`` kernel groups."""
+    before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if variant == "tf32" else "highest")
     try:
         def train(runs: list[FederatedRun]) -> None:
@@ -126,7 +131,7 @@ def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tupl
         per_second = samples / best_seconds(lambda: train(runs), args.repeat, cuda)
         groups = grouped(profiled_events(lambda: train(runs), cuda))
     finally:
-        torch.set_float32_matmul_precision("highest")
+        torch.set_float32_matmul_precision(before)
     shares = kind_shares(groups)
     total_ms = sum(g.microseconds for g in groups) / 1000
     row = [variant, round(per_second), round(total_ms, 1)] + [round(shares.get(k, 0.0), 1)
@@ -159,7 +164,8 @@ def main(argv=None) -> str:
             row, kernels = measure(variant, args, Path(out), workload, args.top)
             rows.append(row)
             tables.append(kernels)
-            print("| " + " | ".join(map(str, row)) + " |", file=sys.stderr, flush=True)
+            # each variant as soon as it is measured: a run stopped at its time limit keeps them
+            print("| " + " | ".join(map(str, row)) + " |\n\n" + kernels + "\n", flush=True)
     unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"
     text = (f"### Where a packed round's {unit} time goes: {args.cells} cells x 10 clients x {args.steps} steps of 64, "
             f"{workload.label('simple_cnn')}, {machine()}\n\n"
