@@ -15,7 +15,12 @@ poison), trains their round-0 clients as one cohort (``fedbench.together``), com
   client may have faster kernels in the default layout);
 - ``tf32``: ``torch.set_float32_matmul_precision("high")`` (matrix products on TF32 tensor
   cores; cuDNN convolutions already may use TF32 by default);
-- ``bf16``: ``fabric.precision=bf16-mixed``.
+- ``bf16``: ``fabric.precision=bf16-mixed``;
+- ``unfold``: the grid's settings with simple_cnn's convolutions computed as matrix
+  products over unfolded patches (:class:`UnfoldConv2d`; under vmap, one batched matrix
+  product with every client's weights instead of a grouped convolution): a candidate, in
+  this benchmark only, to build into the cohort if the profile shows grouped convolutions
+  dominate.
 
 prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of the
 same runs again) and one profiled
@@ -35,6 +40,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,13 +51,14 @@ from common import machine, table  # noqa: E402
 from fedbench.engine import FederatedRun  # noqa: E402
 from fedbench.together import train_together  # noqa: E402
 
-VARIANTS = ("base", "nchw", "tf32", "bf16")
+VARIANTS = ("base", "nchw", "tf32", "bf16", "unfold")
 # First match wins: inductor names a fused kernel after the ops around it
 # (triton_poi_fused_convolution_backward_0), so fused kernels come first.
 # cuDNN's convolutions (implicit GEMM, FFT) before the matrix products: their names may say
 # gemm or cutlass too; cuBLAS's own (sm90_xmma_gemm, nvjet, gemv, split-K) are matrix products.
 KINDS = (("inductor fused", ("triton", "cpp_fused")),
-         ("convolution", ("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop", "fft2d", "flip_filter")),
+         ("convolution", ("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop", "fft2d", "flip_filter",
+                          "im2col", "col2im")),  # the unfold variant's patches count as its convolutions' work
          ("matrix product", ("gemm", "nvjet", "gemv", "splitkreduce", "cutlass", "matmul", "bmm", "addmm",
                              "aten::mm")))
 
@@ -109,11 +117,37 @@ def profiled_events(work, cuda: bool) -> list[tuple[str, float]]:
             if e.name.startswith("aten::") or "cpp_fused" in e.name]
 
 
+class UnfoldConv2d(nn.Conv2d):
+    """A convolution (groups 1, zero padding) as a matrix product per image: the weights
+    ``[O, C*kh*kw]`` times the image's patches ``F.unfold(x)``, ``[C*kh*kw, L]``, plus the
+    bias, viewed as ``[O, H', W']``. Under vmap over clients that is one batched matrix
+    product with each client's weights, where ``nn.Conv2d`` becomes a grouped convolution."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("UnfoldConv2d computes groups=1, zero, numeric padding only")
+        height, width = (
+            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for size, pad, dil, k, stride in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size,
+                                                 self.stride))
+        patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        out = self.weight.flatten(1) @ patches
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(x.shape[0], self.out_channels, height, width)
+
+
 def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
     precision = "bf16-mixed" if variant == "bf16" else "32-true"
     options = {"channels_last": variant != "nchw"}
-    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
+    runs = [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
             for i in range(cells)]
+    if variant == "unfold":  # the clients' models, whose modules the cohort's functional_call runs
+        for run in runs:
+            for module in run.trainer.model.modules():
+                if type(module) is nn.Conv2d:
+                    module.__class__ = UnfoldConv2d
+    return runs
 
 
 def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tuple[list, str]:
