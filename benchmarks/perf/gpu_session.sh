@@ -16,8 +16,9 @@
 # its last checkpoint (same device kind:
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1, whose first table is benchmarks/perf/kernels.py (PERF_KERNELS=0
-# skips it; PERF_KERNELS_SECONDS, default 360; PERF_KERNELS_ARGS, e.g. "--variants base nchw"). On the first H200 session stage 1 did not finish in 120 s
-# (its rows now print as they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
+# skips it; PERF_KERNELS_SECONDS, default 360; PERF_KERNELS_ARGS, e.g. "--variants base
+# nchw"). On the first H200 session stage 1 did not finish in 120 s (its rows now print as
+# they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
 # simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
 # Fisher hooks one by one vs together, and compiled in PERF_FISHER_COMPILE (default reduce-overhead; ""
@@ -79,7 +80,8 @@ fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
   # where a packed compiled round's GPU time goes, per kernel and kind, and what channels_last,
-  # TF32, bf16 and convolutions as matrix products change (benchmarks/perf/kernels.py: 16 cells x 10 clients, reduce-overhead)
+  # TF32, bf16 and convolutions as matrix products change (benchmarks/perf/kernels.py: 16
+  # cells x 10 clients, reduce-overhead)
   [ "${PERF_KERNELS:-1}" = 1 ] && timeout "${PERF_KERNELS_SECONDS:-360}" $PY benchmarks/perf/kernels.py \
     --device "$DEVICE" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"
   timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" --steps 10 --repeat 2 \

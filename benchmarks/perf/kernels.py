@@ -4,10 +4,10 @@ change it do.
 On an H100 the full grid's cells, 16 per process and compiled (``reduce-overhead``), kept
 nvidia-smi's "busy" at 89-100% while training about 2.1 TFLOPS, 3% of its FP32 peak
 (README, "Speed and scale"): what the GPU spends that time on is not measured there. This
-builds N cells (``--cells``, default 16)
-of the paper's setting (simple_cnn, 10 clients each, batch 64, ``--attack``: its clients
-poison), trains their round-0 clients as one cohort (``fedbench.together``), compiled in
-``--compile``, and for each variant (``--variants``):
+builds N cells (``--cells``, default 16) of the paper's setting (simple_cnn, 10 clients
+each, batch 64, ``--attack``: its clients poison), trains their round-0 clients as one
+cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
+(``--variants``):
 
 - ``base``: the grid's settings (fp32, ``train.channels_last=true``, float32 matrix
   products in full precision);
@@ -22,11 +22,10 @@ poison), trains their round-0 clients as one cohort (``fedbench.together``), com
   this benchmark only, to build into the cohort if the profile shows grouped convolutions
   dominate.
 
-prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of the
-same runs again) and one profiled
-round's kernels grouped by name and ranked by their summed device time, with each group's
-kind (convolution, matrix product, inductor's fused kernel, other) and the share of each
-kind. On a GPU: CUDA kernels and their device time (kernels replayed by a CUDA graph
+prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of
+the same runs again) and one profiled round's kernels grouped by name and ranked by their
+summed device time, with each group's kind (inductor's fused kernel, convolution, matrix
+product, other) and the share of each kind. On a GPU: CUDA kernels and their device time (kernels replayed by a CUDA graph
 included); on CPU (a dry run): the aten ops that compute and their own CPU time.
 """
 
