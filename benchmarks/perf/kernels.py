@@ -46,9 +46,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from cohort import Workload, best_seconds, make_run  # noqa: E402
 from common import machine, table  # noqa: E402
+from together import train_round  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
-from fedbench.together import train_together  # noqa: E402
 
 VARIANTS = ("base", "nchw", "tf32", "bf16", "unfold")
 # First match wins: inductor names a fused kernel after the ops around it
@@ -154,15 +154,12 @@ def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tupl
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if variant == "tf32" else "highest")
     try:
-        def train(runs: list[FederatedRun]) -> None:
-            train_together(runs, [run.open_round(0) for run in runs])
-
         runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
         cuda = runs[0].device.type == "cuda"
         samples = args.cells * 10 * args.steps * runs[0].exp.train.batch_size
         # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
-        per_second = samples / best_seconds(lambda: train(runs), args.repeat, cuda)
-        groups = grouped(profiled_events(lambda: train(runs), cuda))
+        per_second = samples / best_seconds(lambda: train_round(runs), args.repeat, cuda)
+        groups = grouped(profiled_events(lambda: train_round(runs), cuda))
     finally:
         torch.set_float32_matmul_precision(before)
     shares = kind_shares(groups)
