@@ -117,14 +117,14 @@ fi
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
 # shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
-compiled=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && compiled+=(--set "train.compile=$GRID_COMPILE")
-[ -n "${GRID_PACK:-}" ] && compiled+=(--cells-per-process "$GRID_PACK")
+grid_options=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && grid_options+=(--set "train.compile=$GRID_COMPILE")
+[ -n "${GRID_PACK:-}" ] && grid_options+=(--cells-per-process "$GRID_PACK")
 grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}
-set -f; for p in ${GRID_CELLS:-}; do compiled+=(--cells "$p"); done; set +f  # patterns, not file names
+set -f; for p in ${GRID_CELLS:-}; do grid_options+=(--cells "$p"); done; set +f  # patterns, not file names
 cohort_runs="runs/$(basename "$grid_file" .yaml)_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid "$grid_file" \
   --out "$cohort_runs" --jobs "${GRID_JOBS:-6}" --set train.cohort=true \
-  "${compiled[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
+  "${grid_options[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &
 cohort_grid=$!
 sequential_grid=$cohort_grid
 if [ "${GRID_SEQUENTIAL:-1}" = 1 ]; then

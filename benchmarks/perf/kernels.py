@@ -149,8 +149,8 @@ def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, work
     return runs
 
 
-def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tuple[list, str]:
-    """The variant's row (samples/s, kinds' shares) and its table of the ``top`` kernel groups."""
+def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
+    """The variant's row (samples/s, kinds' shares) and its table of the ``args.top`` kernel groups."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if variant == "tf32" else "highest")
     try:
@@ -167,8 +167,8 @@ def measure(variant: str, args, out: Path, workload: Workload, top: int) -> tupl
     row = [variant, round(per_second), round(total_ms, 1)] + [round(shares.get(k, 0.0), 1)
                                                               for k in [k for k, _ in KINDS] + ["other"]]
     rows = [[g.name[:90], g.kind, g.calls, round(g.microseconds / 1000, 2),
-             round(100 * g.microseconds / (1000 * total_ms or 1), 1)] for g in groups[:top]]
-    heading = f"#### {variant}: the {top} longest kernel groups of one round\n\n"
+             round(100 * g.microseconds / (1000 * total_ms or 1), 1)] for g in groups[:args.top]]
+    heading = f"#### {variant}: the {args.top} longest kernel groups of one round\n\n"
     return row, heading + table(["kernel", "kind", "calls", "ms", "% of the round's kernel time"], rows)
 
 
@@ -191,7 +191,7 @@ def main(argv=None) -> str:
     rows, tables = [], []
     with tempfile.TemporaryDirectory() as out:
         for variant in args.variants:
-            row, kernels = measure(variant, args, Path(out), workload, args.top)
+            row, kernels = measure(variant, args, Path(out), workload)
             rows.append(row)
             tables.append(kernels)
             # each variant as soon as it is measured: a run stopped at its time limit keeps them

@@ -74,10 +74,14 @@ class CellStage:
         rest = self.round_seconds[1:]
         return statistics.median(rest) if rest else 0.0
 
+    def gaps(self) -> list[float]:
+        """The wall-clock times between its consecutive round ends."""
+        return [b - a for a, b in zip(self.ended_at, self.ended_at[1:])]
+
     def median_period(self) -> float:
         """The median wall-clock time between two of its round ends (its median round with
         one round): a packed cell's round also waits for its pack-mates' aggregations."""
-        gaps = [b - a for a, b in zip(self.ended_at, self.ended_at[1:])]
+        gaps = self.gaps()
         return statistics.median(gaps) if gaps else self.median_round()
 
     def startup(self, since: float | None) -> float:
@@ -99,7 +103,7 @@ class CellStage:
         rounds after its last checkpoint) or a pause far longer than its rounds."""
         if len(set(self.rounds)) < len(self.rounds):
             return f"{self.name} has rounds done twice (resumed)"
-        gaps = [b - a for a, b in zip(self.ended_at, self.ended_at[1:])]
+        gaps = self.gaps()
         if len(gaps) >= 3 and max(gaps) > 10 * statistics.median(gaps):
             return f"{self.name} paused {max(gaps):.0f} s between two rounds (median {statistics.median(gaps):.0f} s)"
         return None
