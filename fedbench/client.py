@@ -19,6 +19,7 @@ from torch import Tensor
 from attacks.base import BatchPoisoning, ClientInfo
 from fedbench.data import Augmentation, ImagePipeline, ImageSet
 from fedbench.errors import Problem, Problems
+from fedbench.matmul_conv import CONVOLUTIONS
 
 if TYPE_CHECKING:
     from defenses.base import ClientHook
@@ -59,6 +60,12 @@ class LocalTrainConfig:
             per process (seconds to a minute; a C++ compiler on CPU). Equal to the
             uncompiled cohort up to float rounding. The round's evaluation compiles too
             (``fedbench.evaluation.evaluate_compiled``: one graph per batch; its logits too up to float rounding).
+        cohort_convolution: how the cohort computes a convolution with each client's own
+            weights: ``grouped`` (default; vmap's own rule, one grouped convolution with a
+            group per client) or ``matmul`` (a batched matrix product over each image's
+            unfolded patches, ``fedbench.matmul_conv``; equal up to float rounding, more
+            memory). Used where a cohort trains; not measured faster anywhere yet, see
+            ``benchmarks/perf/kernels.py``.
     """
 
     lr: float = 0.01
@@ -71,6 +78,7 @@ class LocalTrainConfig:
     channels_last: bool = True
     cohort: bool | Literal["auto"] = "auto"
     compile: str | None = None
+    cohort_convolution: Literal["grouped", "matmul"] = "grouped"
 
     def problems(self) -> list[Problem]:
         found = Problems()
@@ -86,6 +94,10 @@ class LocalTrainConfig:
         found.need(self.cohort in (True, False, "auto"), "train.cohort", self.cohort, "true, false or auto")
         found.need(self.compile is None or self.cohort is not False, "train.compile", self.compile,
                    "None when train.cohort=false (it compiles the cohort's step)")
+        found.need(self.cohort_convolution in CONVOLUTIONS, "train.cohort_convolution", self.cohort_convolution,
+                   f"one of: {', '.join(CONVOLUTIONS)}")
+        found.need(self.cohort_convolution == "grouped" or self.cohort is not False, "train.cohort_convolution",
+                   self.cohort_convolution, "grouped when train.cohort=false (only a cohort computes it otherwise)")
         return found
 
 

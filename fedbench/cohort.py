@@ -59,6 +59,7 @@ from fedbench.compiling import StableTensors, compiled, mark_static, step_begins
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 from fedbench.fused_step import FusedState, FusedStep, Pull, uses_every_parameter
+from fedbench.matmul_conv import convolutions_as_matmul
 from fedbench.params import trainable_parameters
 
 Batch = TypeVar("Batch")  # a client's batch, as its stream hands it out
@@ -198,9 +199,12 @@ class CohortTrainer:
     @contextmanager
     def model_context(self) -> Iterator[None]:
         """Where the stacked model runs: the precision's autocast, BatchNorm as tensor ops on
-        CUDA, and one clear message for a model the cohort cannot vmap."""
+        CUDA, convolutions as matrix products with ``train.cohort_convolution=matmul``, and
+        one clear message for a model the cohort cannot vmap."""
+        config = self.trainer.config
         with (self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm),
-              cohort_errors(self.trainer.config.cohort, self.compile)):
+              convolutions_as_matmul(config.cohort_convolution == "matmul"),
+              cohort_errors(config.cohort, self.compile)):
             yield
 
     @staticmethod

@@ -346,9 +346,10 @@ def cells_wandb(results: list[CellResult], mode: str | None) -> WandbConfig:
 # Config sections that may differ between a grid and the grid it takes its attack-free
 # cells from; everything else (data, partition, model, training, federation) must match.
 NOT_PROTOCOL = ("attack", "defense", "seed", "output", "wandb")
-# How the clients' training is executed, not what it computes: a cohort (compiled or not)
-# equals sequential training to float rounding (tested), as runs on two machines do.
-EXECUTION_ONLY = ("train.cohort", "train.compile")
+# How the clients' training is executed, not what it computes: a cohort (compiled or not,
+# its convolutions grouped or as matrix products) equals sequential training to float
+# rounding (tested), as runs on two machines do.
+EXECUTION_ONLY = ("train.cohort", "train.compile", "train.cohort_convolution")
 
 
 def flat_protocol(config: dict | None, prefix: str = "") -> dict[str, Any]:

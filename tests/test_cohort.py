@@ -62,7 +62,8 @@ def both_ways(tiny_root, tmp_path, rounds: int = 1, explicit_batch_norm: bool = 
     runs = {}
     for cohort in (False, True):
         fresh = copy.deepcopy(sections)  # attacks and defenses keep state: one instance per run
-        train_as = dataclasses.replace(train, cohort=cohort, compile=train.compile if cohort else None)
+        train_as = dataclasses.replace(train, cohort=cohort, compile=train.compile if cohort else None,
+                                       cohort_convolution=train.cohort_convolution if cohort else "grouped")
         exp = tiny_experiment(tiny_root, tmp_path / str(cohort), train=train_as,
                               federation=FederationConfig(num_clients=5, rounds=rounds, final_rounds=1,
                                                           client_fraction=client_fraction), **fresh)

@@ -415,14 +415,15 @@ def test_the_accuracy_drop_comes_seed_by_seed_from_a_reference_grid_of_the_same_
 def test_a_reference_grid_that_predates_a_config_key_ran_with_that_keys_default(tmp_path):
     """A key added after the reference grid ran (its cells lack it) means the default
     (``train.drop_last``: true); a value other than the default is another protocol. How
-    training is executed (``train.cohort``, ``train.compile``: equal to sequential training
-    to float rounding) is not."""
+    training is executed (``train.cohort``, ``train.compile``, ``train.cohort_convolution``:
+    equal to sequential training to float rounding) is not."""
     from fedbench.report import make_report
 
     older = {"seed": 0, "train": {"lr": 0.05}, "attack": {}, "defense": {}}
     quick = tmp_path / "quick"
     write_summary(quick, "none", "median", 0, 80.0, older)
-    for name, train in (("default", {"drop_last": True}), ("cohort", {"cohort": True, "compile": "default"}),
+    for name, train in (("default", {"drop_last": True}),
+                        ("cohort", {"cohort": True, "compile": "default", "cohort_convolution": "matmul"}),
                         ("auto", {"cohort": "auto"}), ("sequential", {"cohort": False})):
         grid = tmp_path / name
         write_summary(grid, "sign_flip", "median", 0, 50.0, {**older, "train": {"lr": 0.05, **train}})

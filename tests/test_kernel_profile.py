@@ -26,7 +26,7 @@ def test_kinds_from_kernel_names():
     # the CPU dry run's names
     assert kernels.kind_of("aten::convolution_backward") == "convolution"
     assert kernels.kind_of("aten::bmm") == "matrix product"
-    assert kernels.kind_of("aten::im2col") == "convolution"  # the unfold variant's patches
+    assert kernels.kind_of("aten::im2col") == "convolution"  # the matmul variant's patches
     assert kernels.kind_of("cpp_fused_relu_3") == "inductor fused"
     # a fused kernel named after the convolution it sits beside is a fused kernel, not a convolution
     assert kernels.kind_of("triton_poi_fused_convolution_backward_relu_0") == "inductor fused"
@@ -42,27 +42,11 @@ def test_groups_summed_per_name_longest_first_and_shares_per_kind():
         {"convolution": 50.0, "matrix product": 15.0, "inductor fused": 10.0, "other": 25.0})
 
 
-def test_unfold_convolution_equals_each_clients_convolution_under_vmap():
-    """The unfold variant's convolution, vmapped over 4 clients' weights and batches,
-    against torch's convolution client by client: outputs and weight gradients."""
-    import torch
-    import torch.nn.functional as F
-    from torch.func import functional_call, grad, vmap
-
-    torch.manual_seed(0)
-    conv = kernels.UnfoldConv2d(3, 6, 5, padding=1, stride=2)
-    weights, biases = torch.randn(4, 6, 3, 5, 5), torch.randn(4, 6)
-    images = torch.randn(4, 8, 3, 32, 32).contiguous(memory_format=torch.channels_last_3d)
-
-    def loss(weight, bias, x):
-        return functional_call(conv, {"weight": weight, "bias": bias}, (x,)).square().sum()
-
-    outputs = vmap(lambda w, b, x: functional_call(conv, {"weight": w, "bias": b}, (x,)))(weights, biases, images)
-    gradients = vmap(grad(loss))(weights, biases, images)
-    for k in range(4):
-        reference = F.conv2d(images[k], weights[k], biases[k], padding=1, stride=2)
-        assert outputs[k].shape == reference.shape == (8, 6, 15, 15)
-        torch.testing.assert_close(outputs[k], reference, rtol=1e-5, atol=1e-4)
-        w = weights[k].clone().requires_grad_()
-        F.conv2d(images[k], w, biases[k], padding=1, stride=2).square().sum().backward()
-        torch.testing.assert_close(gradients[k], w.grad, rtol=1e-4, atol=1e-3)  # sums over 1,800 positions
+def test_the_grid_gets_matmul_convolutions_only_where_they_trained_faster_than_its_settings(tmp_path):
+    assert kernels.faster_convolution({"base": 200_000, "matmul": 250_000, "bf16": 300_000}) == "matmul"
+    assert kernels.faster_convolution({"base": 200_000, "matmul": 150_000}) == "grouped"
+    assert kernels.faster_convolution({"base": 200_000}) == "grouped", "matmul not measured (a timeout)"
+    assert kernels.faster_convolution({"matmul": 150_000}) == "grouped", "nothing to compare with"
+    measured = tmp_path / "kernels.json"
+    measured.write_text('{"base": 1000, "matmul": 1200}')
+    assert kernels.main(["--faster-convolution", str(measured)]) == "matmul"

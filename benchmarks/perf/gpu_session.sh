@@ -17,7 +17,15 @@
 # GPU and CPU runs of one seed differ, see the README's GPU section).
 # PERF_SECONDS=0 skips stage 1, whose first table is benchmarks/perf/kernels.py (PERF_KERNELS=0
 # skips it; PERF_KERNELS_SECONDS, default 360; PERF_KERNELS_ARGS, e.g. "--variants base
-# nchw"). On the first H200 session stage 1 did not finish in 120 s (its rows now print as
+# matmul"; its samples/s also go to kernels.json), then cohort.py's table (PERF_COHORT=0 skips it,
+# PERF_SECONDS its limit). GRID_CONVOLUTION sets stage 2's train.cohort_convolution: grouped,
+# matmul, or faster (what kernels.json found faster: matmul only if its variant beat base;
+# cells of matmul go to a folder of their own, ..._matmul). The kernels-then-grid session:
+#   PERF_KERNELS_ARGS="--variants base matmul" PERF_KERNELS_SECONDS=300 PERF_COHORT=0 PERF_SDFC=0
+#   PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE= GRID_CONVOLUTION=faster
+#   GRID_SECONDS=420 GRID_FILE=benchmarks/paper.yaml GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*'
+#   GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
+# On the first H200 session stage 1 did not finish in 120 s (its rows now print as
 # they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
 # simple_cnn + sdfc row (PERF_SDFC_SECONDS, default 150); PERF_FISHER=0 skips the table of SDFC's
@@ -83,9 +91,10 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # TF32, bf16 and convolutions as matrix products change (benchmarks/perf/kernels.py: 16
   # cells x 10 clients, reduce-overhead)
   [ "${PERF_KERNELS:-1}" = 1 ] && timeout "${PERF_KERNELS_SECONDS:-360}" $PY benchmarks/perf/kernels.py \
-    --device "$DEVICE" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"
-  timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" --steps 10 --repeat 2 \
-    --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 | tee "$OUT/cohort.md"
+    --device "$DEVICE" --json "$OUT/kernels.json" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"
+  [ "${PERF_COHORT:-1}" = 1 ] && timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" \
+    --steps 10 --repeat 2 --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 \
+    | tee "$OUT/cohort.md"
   # SDFC's calibration term in every step (stacked in the cohort); its Fisher hooks on a 6000-image pool
   [ "${PERF_SDFC:-1}" = 1 ] && timeout "${PERF_SDFC_SECONDS:-150}" $PY benchmarks/perf/cohort.py --device "$DEVICE" \
     --steps 10 --repeat 2 --models simple_cnn --defense sdfc --train-subset 6000 2>&1 | tee -a "$OUT/cohort.md"
@@ -119,9 +128,17 @@ start=$(date +%s)
 # shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
 grid_options=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && grid_options+=(--set "train.compile=$GRID_COMPILE")
 [ -n "${GRID_PACK:-}" ] && grid_options+=(--cells-per-process "$GRID_PACK")
+convolution=${GRID_CONVOLUTION:-}
+if [ "$convolution" = faster ]; then  # what stage 1's kernels table measured faster, grouped if it has no answer
+  convolution=$( [ -f "$OUT/kernels.json" ] && $PY benchmarks/perf/kernels.py --faster-convolution "$OUT/kernels.json" \
+                 || echo grouped)
+  echo "grid convolutions: $convolution (kernels.json: $(cat "$OUT/kernels.json" 2>/dev/null))"
+fi
+[ -n "$convolution" ] && grid_options+=(--set "train.cohort_convolution=$convolution")
 grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}
 set -f; for p in ${GRID_CELLS:-}; do grid_options+=(--cells "$p"); done; set +f  # patterns, not file names
 cohort_runs="runs/$(basename "$grid_file" .yaml)_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
+[ "$convolution" = matmul ] && cohort_runs+=_matmul
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid "$grid_file" \
   --out "$cohort_runs" --jobs "${GRID_JOBS:-6}" --set train.cohort=true \
   "${grid_options[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &

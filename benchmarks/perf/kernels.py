@@ -16,11 +16,10 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
 - ``tf32``: ``torch.set_float32_matmul_precision("high")`` (matrix products on TF32 tensor
   cores; cuDNN convolutions already may use TF32 by default);
 - ``bf16``: ``fabric.precision=bf16-mixed``;
-- ``unfold``: the grid's settings with simple_cnn's convolutions computed as matrix
-  products over unfolded patches (:class:`UnfoldConv2d`; under vmap, one batched matrix
-  product with every client's weights instead of a grouped convolution): a candidate, in
-  this benchmark only, to build into the cohort if the profile shows grouped convolutions
-  dominate.
+- ``matmul``: the grid's settings with ``train.cohort_convolution=matmul``: simple_cnn's
+  convolutions computed as matrix products over unfolded patches (under vmap, one batched
+  matrix product with every client's weights instead of a grouped convolution;
+  ``fedbench.matmul_conv``).
 
 prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of
 the same runs again) and one profiled round's kernels grouped by name and ranked by their
@@ -33,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,14 +48,14 @@ from together import train_round  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
 
-VARIANTS = ("base", "nchw", "tf32", "bf16", "unfold")
+VARIANTS = ("base", "nchw", "tf32", "bf16", "matmul")
 # First match wins: inductor names a fused kernel after the ops around it
 # (triton_poi_fused_convolution_backward_0), so fused kernels come first.
 # cuDNN's convolutions (implicit GEMM, FFT) before the matrix products: their names may say
 # gemm or cutlass too; cuBLAS's own (sm90_xmma_gemm, nvjet, gemv, split-K) are matrix products.
 KINDS = (("inductor fused", ("triton", "cpp_fused")),
          ("convolution", ("conv", "cudnn", "implicit", "wgrad", "dgrad", "fprop", "fft2d", "flip_filter",
-                          "im2col", "col2im")),  # the unfold variant's patches count as its convolutions' work
+                          "im2col", "col2im")),  # the matmul variant's patches count as its convolutions' work
          ("matrix product", ("gemm", "nvjet", "gemv", "splitkreduce", "cutlass", "matmul", "bmm", "addmm",
                              "aten::mm")))
 
@@ -116,37 +114,12 @@ def profiled_events(work, cuda: bool) -> list[tuple[str, float]]:
             if e.name.startswith("aten::") or "cpp_fused" in e.name]
 
 
-class UnfoldConv2d(nn.Conv2d):
-    """A convolution (groups 1, zero padding) as a matrix product per image: the weights
-    ``[O, C*kh*kw]`` times the image's patches ``F.unfold(x)``, ``[C*kh*kw, L]``, plus the
-    bias, viewed as ``[O, H', W']``. Under vmap over clients that is one batched matrix
-    product with each client's weights, where ``nn.Conv2d`` becomes a grouped convolution."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("UnfoldConv2d computes groups=1, zero, numeric padding only")
-        height, width = (
-            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-            for size, pad, dil, k, stride in zip(x.shape[-2:], self.padding, self.dilation, self.kernel_size,
-                                                 self.stride))
-        patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        out = self.weight.flatten(1) @ patches
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.view(x.shape[0], self.out_channels, height, width)
-
-
 def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
     precision = "bf16-mixed" if variant == "bf16" else "32-true"
-    options = {"channels_last": variant != "nchw"}
-    runs = [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
+    options = {"channels_last": variant != "nchw",
+               "cohort_convolution": "matmul" if variant == "matmul" else "grouped"}
+    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
             for i in range(cells)]
-    if variant == "unfold":  # the clients' models, whose modules the cohort's functional_call runs
-        for run in runs:
-            for module in run.trainer.model.modules():
-                if type(module) is nn.Conv2d:
-                    module.__class__ = UnfoldConv2d
-    return runs
 
 
 def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
@@ -172,6 +145,13 @@ def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, st
     return row, heading + table(["kernel", "kind", "calls", "ms", "% of the round's kernel time"], rows)
 
 
+def faster_convolution(samples_per_second: dict[str, float]) -> str:
+    """``train.cohort_convolution`` for a grid: ``matmul`` where its variant trained more
+    samples/s than ``base`` (the grid's settings) did, otherwise (either not measured) ``grouped``."""
+    base, matmul = samples_per_second.get("base"), samples_per_second.get("matmul")
+    return "matmul" if base is not None and matmul is not None and matmul > base else "grouped"
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=16)
@@ -182,7 +162,15 @@ def main(argv=None) -> str:
     parser.add_argument("--compile", default="reduce-overhead", help="train.compile; 'none' for eager")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--top", type=int, default=12, help="kernel groups listed per variant")
+    parser.add_argument("--json", type=Path, help="write {variant: samples/s} here, after each variant")
+    parser.add_argument("--faster-convolution", type=Path, metavar="JSON",
+                        help="measure nothing: print the train.cohort_convolution that an earlier --json "
+                             "file found faster (matmul or grouped)")
     args = parser.parse_args(argv)
+    if args.faster_convolution:
+        choice = faster_convolution(json.loads(args.faster_convolution.read_text()))
+        print(choice)
+        return choice
     workload = Workload("fedavg", None, None if args.compile == "none" else args.compile, args.attack)
     if workload.compile:
         import torch._inductor.config as inductor_config
@@ -194,6 +182,8 @@ def main(argv=None) -> str:
             row, kernels = measure(variant, args, Path(out), workload)
             rows.append(row)
             tables.append(kernels)
+            if args.json:
+                args.json.write_text(json.dumps({r[0]: r[1] for r in rows}))
             # each variant as soon as it is measured: a run stopped at its time limit keeps them
             print("| " + " | ".join(map(str, row)) + " |\n\n" + kernels + "\n", flush=True)
     unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"

@@ -1,0 +1,60 @@
+"""Convolutions as matrix products over unfolded patches, for the cohort
+(``train.cohort_convolution=matmul``).
+
+Under ``vmap`` over clients, a convolution whose weights differ per client becomes one
+grouped convolution (a group per client: for the papers' simple_cnn, 1-or-3 to 6 and 6 to
+16 channels per group), a shape for which cuDNN may have no fast kernel. Here the same
+convolution is ``out[n, o, p] = sum_k W[o, k] * P[n, k, p] + b[o]``, with ``P = unfold(x)``
+the ``C*kh*kw`` input values under the kernel at each output position ``p`` (zero padding,
+stride and dilation as given): under vmap one batched matrix product with each client's
+own weights. Same numbers up to float rounding (another summation order); it stores the
+patches, ``kh*kw`` times the input, for the backward pass.
+
+Convolutions it cannot compute this way (groups > 1, string padding) are left to
+``F.conv2d``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+CONVOLUTIONS = ("grouped", "matmul")  # train.cohort_convolution's values
+_conv2d = F.conv2d  # torch's own, for what conv2d_as_matmul leaves to it
+
+
+def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                     dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv2d``'s result, computed as the weights ``[O, C*kh*kw]`` times the unfolded
+    patches ``[N, C*kh*kw, H'*W']`` of each image, plus the bias."""
+    if groups != 1 or isinstance(padding, str):
+        return _conv2d(input, weight, bias, stride, padding, dilation, groups)
+    unbatched = input.dim() == 3
+    images = input.unsqueeze(0) if unbatched else input
+    kernel, stride, padding, dilation = _pair(weight.shape[-2:]), _pair(stride), _pair(padding), _pair(dilation)
+    height, width = ((size + 2 * pad - dil * (k - 1) - 1) // step + 1
+                     for size, pad, dil, k, step in zip(images.shape[-2:], padding, dilation, kernel, stride))
+    patches = F.unfold(images, kernel, dilation=dilation, padding=padding, stride=stride)
+    out = weight.flatten(1) @ patches
+    if bias is not None:
+        out = out + bias[:, None]
+    out = out.view(images.shape[0], weight.shape[0], height, width)
+    return out.squeeze(0) if unbatched else out
+
+
+@contextmanager
+def convolutions_as_matmul(enabled: bool) -> Iterator[None]:
+    """While open (and ``enabled``), every ``nn.Conv2d`` (whose forward calls ``F.conv2d``)
+    and every direct ``F.conv2d`` call computes with :func:`conv2d_as_matmul`."""
+    if not enabled:
+        yield
+        return
+    original, F.conv2d = F.conv2d, conv2d_as_matmul
+    try:
+        yield
+    finally:
+        F.conv2d = original
