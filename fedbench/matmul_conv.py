@@ -40,8 +40,8 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                      for size, pad, dil, k, step in zip(images.shape[-2:], padding, dilation, kernel, stride))
     patches = F.unfold(images, kernel, dilation=dilation, padding=padding, stride=stride)
     out = weight.flatten(1) @ patches
-    if bias is not None:
-        out = out + bias[:, None]
+    if bias is not None:  # in the product's dtype: under autocast bf16 stays bf16, as torch's convolution's
+        out = out + bias.to(out.dtype)[:, None]
     out = out.view(images.shape[0], weight.shape[0], height, width)
     return out.squeeze(0) if unbatched else out
 

@@ -73,6 +73,18 @@ def test_under_vmap_each_client_gets_its_own_convolution_and_weight_gradient():
         torch.testing.assert_close(gradients[k], w.grad, rtol=1e-4, atol=1e-3)  # sums over 1,800 positions
 
 
+def test_under_bf16_autocast_the_output_is_bf16_as_torchs_convolution_is():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, reference = conv2d_as_matmul(x, w, b, padding=1), F.conv2d(x, w, b, padding=1)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    # both within bf16's rounding (8 bits of mantissa) of the float64 convolution
+    for result in (out, reference):
+        assert float((result.double() - exact).abs().max() / exact.abs().max()) < 2e-2
+
+
 def test_only_inside_the_context_do_modules_convolve_as_matmul_and_what_it_cannot_do_stays_torchs():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)

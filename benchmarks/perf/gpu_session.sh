@@ -21,9 +21,9 @@
 # PERF_SECONDS its limit). GRID_CONVOLUTION sets stage 2's train.cohort_convolution: grouped,
 # matmul, or faster (what kernels.json found faster: matmul only if its variant beat base;
 # cells of matmul go to a folder of their own, ..._matmul). The kernels-then-grid session:
-#   PERF_KERNELS_ARGS="--variants base matmul" PERF_KERNELS_SECONDS=300 PERF_COHORT=0 PERF_SDFC=0
+#   PERF_KERNELS_ARGS="--variants base matmul" PERF_KERNELS_SECONDS=240 PERF_COHORT=0 PERF_SDFC=0
 #   PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE= GRID_CONVOLUTION=faster
-#   GRID_SECONDS=420 GRID_FILE=benchmarks/paper.yaml GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*'
+#   GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*'
 #   GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
 # they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
