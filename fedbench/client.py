@@ -63,7 +63,8 @@ class LocalTrainConfig:
         cohort_convolution: how the cohort computes a convolution with each client's own
             weights: ``grouped`` (default; vmap's own rule, one grouped convolution with a
             group per client) or ``matmul`` (a batched matrix product over each image's
-            unfolded patches, ``fedbench.matmul_conv``; equal up to float rounding, more
+            unfolded patches, ``fedbench.matmul_conv``; equal up to float rounding, and on
+            a GPU full float32 where cuDNN's convolutions use TF32 by default; more
             memory). Used where a cohort trains; not measured faster anywhere yet, see
             ``benchmarks/perf/kernels.py``.
     """

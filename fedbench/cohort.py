@@ -478,9 +478,12 @@ def cohort_cannot_train(model: nn.Module, precision: str) -> str | None:
 
 @contextmanager
 def cohort_errors(cohort: bool | str, compile_mode: str | None) -> Iterator[None]:
-    """A model the cohort cannot vmap fails with one message saying what to do."""
+    """A model the cohort cannot vmap fails with one message saying what to do; running out
+    of memory is not that, and stays torch's own error."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:  # torch.compile's errors are RuntimeErrors too
         chosen = "train.cohort=true" if cohort is True else f"train.cohort={cohort} (a cohort here)"
         compiling = " (or train.compile=null if compiling is what failed)" if compile_mode else ""

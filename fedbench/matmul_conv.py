@@ -8,7 +8,10 @@ convolution is ``out[n, o, p] = sum_k W[o, k] * P[n, k, p] + b[o]``, with ``P = 
 the ``C*kh*kw`` input values under the kernel at each output position ``p`` (zero padding,
 stride and dilation as given): under vmap one batched matrix product with each client's
 own weights. Same numbers up to float rounding (another summation order); it stores the
-patches, ``kh*kw`` times the input, for the backward pass.
+patches, ``kh*kw`` times the input, for the backward pass. The output is contiguous (NCHW)
+whatever the input's layout. On a GPU the precision differs too: torch lets cuDNN
+convolve float32 in TF32 by default (``torch.backends.cudnn.allow_tf32``), while float32
+matrix products are full float32 unless ``torch.set_float32_matmul_precision`` says otherwise.
 
 Convolutions it cannot compute this way (groups > 1, string padding) are left to
 ``F.conv2d``.
@@ -35,7 +38,7 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
         return _conv2d(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     images = input.unsqueeze(0) if unbatched else input
-    kernel, stride, padding, dilation = _pair(weight.shape[-2:]), _pair(stride), _pair(padding), _pair(dilation)
+    kernel, stride, padding, dilation = (both_sides(v) for v in (weight.shape[-2:], stride, padding, dilation))
     height, width = ((size + 2 * pad - dil * (k - 1) - 1) // step + 1
                      for size, pad, dil, k, step in zip(images.shape[-2:], padding, dilation, kernel, stride))
     patches = F.unfold(images, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -46,10 +49,18 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     return out.squeeze(0) if unbatched else out
 
 
+def both_sides(value) -> tuple[int, int]:
+    """An int, or a tuple of one or two, as (height, width), as ``F.conv2d`` reads them."""
+    pair = tuple(_pair(value))
+    return pair * 2 if len(pair) == 1 else pair
+
+
 @contextmanager
 def convolutions_as_matmul(enabled: bool) -> Iterator[None]:
     """While open (and ``enabled``), every ``nn.Conv2d`` (whose forward calls ``F.conv2d``)
-    and every direct ``F.conv2d`` call computes with :func:`conv2d_as_matmul`."""
+    and every call of ``F.conv2d`` looked up at call time computes with
+    :func:`conv2d_as_matmul` (not ``torch.conv2d``, nor a ``conv2d`` imported by name
+    before); process-wide, so only one cohort's model runs in it at a time."""
     if not enabled:
         yield
         return

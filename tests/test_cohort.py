@@ -390,6 +390,16 @@ def test_a_compiled_cohort_with_cudas_tensor_op_batchnorm_equals_sequential_on_c
     assert relative_gap(seq.global_params, coh.global_params) < 1e-9
 
 
+def test_running_out_of_memory_in_a_cohort_stays_torchs_error_not_advice_about_random_layers():
+    from fedbench.cohort import cohort_errors
+    from fedbench.errors import FedbenchError
+
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"), cohort_errors(True, None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB")
+    with pytest.raises(FedbenchError, match="random layers"), cohort_errors(True, None):
+        raise RuntimeError("vmap: It looks like you're calling .item() on a Tensor")
+
+
 @pytest.mark.parametrize("train, allowed", [
     (LocalTrainConfig(cohort=True, compile="fast"), "one of: default, reduce-overhead"),
     (LocalTrainConfig(cohort=False, compile="default"), "None when train.cohort=false"),

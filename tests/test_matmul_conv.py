@@ -47,6 +47,10 @@ def test_a_convolution_as_matmul_equals_the_sum_written_out_by_hand():
     expected = convolution_by_loops(x.numpy(), w.numpy(), b.numpy(), (2, 1), (1, 2), (1, 3))
     assert out.shape == expected.shape == (2, 4, 5, 12)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
+    # one-element tuples mean both sides, as F.conv2d reads them
+    both = conv2d_as_matmul(x, w, b, stride=(2,), padding=(1,), dilation=(2,))
+    np.testing.assert_allclose(both.numpy(), convolution_by_loops(x.numpy(), w.numpy(), b.numpy(), (2, 2), (1, 1), (2, 2)),
+                               rtol=1e-12, atol=1e-12)
     # one image without its batch dimension, and no bias
     single = conv2d_as_matmul(x[1], w, None, stride=(2, 1), padding=(1, 2), dilation=(1, 3))
     np.testing.assert_allclose(single.numpy(), expected[1] - b.numpy()[:, None, None], rtol=1e-12, atol=1e-12)
@@ -125,13 +129,16 @@ def test_a_cohort_with_matmul_convolutions_equals_sequential_training(tiny_root,
              if compile_mode else
              LocalTrainConfig(local_epochs=2, local_steps=None, batch_size=32, cohort_convolution="matmul"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fedbench.matmul_conv, "conv2d_as_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+        # each call says whether torch.compile was tracing it: the compiled step, not an eager probe
+        patch.setattr(fedbench.matmul_conv, "conv2d_as_matmul",
+                      lambda *a, **k: calls.append(torch.compiler.is_compiling()) or real(*a, **k))
         torch._dynamo.reset()
         (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
             tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4), train=train,
             defense=SDFC() if compile_mode is None else FedAvg())
     assert coh.exp.train.cohort_convolution == "matmul" and seq.exp.train.cohort_convolution == "grouped"
     assert calls, "the cohort's convolutions went through conv2d_as_matmul"
+    assert any(calls) == bool(compile_mode), "compiled: the compiled step traced conv2d_as_matmul"
     assert compile_mode or len(set(seq_rec[0]["local_steps"])) > 1, "clients of different step counts"
     assert coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
     for client in seq_sent:
