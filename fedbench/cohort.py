@@ -42,6 +42,7 @@ before-training hooks run before any client trains: hooks keep their state per c
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
@@ -53,13 +54,13 @@ from torch.func import functional_call, vmap
 
 from attacks.base import BatchPoisoning
 from defenses.base import QuadraticPull
+from fedbench import matmul_conv
 from fedbench.client import ClientJob, LocalResult, LocalTrainConfig, LocalTrainer, RawBatch
 from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, row_batches
 from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 from fedbench.fused_step import FusedState, FusedStep, Pull, uses_every_parameter
-from fedbench.matmul_conv import convolutions_as_matmul
 from fedbench.params import trainable_parameters
 
 Batch = TypeVar("Batch")  # a client's batch, as its stream hands it out
@@ -549,17 +550,31 @@ def explicit_batch_norm(input: Tensor, running_mean: Tensor | None, running_var:
 
 
 @contextmanager
-def batch_norm_as_tensor_ops(enabled: bool) -> Iterator[None]:
-    """While open (and ``enabled``), every BatchNorm module computes with
-    :func:`explicit_batch_norm` (BatchNorm's forward calls ``F.batch_norm``)."""
+def functional_replaced(name: str, replacement: Callable, enabled: bool) -> Iterator[None]:
+    """While open (and ``enabled``), ``torch.nn.functional.<name>`` is ``replacement``:
+    torch's modules look it up at call time (BatchNorm's forward calls ``F.batch_norm``,
+    Conv2d's ``F.conv2d``). Process-wide: one cohort's model runs in it at a time."""
     if not enabled:
         yield
         return
-    original, F.batch_norm = F.batch_norm, explicit_batch_norm
+    original = getattr(F, name)
+    setattr(F, name, replacement)
     try:
         yield
     finally:
-        F.batch_norm = original
+        setattr(F, name, original)
+
+
+def batch_norm_as_tensor_ops(enabled: bool) -> contextlib.AbstractContextManager:
+    """Every BatchNorm module computes with :func:`explicit_batch_norm` while open."""
+    return functional_replaced("batch_norm", explicit_batch_norm, enabled)
+
+
+def convolutions_as_matmul(enabled: bool) -> contextlib.AbstractContextManager:
+    """Every ``nn.Conv2d``, and every call of ``F.conv2d`` looked up at call time (not
+    ``torch.conv2d``, nor a ``conv2d`` imported by name before), computes with
+    :func:`~fedbench.matmul_conv.conv2d_as_matmul` while open."""
+    return functional_replaced("conv2d", matmul_conv.conv2d_as_matmul, enabled)
 
 
 def cohort_batch(pipeline: ImagePipeline, raws: list[RawBatch],

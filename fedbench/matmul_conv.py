@@ -1,5 +1,5 @@
 """Convolutions as matrix products over unfolded patches, for the cohort
-(``train.cohort_convolution=matmul``).
+(``train.cohort_convolution=matmul``: :func:`fedbench.cohort.convolutions_as_matmul`).
 
 Under ``vmap`` over clients, a convolution whose weights differ per client becomes one
 grouped convolution (a group per client: for the papers' simple_cnn, 1-or-3 to 6 and 6 to
@@ -18,9 +18,6 @@ Convolutions it cannot compute this way (groups > 1, string padding) are left to
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,19 +50,3 @@ def both_sides(value) -> tuple[int, int]:
     """An int, or a tuple of one or two, as (height, width), as ``F.conv2d`` reads them."""
     pair = tuple(_pair(value))
     return pair * 2 if len(pair) == 1 else pair
-
-
-@contextmanager
-def convolutions_as_matmul(enabled: bool) -> Iterator[None]:
-    """While open (and ``enabled``), every ``nn.Conv2d`` (whose forward calls ``F.conv2d``)
-    and every call of ``F.conv2d`` looked up at call time computes with
-    :func:`conv2d_as_matmul` (not ``torch.conv2d``, nor a ``conv2d`` imported by name
-    before); process-wide, so only one cohort's model runs in it at a time."""
-    if not enabled:
-        yield
-        return
-    original, F.conv2d = F.conv2d, conv2d_as_matmul
-    try:
-        yield
-    finally:
-        F.conv2d = original

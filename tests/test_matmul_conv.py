@@ -16,7 +16,8 @@ from attacks.pixel_pattern import PixelPattern
 from defenses.fedavg import FedAvg
 from defenses.sdfc import SDFC
 from fedbench.client import LocalTrainConfig
-from fedbench.matmul_conv import conv2d_as_matmul, convolutions_as_matmul
+from fedbench.cohort import convolutions_as_matmul
+from fedbench.matmul_conv import conv2d_as_matmul
 from test_cohort import MODEL_TOLERANCE, UPDATE_TOLERANCE, both_ways, relative_gap
 
 
