@@ -71,3 +71,28 @@ def test_each_measured_variant_s_samples_per_second_are_written_as_soon_as_it_is
     assert written == [{"base": 1000}], "base on disk before matmul was measured"
     assert json.loads(path.read_text()) == {"base": 1000, "matmul": 1500}
     assert kernels.main(["--faster-convolution", str(path)]) == "matmul"
+
+
+def test_per_step_time_is_the_longer_round_s_extra_steps_over_their_extra_time():
+    # a round of 10 steps in 1.0 s and one of 20 in 1.8 s: the 10 extra steps took 0.8 s,
+    # so 0.08 s a step, and the short round's other 0.2 s are its fixed part
+    step, fixed = kernels.per_step(1.0, 1.8, 10)
+    assert step == pytest.approx(0.08)
+    assert fixed == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("variant, settings", [
+    ("base", ("highest", False, True)), ("tf32", ("high", False, True)), ("matmul_tf32", ("high", False, True)),
+    ("cudnn_benchmark", ("highest", True, True)), ("conv_fp32", ("highest", False, False))])
+def test_a_variant_s_process_wide_settings_hold_inside_and_are_restored_after(variant, settings):
+    import torch
+
+    def now():  # float32 matrix products, cuDNN's autotuner, cuDNN's TF32
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32
+
+    before = now()
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.variant_settings(variant):
+            assert now() == settings
+            raise RuntimeError("inside")
+    assert now() == before

@@ -23,11 +23,18 @@
 # over base, measured on Fashion-MNIST's simple_cnn, so keep GRID_CELLS to those; grouped
 # without a kernels.json). Cells of matmul go to a folder of their own (..._matmul): to
 # resume them in a later call, say GRID_CONVOLUTION=matmul. A lent machine allows 600 s a
-# command, too little for both stages of the kernels-then-grid session: two calls, the
-# second at once (the machine stays warm 30 s), with the first call's answer:
-#   PERF_KERNELS_ARGS="--variants base matmul" PERF_KERNELS_SECONDS=300 PERF_COHORT=0 PERF_SDFC=0
-#   PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
-#   PERF_SECONDS=0 GRID_CONVOLUTION=matmul-or-grouped GRID_SECONDS=480 GRID_FILE=benchmarks/paper.yaml
+# command and 15 minutes a session (about 30 s to start one): the next lease is two calls,
+# the second at once (the machine stays warm 30 s). First where a step's time goes under
+# each setting that could change it (2026-11-27: cuDNN's grouped convolution, one launch
+# per client in TF32 with layout conversions, 2,600 kernels a step; matmul trained the
+# grid 14% slower than grouped):
+#   PERF_KERNELS_ARGS="--variants base conv_fp32 cudnn_benchmark matmul_tf32 bf16" PERF_KERNELS_SECONDS=300
+#   PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE=
+#   GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
+# then, if a variant with a training option beat base by 5% per step (bf16:
+# GRID_FLAGS="--set fabric.precision=bf16-mixed"; matmul_tf32 has none yet), the grid with it
+# (GRID_SECONDS=420 leaves room for the archives in 600 s; grouped fp32: 4,237 cell-rounds/h):
+#   PERF_SECONDS=0 GRID_SECONDS=420 GRID_FILE=benchmarks/paper.yaml
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
@@ -92,9 +99,9 @@ if [ -n "${CPU_GRID:-}" ]; then
 fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
-  # where a packed compiled round's GPU time goes, per kernel and kind, and what channels_last,
-  # TF32, bf16 and convolutions as matrix products change (benchmarks/perf/kernels.py: 16
-  # cells x 10 clients, reduce-overhead)
+  # where a packed compiled round's GPU time goes, per kernel and kind, and what TF32, cuDNN's
+  # float32 kernels or autotuner, bf16 and convolutions as matrix products change
+  # (benchmarks/perf/kernels.py: 16 cells x 10 clients, reduce-overhead, ms per step)
   rm -f "$OUT/kernels.json"  # GRID_CONVOLUTION=faster reads this call's measurement only
   [ "${PERF_KERNELS:-1}" = 1 ] && timeout "${PERF_KERNELS_SECONDS:-360}" $PY benchmarks/perf/kernels.py \
     --device "$DEVICE" --json "$OUT/kernels.json" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"

@@ -11,21 +11,40 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
 
 - ``base``: the grid's settings (fp32, ``train.channels_last=true``, float32 matrix
   products in full precision);
-- ``nchw``: ``train.channels_last=false`` (a grouped convolution of 3 to 6 channels per
-  client may have faster kernels in the default layout);
 - ``tf32``: ``torch.set_float32_matmul_precision("high")`` (matrix products on TF32 tensor
   cores; cuDNN convolutions already may use TF32 by default);
+- ``conv_fp32``: ``torch.backends.cudnn.allow_tf32=False`` (cuDNN's convolutions in full
+  float32: on the H100 its TF32 tensor-op kernels ran one launch per client and converted
+  each client's slice between layouts, 2,600 kernels a step in all; its float32 kernels
+  may not);
 - ``bf16``: ``fabric.precision=bf16-mixed``;
 - ``matmul``: the grid's settings with ``train.cohort_convolution=matmul``: simple_cnn's
   convolutions computed as matrix products over unfolded patches (under vmap, one batched
   matrix product with every client's weights instead of a grouped convolution;
-  ``fedbench.matmul_conv``).
+  ``fedbench.matmul_conv``);
+- ``matmul_tf32``: ``matmul`` with TF32 matrix products (on a GPU base's cuDNN
+  convolutions run in TF32 by default, ``matmul``'s products in full float32: this one
+  compares like with like, its linear layers in TF32 too);
+- ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark=True`` (cuDNN times its algorithms
+  on the first call and keeps the fastest; a run sets it off, since the choice can differ
+  from run to run and with it the float rounding);
 
-prints samples/s (best of ``--repeat`` rounds after a round that compiles, each round 0 of
-the same runs again) and one profiled round's kernels grouped by name and ranked by their
-summed device time, with each group's kind (inductor's fused kernel, convolution, matrix
-product, other) and the share of each kind. On a GPU: CUDA kernels and their device time (kernels replayed by a CUDA graph
-included); on CPU (a dry run): the aten ops that compute and their own CPU time.
+and prints, per variant:
+
+- samples/s per step and ms per step: from a round of ``--steps`` steps and one of twice
+  as many (best of ``--repeat`` after a round that compiles, each round 0 of the same runs
+  again), the second's extra steps over their time. A paper round is about 840 steps per
+  client, so this is what the grid's training sees; a short round's samples/s (also
+  printed) include the round's fixed part, printed too (choosing clients, copying models,
+  stacking, updates). On the H100 of 2026-11-27 the grid's settings trained 487,551
+  samples/s in rounds of 10 steps and 791,575 in rounds of 100.
+- one profiled round's kernels grouped by name and ranked by their summed device time,
+  with each group's kind (inductor's fused kernel, convolution, matrix product, other), the
+  share of each kind, and kernels per step. On a GPU: CUDA kernels and their device time
+  (kernels replayed by a CUDA graph included). On that H100 a round of 100 steps summed
+  2,565 ms of kernel time profiled against 1,294 ms of wall time unprofiled (kernels
+  slowed by the profiler, or overlapping on several streams: not told apart), so compare
+  the shares and counts, not the milliseconds with the wall time. On CPU (a dry run): the aten ops that compute and their own CPU time.
 """
 
 from __future__ import annotations
@@ -36,6 +55,8 @@ import json
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,7 +69,7 @@ from together import train_round  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
 
-VARIANTS = ("base", "nchw", "tf32", "bf16", "matmul")
+VARIANTS = ("base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32")
 # First match wins: inductor names a fused kernel after the ops around it
 # (triton_poi_fused_convolution_backward_0), so fused kernels come first.
 # cuDNN's convolutions (implicit GEMM, FFT) before the matrix products: their names may say
@@ -116,29 +137,52 @@ def profiled_events(work, cuda: bool) -> list[tuple[str, float]]:
 
 def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
     precision = "bf16-mixed" if variant == "bf16" else "32-true"
-    options = {"channels_last": variant != "nchw",
-               "cohort_convolution": "matmul" if variant == "matmul" else "grouped"}
-    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}", workload, options)
+    options = {"cohort_convolution": "matmul" if variant in ("matmul", "matmul_tf32") else "grouped"}
+    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}_{steps}", workload, options)
             for i in range(cells)]
 
 
-def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
-    """The variant's row (samples/s, kinds' shares) and its table of the ``args.top`` kernel groups."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if variant == "tf32" else "highest")
+@contextmanager
+def variant_settings(variant: str) -> Iterator[None]:
+    """The process-wide settings of ``variant`` (TF32 matrix products, cuDNN's TF32 and its
+    autotuner), restored afterwards. Call it after the runs are built: a run sets cuDNN's
+    autotuner off."""
+    cudnn = torch.backends.cudnn
+    before = torch.get_float32_matmul_precision(), cudnn.benchmark, cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if variant in ("tf32", "matmul_tf32") else "highest")
+    cudnn.benchmark, cudnn.allow_tf32 = variant == "cudnn_benchmark", variant != "conv_fp32"
     try:
-        runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
-        cuda = runs[0].device.type == "cuda"
-        samples = args.cells * 10 * args.steps * runs[0].exp.train.batch_size
-        # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
-        per_second = samples / best_seconds(lambda: train_round(runs), args.repeat, cuda)
-        groups = grouped(profiled_events(lambda: train_round(runs), cuda))
+        yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        cudnn.benchmark, cudnn.allow_tf32 = before[1:]
+
+
+def per_step(short_seconds: float, long_seconds: float, steps: int) -> tuple[float, float]:
+    """(seconds per step, seconds per round besides its steps) from a round of ``steps``
+    steps and one of ``2 * steps``: the second round's extra steps are all it adds."""
+    step = (long_seconds - short_seconds) / steps
+    return step, short_seconds - steps * step
+
+
+def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
+    """The variant's row (samples/s per step and per short round, the round's fixed part,
+    the profiled round's kernels, kinds' shares) and its table of the ``args.top`` kernel groups."""
+    runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
+    longer = make_runs(variant, args.cells, 2 * args.steps, args.device, out, workload)
+    cuda = runs[0].device.type == "cuda"
+    step_samples = args.cells * 10 * runs[0].exp.train.batch_size
+    with variant_settings(variant):
+        # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
+        short = best_seconds(lambda: train_round(runs), args.repeat, cuda)
+        long = best_seconds(lambda: train_round(longer), args.repeat, cuda)
+        groups = grouped(profiled_events(lambda: train_round(runs), cuda))
+    step, fixed = per_step(short, long, args.steps)
     shares = kind_shares(groups)
     total_ms = sum(g.microseconds for g in groups) / 1000
-    row = [variant, round(per_second), round(total_ms, 1)] + [round(shares.get(k, 0.0), 1)
-                                                              for k in [k for k, _ in KINDS] + ["other"]]
+    row = [variant, round(step_samples / step), round(1000 * step, 2), round(1000 * fixed),
+           round(step_samples * args.steps / short), round(sum(g.calls for g in groups) / args.steps),
+           round(total_ms, 1)] + [round(shares.get(k, 0.0), 1) for k in [k for k, _ in KINDS] + ["other"]]
     rows = [[g.name[:90], g.kind, g.calls, round(g.microseconds / 1000, 2),
              round(100 * g.microseconds / (1000 * total_ms or 1), 1)] for g in groups[:args.top]]
     heading = f"#### {variant}: the {args.top} longest kernel groups of one round\n\n"
@@ -161,7 +205,8 @@ def faster_convolution(samples_per_second: dict[str, float]) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10, help="local steps per client")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="local steps per client in the short round (the long one: twice as many)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attack", default="pixel_pattern")
@@ -195,8 +240,9 @@ def main(argv=None) -> str:
     unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"
     text = (f"### Where a packed round's {unit} time goes: {args.cells} cells x 10 clients x {args.steps} steps of 64, "
             f"{workload.label('simple_cnn')}, {machine()}\n\n"
-            + table(["variant", "samples/s", f"{unit} ms in the profiled round"]
-                    + [f"% {k}" for k, _ in KINDS] + ["% other"], rows)
+            + table(["variant", "samples/s per step", "ms per step", "ms per round besides its steps",
+                     f"samples/s in rounds of {args.steps} steps", f"{unit}s per step, profiled",
+                     f"{unit} ms in the profiled round"] + [f"% {k}" for k, _ in KINDS] + ["% other"], rows)
             + "\n\n" + "\n\n".join(tables) + "\n")
     print(text, flush=True)
     return text
