@@ -268,6 +268,7 @@ class FederatedRun:
             fabric = Fabric(accelerator=exp.fabric.accelerator, devices=1, precision=exp.fabric.precision)
         self.fabric = fabric
         self.device = fabric.device
+        exp.fabric.apply_tf32(self.device)
         self.rank = fabric.global_rank
         self.world = fabric.world_size
         self.seed = exp.seed

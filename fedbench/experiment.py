@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from attacks.base import Attack
 from defenses.base import Defense, DefenseSetup
 from fedbench.client import LocalTrainConfig
@@ -21,6 +23,10 @@ if TYPE_CHECKING:
     from fedbench.data import FederatedData
 
 Precision = Literal["32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true"]
+TF32 = Literal["convolutions", "none", "all"]
+# fabric.tf32 -> (cuDNN's convolutions may use TF32, torch's float32 matrix-product precision)
+TF32_SWITCHES: dict[str, tuple[bool, str]] = {"convolutions": (True, "highest"), "none": (False, "highest"),
+                                              "all": (True, "high")}
 
 
 @dataclass
@@ -81,6 +87,12 @@ class FabricConfig:
         cpu_threads: intra-op threads per process. CPU kernels split their sums by thread, so fp32 results
             are bit-identical only between runs with the same count; None keeps torch's default (all cores
             for one process; cores / processes when Fabric launches several).
+        tf32: on CUDA, which float32 work may run on TF32 tensor cores (inputs rounded to a 10-bit
+            mantissa): convolutions (torch's default: cuDNN's convolutions in TF32, matrix products in
+            full float32), none (both in full float32, as on a CPU), or all (both in TF32). The
+            cohort's convolutions under train.cohort_convolution=matmul are matrix products: TF32 only
+            with all. Process-wide, set as a run starts (cells packed in one process share their
+            fabric settings); nothing changes on CPU.
     """
 
     accelerator: str = "auto"
@@ -89,12 +101,20 @@ class FabricConfig:
     strategy: str = "auto"
     precision: Precision = "32-true"
     cpu_threads: int | None = None
+    tf32: TF32 = "convolutions"
 
     def problems(self) -> list[Problem]:
         found = Problems()
         found.need(self.cpu_threads is None or self.cpu_threads >= 1, "fabric.cpu_threads", self.cpu_threads,
                    "None (torch's default) or an integer >= 1")
+        found.need(self.tf32 in TF32_SWITCHES, "fabric.tf32", self.tf32, ", ".join(TF32_SWITCHES))
         return found
+
+    def apply_tf32(self, device: torch.device) -> None:
+        """Sets torch's process-wide TF32 switches as ``tf32`` says, on a CUDA device only."""
+        if device.type == "cuda":
+            torch.backends.cudnn.allow_tf32, matmul_precision = TF32_SWITCHES[self.tf32]
+            torch.set_float32_matmul_precision(matmul_precision)
 
 
 @dataclass

@@ -81,18 +81,27 @@ def test_per_step_time_is_the_longer_round_s_extra_steps_over_their_extra_time()
     assert fixed == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("variant, settings", [
-    ("base", ("highest", False, True)), ("tf32", ("high", False, True)), ("matmul_tf32", ("high", False, True)),
-    ("cudnn_benchmark", ("highest", True, True)), ("conv_fp32", ("highest", False, False))])
-def test_a_variant_s_process_wide_settings_hold_inside_and_are_restored_after(variant, settings):
+@pytest.mark.parametrize("variant, tf32, convolution", [
+    ("base", "convolutions", "grouped"), ("tf32", "all", "grouped"), ("conv_fp32", "none", "grouped"),
+    ("cudnn_benchmark", "convolutions", "grouped"), ("matmul", "convolutions", "matmul"),
+    ("matmul_tf32", "all", "matmul")])
+def test_each_variant_s_runs_carry_its_training_options(variant, tf32, convolution, monkeypatch, tmp_path):
+    made = []
+    monkeypatch.setattr(kernels, "make_run", lambda *args: made.append(args))
+    kernels.make_runs(variant, 2, 5, "cpu", tmp_path, kernels.Workload())
+    assert len(made) == 2
+    for model, cohort, steps, precision, device, out, workload, train, fabric in made:
+        assert (model, cohort, steps, precision) == ("simple_cnn", True, 5, "32-true")
+        assert train == {"cohort_convolution": convolution} and fabric == {"tf32": tf32}
+
+
+def test_cudnn_s_autotuner_is_on_for_its_variant_only_and_put_back_after_an_error():
     import torch
 
-    def now():  # float32 matrix products, cuDNN's autotuner, cuDNN's TF32
-        return torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32
-
-    before = now()
-    with pytest.raises(RuntimeError, match="inside"):
-        with kernels.variant_settings(variant):
-            assert now() == settings
-            raise RuntimeError("inside")
-    assert now() == before
+    before = torch.backends.cudnn.benchmark
+    for variant, on in (("cudnn_benchmark", True), ("base", False)):
+        with pytest.raises(RuntimeError, match="inside"):
+            with kernels.autotuned(variant):
+                assert torch.backends.cudnn.benchmark is on
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.benchmark is before

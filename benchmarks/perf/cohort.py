@@ -59,15 +59,17 @@ class Workload:
 
 
 def make_run(model: str, cohort: bool, steps: int, precision: str, device: str, out: Path,
-             workload: Workload = Workload(), train_options: dict | None = None) -> FederatedRun:
-    """One paper-setting run of ``steps`` local steps; ``train_options``: more ``train.`` settings."""
+             workload: Workload = Workload(), train_options: dict | None = None,
+             fabric_options: dict | None = None) -> FederatedRun:
+    """One paper-setting run of ``steps`` local steps; ``train_options``, ``fabric_options``:
+    more ``train.`` and ``fabric.`` settings."""
     exp = Experiment(
         attack=ATTACKS.get(workload.attack)(), defense=DEFENSES.get(workload.defense)(), model=ModelConfig(name=model),
         data=DataConfig(train_subset=workload.train_subset),
         train=LocalTrainConfig(local_steps=steps, cohort=cohort, compile=workload.compile if cohort else None,
                                **(train_options or {})),
         federation=FederationConfig(rounds=1, final_rounds=1),
-        fabric=FabricConfig(accelerator=device, precision=precision),
+        fabric=FabricConfig(accelerator=device, precision=precision, **(fabric_options or {})),
         output=OutputConfig(dir=str(out), progress=False), wandb=WandbConfig(mode="disabled"),
     )
     return FederatedRun(exp)

@@ -31,9 +31,10 @@
 #   PERF_KERNELS_ARGS="--variants base conv_fp32 cudnn_benchmark matmul_tf32 bf16" PERF_KERNELS_SECONDS=300
 #   PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE=
 #   GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
-# then, if a variant with a training option beat base by 5% per step (bf16:
-# GRID_FLAGS="--set fabric.precision=bf16-mixed"; matmul_tf32 has none yet), the grid with it
-# (GRID_SECONDS=420 leaves room for the archives in 600 s; grouped fp32: 4,237 cell-rounds/h):
+# then, if a variant with a training option beat base by 5% per step, the grid with it
+# (conv_fp32: GRID_FLAGS="--set fabric.tf32=none"; matmul_tf32: GRID_CONVOLUTION=matmul
+# GRID_FLAGS="--set fabric.tf32=all"; bf16: GRID_FLAGS="--set fabric.precision=bf16-mixed";
+# GRID_SECONDS=420 leaves room for the archives in 600 s; grouped in TF32: 4,237 cell-rounds/h):
 #   PERF_SECONDS=0 GRID_SECONDS=420 GRID_FILE=benchmarks/paper.yaml
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh

@@ -11,10 +11,9 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
 
 - ``base``: the grid's settings (fp32, ``train.channels_last=true``, float32 matrix
   products in full precision);
-- ``tf32``: ``torch.set_float32_matmul_precision("high")`` (matrix products on TF32 tensor
-  cores; cuDNN convolutions already may use TF32 by default);
-- ``conv_fp32``: ``torch.backends.cudnn.allow_tf32=False`` (cuDNN's convolutions in full
-  float32: on the H100 its TF32 tensor-op kernels ran one launch per client and converted
+- ``tf32``: ``fabric.tf32=all`` (matrix products on TF32 tensor cores too; cuDNN's
+  convolutions use them by default);
+- ``conv_fp32``: ``fabric.tf32=none`` (cuDNN's convolutions in full float32: on the H100 its TF32 tensor-op kernels ran one launch per client and converted
   each client's slice between layouts, 2,600 kernels a step in all; its float32 kernels
   may not);
 - ``bf16``: ``fabric.precision=bf16-mixed``;
@@ -22,12 +21,12 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
   convolutions computed as matrix products over unfolded patches (under vmap, one batched
   matrix product with every client's weights instead of a grouped convolution;
   ``fedbench.matmul_conv``);
-- ``matmul_tf32``: ``matmul`` with TF32 matrix products (on a GPU base's cuDNN
-  convolutions run in TF32 by default, ``matmul``'s products in full float32: this one
-  compares like with like, its linear layers in TF32 too);
+- ``matmul_tf32``: ``matmul`` with ``fabric.tf32=all`` (on a GPU base's cuDNN convolutions
+  run in TF32 by default, ``matmul``'s products in full float32: this one compares like
+  with like, its linear layers in TF32 too);
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark=True`` (cuDNN times its algorithms
-  on the first call and keeps the fastest; a run sets it off, since the choice can differ
-  from run to run and with it the float rounding);
+  on the first call and keeps the fastest; no training option: a run sets it off, since
+  the choice can differ from run to run and with it the float rounding);
 
 and prints, per variant:
 
@@ -135,27 +134,29 @@ def profiled_events(work, cuda: bool) -> list[tuple[str, float]]:
             if e.name.startswith("aten::") or "cpp_fused" in e.name]
 
 
+# fabric.tf32 of each variant: which float32 work runs on TF32 tensor cores (the grid's: convolutions)
+TF32 = {"tf32": "all", "matmul_tf32": "all", "conv_fp32": "none"}
+
+
 def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, workload: Workload) -> list[FederatedRun]:
+    """The variant's runs. Build them right before measuring them: a run sets torch's
+    process-wide TF32 switches (``fabric.tf32``) as it starts."""
     precision = "bf16-mixed" if variant == "bf16" else "32-true"
     options = {"cohort_convolution": "matmul" if variant in ("matmul", "matmul_tf32") else "grouped"}
-    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}_{steps}", workload, options)
-            for i in range(cells)]
+    return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}_{steps}", workload, options,
+                     {"tf32": TF32.get(variant, "convolutions")}) for i in range(cells)]
 
 
 @contextmanager
-def variant_settings(variant: str) -> Iterator[None]:
-    """The process-wide settings of ``variant`` (TF32 matrix products, cuDNN's TF32 and its
-    autotuner), restored afterwards. Call it after the runs are built: a run sets cuDNN's
-    autotuner off."""
-    cudnn = torch.backends.cudnn
-    before = torch.get_float32_matmul_precision(), cudnn.benchmark, cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high" if variant in ("tf32", "matmul_tf32") else "highest")
-    cudnn.benchmark, cudnn.allow_tf32 = variant == "cudnn_benchmark", variant != "conv_fp32"
+def autotuned(variant: str) -> Iterator[None]:
+    """cuDNN's autotuner on for ``cudnn_benchmark`` (a run sets it off as it starts, since
+    its choice can differ from run to run and with it the float rounding), put back after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = variant == "cudnn_benchmark"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before[0])
-        cudnn.benchmark, cudnn.allow_tf32 = before[1:]
+        torch.backends.cudnn.benchmark = before
 
 
 def per_step(short_seconds: float, long_seconds: float, steps: int) -> tuple[float, float]:
@@ -172,7 +173,7 @@ def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, st
     longer = make_runs(variant, args.cells, 2 * args.steps, args.device, out, workload)
     cuda = runs[0].device.type == "cuda"
     step_samples = args.cells * 10 * runs[0].exp.train.batch_size
-    with variant_settings(variant):
+    with autotuned(variant):
         # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
         short = best_seconds(lambda: train_round(runs), args.repeat, cuda)
         long = best_seconds(lambda: train_round(longer), args.repeat, cuda)
