@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 CONVOLUTIONS = ("grouped", "matmul")  # train.cohort_convolution's values
-_conv2d = F.conv2d  # torch's own, for what conv2d_as_matmul leaves to it
+TORCH_CONV2D = F.conv2d  # torch's own, for what conv2d_as_matmul leaves to it (and the cohort's autocast wrapper)
 
 
 def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -32,7 +32,7 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """``F.conv2d``'s result, computed as the weights ``[O, C*kh*kw]`` times the unfolded
     patches ``[N, C*kh*kw, H'*W']`` of each image, plus the bias."""
     if groups != 1 or isinstance(padding, str):
-        return _conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return TORCH_CONV2D(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     images = input.unsqueeze(0) if unbatched else input
     kernel, stride, padding, dilation = (both_sides(v) for v in (weight.shape[-2:], stride, padding, dilation))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attacks.base import AttackSetup, BatchPoisoning, PoisonPlan
 from attacks.cosine_constrained import CosineConstrained
@@ -725,6 +726,44 @@ def test_a_cohort_in_a_true_precision_trains_clients_of_unequal_steps_as_sequent
     tolerance = 1e-5 if precision == "64-true" else 2e-2
     assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=tolerance)
     assert relative_gap(seq.global_params, coh.global_params) < tolerance
+
+
+class ConvolutionDtypes(TorchDispatchMode):
+    """Records the (input, weight) dtypes of every forward convolution torch runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.seen.add((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_bf16_mixed_cohort_convolves_in_bf16_as_sequential_training_does(tiny_root, tmp_path, monkeypatch):
+    """Under vmap a convolution reaches autocast as aten.convolution, which CPU autocast
+    does not cast: the cohort casts by hand (until 2026-11-27 a bf16-mixed cohort on CPU
+    convolved in float32). Dtypes as torch's dispatcher sees them; and the rounds agree to
+    bf16 rounding."""
+    from fedbench.experiment import FabricConfig
+
+    seen = {}
+    original = FederatedRun.run_round
+
+    def spied(run, index):
+        with ConvolutionDtypes() as spy:
+            record = original(run, index)
+        seen[run.cohort] = spy.seen
+        return record
+
+    monkeypatch.setattr(FederatedRun, "run_round", spied)
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+        tiny_root, tmp_path, fabric=FabricConfig(accelerator="cpu", precision="bf16-mixed"))
+    assert seen == {False: {(torch.bfloat16, torch.bfloat16)}, True: {(torch.bfloat16, torch.bfloat16)}}
+    assert coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=2e-2)
+    assert relative_gap(seq.global_params, coh.global_params) < 2e-2
 
 
 def test_clients_that_change_shape_group_keep_stepping_as_one_cohort_in_client_order(tiny_root, tmp_path):

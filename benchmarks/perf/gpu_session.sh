@@ -6,7 +6,7 @@
 #      packed on the one GPU: every cell in its own process, cohort training, plus the
 #      FedAvg/pixel cell once more with sequential training, to time both end to end
 #      under the same packing. Cells checkpoint every round: running this again resumes.
-# Writes kernels.md, cohort.md, grid.log, projection.md, metrics.tgz (the run folders without
+# Writes grouped_conv.md, kernels.md, cohort.md, grid.log, projection.md, metrics.tgz (the run folders without
 # checkpoints) and runs.tgz (with them; in parts runs.tgz.part-* over 15 MB) to $OUT
 # (default ./gpu-out). FEDBENCH_DATA must hold FashionMNIST.
 #   GRID_SECONDS=330 bash benchmarks/perf/gpu_session.sh
@@ -15,7 +15,9 @@
 # runs.tgz in the repository root and carry runs/ to the machine: every cell resumes from
 # its last checkpoint (same device kind:
 # GPU and CPU runs of one seed differ, see the README's GPU section).
-# PERF_SECONDS=0 skips stage 1, whose first table is benchmarks/perf/kernels.py (PERF_KERNELS=0
+# PERF_SECONDS=0 skips stage 1, whose first table is benchmarks/perf/grouped_conv.py (the
+# cohort's convolutions alone; PERF_CONV=0 skips it, PERF_CONV_SECONDS, default 120), then
+# benchmarks/perf/kernels.py (PERF_KERNELS=0
 # skips it; PERF_KERNELS_SECONDS, default 360; PERF_KERNELS_ARGS, e.g. "--variants base
 # matmul"; its samples/s also go to kernels.json), then cohort.py's table (PERF_COHORT=0 skips it,
 # PERF_SECONDS its limit). GRID_CONVOLUTION sets stage 2's train.cohort_convolution: grouped,
@@ -28,14 +30,15 @@
 # each setting that could change it (2026-11-27: cuDNN's grouped convolution, one launch
 # per client in TF32 with layout conversions, 2,600 kernels a step; matmul trained the
 # grid 14% slower than grouped):
-#   PERF_KERNELS_ARGS="--variants base conv_fp32 cudnn_benchmark matmul_tf32 bf16" PERF_KERNELS_SECONDS=300
-#   PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0 PERF_TOGETHER=0 PERF_COMPILE=
-#   GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
+#   PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base conv_fp32 cudnn_benchmark matmul_tf32 bf16"
+#   PERF_KERNELS_SECONDS=240 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
+#   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
 # then, if a variant with a training option beat base by 5% per step, the grid with it
 # (conv_fp32: GRID_FLAGS="--set fabric.tf32=none"; matmul_tf32: GRID_CONVOLUTION=matmul
 # GRID_FLAGS="--set fabric.tf32=all"; bf16: GRID_FLAGS="--set fabric.precision=bf16-mixed";
-# GRID_SECONDS=420 leaves room for the archives in 600 s; grouped in TF32: 4,237 cell-rounds/h):
-#   PERF_SECONDS=0 GRID_SECONDS=420 GRID_FILE=benchmarks/paper.yaml
+# GRID_SECONDS=400 fits the lease's 15 minutes after a first call of about 350 s; grouped in
+# TF32: 4,237 cell-rounds/h):
+#   PERF_SECONDS=0 GRID_SECONDS=400 GRID_FILE=benchmarks/paper.yaml
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
@@ -104,6 +107,10 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # float32 kernels or autotuner, bf16 and convolutions as matrix products change
   # (benchmarks/perf/kernels.py: 16 cells x 10 clients, reduce-overhead, ms per step)
   rm -f "$OUT/kernels.json"  # GRID_CONVOLUTION=faster reads this call's measurement only
+  # the cohort's two convolutions alone, forward and backward, uncompiled, in each way torch
+  # can run them (benchmarks/perf/grouped_conv.py: 160 clients x 64 images): a minute
+  [ "${PERF_CONV:-1}" = 1 ] && timeout "${PERF_CONV_SECONDS:-120}" $PY benchmarks/perf/grouped_conv.py \
+    --device "$DEVICE" 2>&1 | tee "$OUT/grouped_conv.md"
   [ "${PERF_KERNELS:-1}" = 1 ] && timeout "${PERF_KERNELS_SECONDS:-360}" $PY benchmarks/perf/kernels.py \
     --device "$DEVICE" --json "$OUT/kernels.json" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"
   [ "${PERF_COHORT:-1}" = 1 ] && timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" \

@@ -11,6 +11,7 @@ import aggregation  # noqa: E402
 import cohort  # noqa: E402
 import evaluation  # noqa: E402
 import fisher  # noqa: E402
+import grouped_conv  # noqa: E402
 import kernels  # noqa: E402
 import round_breakdown  # noqa: E402
 import server_update  # noqa: E402
@@ -30,5 +31,5 @@ if __name__ == "__main__":
                 together.main(TOGETHER + (["--steps", "20"] if torch.cuda.is_available() else [])), aggregation.main([]),
                 round_breakdown.main([]), fisher.main([]), server_update.main([]), evaluation.main([])]
     if torch.cuda.is_available():  # on CPU the ops' own times say nothing of a GPU's kernels
-        sections.append(kernels.main([]))
+        sections += [grouped_conv.main([]), kernels.main([])]
     print("\n\n".join(sections))
