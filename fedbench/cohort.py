@@ -200,9 +200,10 @@ class CohortTrainer:
     @contextmanager
     def model_context(self) -> Iterator[None]:
         """Where the stacked model runs: the precision's autocast (convolutions cast to its
-        dtype by hand, :func:`conv2d_in_autocast_dtype`), BatchNorm as tensor ops on CUDA,
-        convolutions as matrix products with ``train.cohort_convolution=matmul``, and one
-        clear message for a model the cohort cannot vmap."""
+        dtype by hand: :func:`~fedbench.matmul_conv.conv2d_in_autocast_dtype`), BatchNorm as
+        tensor ops on CUDA, convolutions as matrix products with
+        ``train.cohort_convolution=matmul``, and one clear message for a model the cohort
+        cannot vmap."""
         config = self.trainer.config
         device = self.trainer.fabric.device.type
         matmul = config.cohort_convolution == "matmul"
@@ -583,21 +584,9 @@ def convolutions_as_matmul(enabled: bool) -> contextlib.AbstractContextManager:
 
 
 def convolutions_in_autocast_dtype(enabled: bool) -> contextlib.AbstractContextManager:
-    """Every ``F.conv2d`` call runs :func:`conv2d_in_autocast_dtype` while open."""
-    return functional_replaced("conv2d", conv2d_in_autocast_dtype, enabled)
-
-
-def conv2d_in_autocast_dtype(input: Tensor, weight: Tensor, bias: Tensor | None = None, *args, **kwargs) -> Tensor:
-    """``F.conv2d`` with autocast's policy for it applied by hand: input, weight and bias in
-    the autocast dtype. Under ``vmap`` a convolution reaches autocast as
-    ``aten.convolution``, which CPU autocast does not cast (CUDA's does): a bf16-mixed
-    cohort on CPU convolved in float32 where sequential training convolves in bf16."""
-    device = input.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return matmul_conv.TORCH_CONV2D(input, weight, bias, *args, **kwargs)
+    """Every ``F.conv2d`` call runs :func:`~fedbench.matmul_conv.conv2d_in_autocast_dtype`
+    while open."""
+    return functional_replaced("conv2d", matmul_conv.conv2d_in_autocast_dtype, enabled)
 
 
 def cohort_batch(pipeline: ImagePipeline, raws: list[RawBatch],

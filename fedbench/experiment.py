@@ -92,7 +92,8 @@ class FabricConfig:
             full float32), none (both in full float32, as on a CPU), or all (both in TF32). The
             cohort's convolutions under train.cohort_convolution=matmul are matrix products: TF32 only
             with all. Process-wide, set as a run starts (cells packed in one process share their
-            fabric settings); nothing changes on CPU.
+            fabric settings; torch's matrix-product switch covers the process's oneDNN CPU products
+            too); a CPU run leaves torch's switches as they are.
     """
 
     accelerator: str = "auto"

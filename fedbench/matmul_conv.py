@@ -14,17 +14,18 @@ convolve float32 in TF32 by default (``torch.backends.cudnn.allow_tf32``), while
 matrix products are full float32 unless ``torch.set_float32_matmul_precision`` says otherwise.
 
 Convolutions it cannot compute this way (groups > 1, string padding) are left to
-``F.conv2d``.
+``F.conv2d`` (through :func:`conv2d_in_autocast_dtype`, which the grouped cohort uses too).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 CONVOLUTIONS = ("grouped", "matmul")  # train.cohort_convolution's values
-TORCH_CONV2D = F.conv2d  # torch's own, for what conv2d_as_matmul leaves to it (and the cohort's autocast wrapper)
+TORCH_CONV2D = F.conv2d  # torch's own (the cohort replaces F.conv2d while its model runs)
 
 
 def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -32,7 +33,7 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """``F.conv2d``'s result, computed as the weights ``[O, C*kh*kw]`` times the unfolded
     patches ``[N, C*kh*kw, H'*W']`` of each image, plus the bias."""
     if groups != 1 or isinstance(padding, str):
-        return TORCH_CONV2D(input, weight, bias, stride, padding, dilation, groups)
+        return conv2d_in_autocast_dtype(input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     images = input.unsqueeze(0) if unbatched else input
     kernel, stride, padding, dilation = (both_sides(v) for v in (weight.shape[-2:], stride, padding, dilation))
@@ -50,3 +51,17 @@ def both_sides(value) -> tuple[int, int]:
     """An int, or a tuple of one or two, as (height, width), as ``F.conv2d`` reads them."""
     pair = tuple(_pair(value))
     return pair * 2 if len(pair) == 1 else pair
+
+
+def conv2d_in_autocast_dtype(input: Tensor, weight: Tensor, bias: Tensor | None = None, *args, **kwargs) -> Tensor:
+    """``F.conv2d`` with autocast's policy for it applied by hand: under autocast, its
+    float32 and float16/bf16 tensors (not float64, as autocast leaves those) in the
+    autocast dtype. Under ``vmap`` a convolution reaches autocast as ``aten.convolution``,
+    which CPU autocast does not cast (CUDA's does): a bf16-mixed cohort on CPU convolved in
+    float32 where sequential training convolves in bf16, until 2026-11-27."""
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        input, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                               else t for t in (input, weight, bias))
+    return TORCH_CONV2D(input, weight, bias, *args, **kwargs)

@@ -65,7 +65,7 @@ def test_each_measured_variant_s_samples_per_second_are_written_as_soon_as_it_is
             written.append(json.loads(args.json.read_text()))
         return [variant, {"base": 1000, "matmul": 1500}[variant], 1.0, 0, 0, 0, 0], "a table"
 
-    monkeypatch.setattr(kernels, "measure", fake_measure)
+    monkeypatch.setattr(kernels, "measure_apart", fake_measure)
     path = tmp_path / "kernels.json"
     kernels.main(["--variants", "base", "matmul", "--json", str(path), "--device", "cpu", "--compile", "none"])
     assert written == [{"base": 1000}], "base on disk before matmul was measured"
@@ -81,17 +81,19 @@ def test_per_step_time_is_the_longer_round_s_extra_steps_over_their_extra_time()
     assert fixed == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("variant, tf32, convolution", [
-    ("base", "convolutions", "grouped"), ("tf32", "all", "grouped"), ("conv_fp32", "none", "grouped"),
-    ("cudnn_benchmark", "convolutions", "grouped"), ("matmul", "convolutions", "matmul"),
-    ("matmul_tf32", "all", "matmul")])
-def test_each_variant_s_runs_carry_its_training_options(variant, tf32, convolution, monkeypatch, tmp_path):
+@pytest.mark.parametrize("variant, precision, tf32, convolution", [
+    ("base", "32-true", "convolutions", "grouped"), ("tf32", "32-true", "all", "grouped"),
+    ("conv_fp32", "32-true", "none", "grouped"), ("cudnn_benchmark", "32-true", "convolutions", "grouped"),
+    ("bf16", "bf16-mixed", "convolutions", "grouped"), ("matmul", "32-true", "convolutions", "matmul"),
+    ("matmul_tf32", "32-true", "all", "matmul")])
+def test_each_variant_s_runs_carry_its_training_options(variant, precision, tf32, convolution, monkeypatch, tmp_path):
+    assert set(kernels.VARIANTS) == {"base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32"}
     made = []
     monkeypatch.setattr(kernels, "make_run", lambda *args: made.append(args))
     kernels.make_runs(variant, 2, 5, "cpu", tmp_path, kernels.Workload())
     assert len(made) == 2
-    for model, cohort, steps, precision, device, out, workload, train, fabric in made:
-        assert (model, cohort, steps, precision) == ("simple_cnn", True, 5, "32-true")
+    for model, cohort, steps, run_precision, device, out, workload, train, fabric in made:
+        assert (model, cohort, steps, run_precision) == ("simple_cnn", True, 5, precision)
         assert train == {"cohort_convolution": convolution} and fabric == {"tf32": tf32}
 
 
@@ -105,3 +107,12 @@ def test_cudnn_s_autotuner_is_on_for_its_variant_only_and_put_back_after_an_erro
                 assert torch.backends.cudnn.benchmark is on
                 raise RuntimeError("inside")
         assert torch.backends.cudnn.benchmark is before
+
+
+def test_a_measurement_apart_runs_in_another_process_and_returns_its_result():
+    import os
+
+    from common import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    assert in_fresh_process(divmod, 17, 5) == (3, 2)

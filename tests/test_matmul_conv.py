@@ -156,3 +156,22 @@ def test_bad_cohort_convolution_names_the_field_and_what_is_allowed(train, allow
     problems = train.problems()
     assert [field for field, _, _ in problems] == ["train.cohort_convolution"]
     assert allowed in problems[0][2]
+
+
+def test_the_autocast_cast_by_hand_follows_autocast_s_own_policy_for_conv2d():
+    """What CPU autocast does to a plain F.conv2d (float32 and bf16 tensors to bf16, float64
+    left alone, no bias allowed, stride and padding by keyword) is what the hand cast does
+    under vmap, where CPU autocast does not reach; and the matmul variant's fallback (here
+    a grouped convolution) casts too."""
+    from fedbench.matmul_conv import conv2d_in_autocast_dtype
+
+    x, w, b = torch.randn(2, 4, 4, 9, 9), torch.randn(2, 6, 4, 3, 3), torch.randn(2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.float64):
+            plain = F.conv2d(x[0].to(dtype), w[0].to(dtype), None, stride=2, padding=1)
+            mine = vmap(lambda xi, wi: conv2d_in_autocast_dtype(xi, wi, None, stride=2, padding=1))(x.to(dtype),
+                                                                                                   w.to(dtype))
+            assert plain.dtype == mine.dtype == (torch.bfloat16 if dtype == torch.float32 else torch.float64)
+        grouped = vmap(lambda xi, wi, bi: conv2d_as_matmul(xi, wi[:, :2], bi, groups=2))(x, w, b)
+        assert grouped.dtype == torch.bfloat16
+    assert vmap(conv2d_in_autocast_dtype)(x, w, b).dtype == torch.float32, "no autocast: no cast"

@@ -63,3 +63,18 @@ def test_a_cuda_run_sets_the_switches_as_it_starts(tmp_path, switches):
         fabric=FabricConfig(accelerator="cuda", tf32="none"), output=OutputConfig(dir=str(tmp_path), progress=False),
         wandb=WandbConfig(mode="disabled")))
     assert switches() == (False, "highest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: TF32 exists on NVIDIA GPUs")
+def test_on_cuda_none_convolves_and_multiplies_in_full_float32(switches):
+    """With ``none`` a cuDNN convolution and a matrix product of float32 agree with float64
+    to float32 rounding (TF32 keeps 10 mantissa bits: errors near 1e-3 of the scale)."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 16, 32, 32, generator=generator), torch.randn(32, 16, 5, 5, generator=generator)
+    a, b = torch.randn(256, 512, generator=generator), torch.randn(512, 256, generator=generator)
+    FabricConfig(tf32="none").apply_tf32(torch.device("cuda"))
+    conv = torch.nn.functional.conv2d(x.cuda(), w.cuda()).cpu().double()
+    product = (a.cuda() @ b.cuda()).cpu().double()
+    exact_conv = torch.nn.functional.conv2d(x.double(), w.double())
+    assert (conv - exact_conv).abs().max() < 1e-5 * exact_conv.abs().max()
+    assert (product - a.double() @ b.double()).abs().max() < 1e-5 * (a.double() @ b.double()).abs().max()

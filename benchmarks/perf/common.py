@@ -26,6 +26,19 @@ def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, sync: torc
     return best
 
 
+def in_fresh_process(function: Callable[..., object], *args: object) -> object:
+    """``function(*args)`` in a newly spawned Python process, its result returned: nothing
+    one measurement leaves in torch's process (cuDNN's plan cache, which does not key on
+    the autotuner's switch; compiled graphs and their CUDA graphs; process-wide switches)
+    reaches the next. ``function`` must be importable by name."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):

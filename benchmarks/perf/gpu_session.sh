@@ -28,16 +28,17 @@
 # command and 15 minutes a session (about 30 s to start one): the next lease is two calls,
 # the second at once (the machine stays warm 30 s). First where a step's time goes under
 # each setting that could change it (2026-11-27: cuDNN's grouped convolution, one launch
-# per client in TF32 with layout conversions, 2,600 kernels a step; matmul trained the
-# grid 14% slower than grouped):
-#   PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base conv_fp32 cudnn_benchmark matmul_tf32 bf16"
-#   PERF_KERNELS_SECONDS=240 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
+# per client in TF32 with layout conversions, at least 2,570 kernels a step; matmul's
+# local training took 14% longer in the grid, 12% fewer cell-rounds an hour). Each variant
+# runs in a process of its own (about 60 s a kernels.py variant on the H100, estimated):
+#   PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base conv_fp32 matmul_tf32"
+#   PERF_KERNELS_SECONDS=200 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
 # then, if a variant with a training option beat base by 5% per step, the grid with it
 # (conv_fp32: GRID_FLAGS="--set fabric.tf32=none"; matmul_tf32: GRID_CONVOLUTION=matmul
-# GRID_FLAGS="--set fabric.tf32=all"; bf16: GRID_FLAGS="--set fabric.precision=bf16-mixed";
-# GRID_SECONDS=400 fits the lease's 15 minutes after a first call of about 350 s; grouped in
-# TF32: 4,237 cell-rounds/h):
+# GRID_FLAGS="--set fabric.tf32=all"; GRID_SECONDS=400 fits the lease's 15 minutes after a
+# first call of about 300 s; grouped in TF32: 4,237 cell-rounds/h; if grouped_conv.md shows
+# cuDNN's autotuner launching once for all clients, it needs a training option first):
 #   PERF_SECONDS=0 GRID_SECONDS=400 GRID_FILE=benchmarks/paper.yaml
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
@@ -160,6 +161,8 @@ grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}
 set -f; for p in ${GRID_CELLS:-}; do grid_options+=(--cells "$p"); done; set +f  # patterns, not file names
 cohort_runs="runs/$(basename "$grid_file" .yaml)_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
 [ "$convolution" = matmul ] && cohort_runs+=_matmul
+# other settings, other cells: a resumed grid must not continue cells trained under other flags
+[ -n "${GRID_FLAGS:-}" ] && cohort_runs+=_$(printf '%s' "$GRID_FLAGS" | tr -c 'A-Za-z0-9._=-' '_')
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid "$grid_file" \
   --out "$cohort_runs" --jobs "${GRID_JOBS:-6}" --set train.cohort=true \
   "${grid_options[@]}" --set wandb.mode=disabled >"$OUT/grid.log" 2>&1 &

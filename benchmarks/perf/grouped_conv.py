@@ -1,7 +1,7 @@
 """(k) The cohort's convolutions alone: each of simple_cnn's two convolutions with every
 client's own weights, forward and backward, under each cuDNN setting.
 
-On an H100 (2026-11-27) a compiled cohort step of 160 clients was about 2,600 kernels,
+On an H100 (2026-11-27) a compiled cohort step of 160 clients was at least 2,570 kernels,
 most of them cuDNN's: its grouped convolution (what ``vmap`` makes of a convolution whose
 weights differ per client) ran one TF32 kernel per client, with layout conversions of each
 client's slice around it (README, "Speed and scale"). ``kernels.py`` times whole steps,
@@ -18,7 +18,8 @@ by client (about 250 aten ops per client and call on CPU), which the compiled co
 For each shape (``conv1``: 3 to 6 channels on 32x32 images, ``conv2``: 6 to 16 on 14x14,
 5x5 kernels) it prints ms per forward and backward (the median of ``--repeat`` calls
 after ``--warmup``; gradients of the weights, the bias and, for ``conv2``, the input, as a
-training step needs) and the kernels of one call (on CPU, the aten ops that compute).
+training step needs) and the kernels of one call (on CPU, the aten ops that compute),
+each variant in a process of its own.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[2]))
-from common import machine, table  # noqa: E402
+from common import in_fresh_process, machine, table  # noqa: E402
 
-from fedbench.cohort import conv2d_in_autocast_dtype  # noqa: E402
 from fedbench.experiment import TF32_SWITCHES  # noqa: E402
+from fedbench.matmul_conv import conv2d_in_autocast_dtype  # noqa: E402
 
 # name: (in channels, out channels, image side, whether the input needs its gradient)
 SHAPES = {"conv1": (3, 6, 32, False), "conv2": (6, 16, 14, True)}
@@ -123,6 +124,10 @@ def kernels_of(work: Callable[[], object], cuda: bool) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.self_cpu_time_total > 0)
 
 
+def measure_variant(variant: Variant, args) -> list[list]:
+    return [measure(shape, variant, args) for shape in args.shapes]
+
+
 def measure(shape: str, variant: Variant, args) -> list:
     x, w, b = inputs(shape, args.clients, args.batch, args.device)
     cuda = x.is_cuda
@@ -143,10 +148,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args(argv)
     rows = []
-    for shape in args.shapes:
-        for name in args.variants:
-            rows.append(measure(shape, VARIANTS[name], args))
-            print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
+    for name in args.variants:
+        # a process per variant: cuDNN's plan cache does not key on the autotuner's switch, so
+        # an autotuned variant after its twin would reuse the twin's heuristic plans
+        rows += in_fresh_process(measure_variant, VARIANTS[name], args)
+        print("\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows[-len(args.shapes):]),
+              file=sys.stderr, flush=True)
+    rows.sort(key=lambda row: args.shapes.index(row[0]))  # by shape, variants in their order
     unit = "CUDA kernels" if args.device != "cpu" else "aten ops (CPU)"
     text = (f"### The cohort's convolutions alone, forward and backward: {args.clients} clients x {args.batch} "
             f"images, {machine()}\n\n"

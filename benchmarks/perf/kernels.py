@@ -13,9 +13,9 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
   products in full precision);
 - ``tf32``: ``fabric.tf32=all`` (matrix products on TF32 tensor cores too; cuDNN's
   convolutions use them by default);
-- ``conv_fp32``: ``fabric.tf32=none`` (cuDNN's convolutions in full float32: on the H100 its TF32 tensor-op kernels ran one launch per client and converted
-  each client's slice between layouts, 2,600 kernels a step in all; its float32 kernels
-  may not);
+- ``conv_fp32``: ``fabric.tf32=none`` (cuDNN's convolutions in full float32: on the H100
+  its TF32 tensor-op kernels ran one launch per client and converted each client's slice
+  between layouts, at least 2,570 kernels a step; its float32 kernels may not);
 - ``bf16``: ``fabric.precision=bf16-mixed``;
 - ``matmul``: the grid's settings with ``train.cohort_convolution=matmul``: simple_cnn's
   convolutions computed as matrix products over unfolded patches (under vmap, one batched
@@ -28,7 +28,7 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
   on the first call and keeps the fastest; no training option: a run sets it off, since
   the choice can differ from run to run and with it the float rounding);
 
-and prints, per variant:
+each in a process of its own, and prints, per variant:
 
 - samples/s per step and ms per step: from a round of ``--steps`` steps and one of twice
   as many (best of ``--repeat`` after a round that compiles, each round 0 of the same runs
@@ -36,7 +36,7 @@ and prints, per variant:
   client, so this is what the grid's training sees; a short round's samples/s (also
   printed) include the round's fixed part, printed too (choosing clients, copying models,
   stacking, updates). On the H100 of 2026-11-27 the grid's settings trained 487,551
-  samples/s in rounds of 10 steps and 791,575 in rounds of 100.
+  samples/s in rounds of 10 steps and 791,575 in rounds of 100: 850k a step.
 - one profiled round's kernels grouped by name and ranked by their summed device time,
   with each group's kind (inductor's fused kernel, convolution, matrix product, other), the
   share of each kind, and kernels per step. On a GPU: CUDA kernels and their device time
@@ -63,7 +63,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cohort import Workload, best_seconds, make_run  # noqa: E402
-from common import machine, table  # noqa: E402
+from common import in_fresh_process, machine, table  # noqa: E402
 from together import train_round  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
@@ -166,9 +166,20 @@ def per_step(short_seconds: float, long_seconds: float, steps: int) -> tuple[flo
     return step, short_seconds - steps * step
 
 
+def measure_apart(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
+    """:func:`measure` in a process of its own (:func:`common.in_fresh_process`): a variant
+    run after another would find cuDNN's plans and the compiled graphs (CUDA graphs
+    recorded under the other's switches) that the other left."""
+    return in_fresh_process(measure, variant, args, out, workload)
+
+
 def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
     """The variant's row (samples/s per step and per short round, the round's fixed part,
     the profiled round's kernels, kinds' shares) and its table of the ``args.top`` kernel groups."""
+    if workload.compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
     runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
     longer = make_runs(variant, args.cells, 2 * args.steps, args.device, out, workload)
     cuda = runs[0].device.type == "cuda"
@@ -224,14 +235,10 @@ def main(argv=None) -> str:
         print(choice)
         return choice
     workload = Workload("fedavg", None, None if args.compile == "none" else args.compile, args.attack)
-    if workload.compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
     rows, tables = [], []
     with tempfile.TemporaryDirectory() as out:
         for variant in args.variants:
-            row, kernels = measure(variant, args, Path(out), workload)
+            row, kernels = measure_apart(variant, args, Path(out), workload)
             rows.append(row)
             tables.append(kernels)
             if args.json:
@@ -242,7 +249,7 @@ def main(argv=None) -> str:
     text = (f"### Where a packed round's {unit} time goes: {args.cells} cells x 10 clients x {args.steps} steps of 64, "
             f"{workload.label('simple_cnn')}, {machine()}\n\n"
             + table(["variant", "samples/s per step", "ms per step", "ms per round besides its steps",
-                     f"samples/s in rounds of {args.steps} steps", f"{unit}s per step, profiled",
+                     f"samples/s in rounds of {args.steps} steps", f"{unit}s per step (the profiled round's over its steps)",
                      f"{unit} ms in the profiled round"] + [f"% {k}" for k, _ in KINDS] + ["% other"], rows)
             + "\n\n" + "\n\n".join(tables) + "\n")
     print(text, flush=True)
