@@ -16,29 +16,27 @@ uncompiled, ``vmap`` has no batching rule for their patches' ``im2col`` and runs
 by client (about 250 aten ops per client and call on CPU), which the compiled cohort does not.
 
 For each shape (``conv1``: 3 to 6 channels on 32x32 images, ``conv2``: 6 to 16 on 14x14,
-5x5 kernels) it prints ms per forward and backward (the median of ``--repeat`` calls
-after ``--warmup``; gradients of the weights, the bias and, for ``conv2``, the input, as a
-training step needs) and the kernels of one call (on CPU, the aten ops that compute),
-each variant in a process of its own.
+5x5 kernels) it prints ms per forward and backward (the best of ``--repeat`` calls after
+one that warms up, and autotunes where the variant does; gradients of the weights, the
+bias and, for ``conv2``, the input, as a training step needs) and the kernels of one call
+(on CPU, the innermost aten ops that compute), each variant in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.func import vmap
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[2]))
+from cohort import best_seconds, kernels_of  # noqa: E402
 from common import in_fresh_process, machine, table  # noqa: E402
 
 from fedbench.experiment import TF32_SWITCHES  # noqa: E402
@@ -97,33 +95,6 @@ def forward_backward(variant: Variant, x: torch.Tensor, w: torch.Tensor, b: torc
     return [out.detach()] + list(torch.autograd.grad(out.sum(), wanted))
 
 
-def timed(work: Callable[[], object], warmup: int, repeat: int, cuda: bool) -> float:
-    """Median seconds of ``repeat`` calls of ``work()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        work()
-    seconds = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        work()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def kernels_of(work: Callable[[], object], cuda: bool) -> int:
-    """CUDA kernels one call of ``work()`` launches (on CPU: aten ops that compute, own time > 0)."""
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        work()
-        if cuda:
-            torch.cuda.synchronize()
-    if cuda:
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.self_cpu_time_total > 0)
-
-
 def measure_variant(variant: Variant, args) -> list[list]:
     return [measure(shape, variant, args) for shape in args.shapes]
 
@@ -132,7 +103,7 @@ def measure(shape: str, variant: Variant, args) -> list:
     x, w, b = inputs(shape, args.clients, args.batch, args.device)
     cuda = x.is_cuda
     with settings(variant):
-        seconds = timed(lambda: forward_backward(variant, x, w, b), args.warmup, args.repeat, cuda)
+        seconds = best_seconds(lambda: forward_backward(variant, x, w, b), args.repeat, cuda)
         launches = kernels_of(lambda: forward_backward(variant, x, w, b), cuda)
     return [shape, variant.name, round(1000 * seconds, 3), launches, round(launches / args.clients, 1)]
 
@@ -144,7 +115,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args(argv)
     rows = []
