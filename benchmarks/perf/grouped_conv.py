@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parents[2]))
 from cohort import best_seconds, kernels_of  # noqa: E402
 from common import in_fresh_process, machine, table  # noqa: E402
 
-from fedbench.experiment import TF32_SWITCHES  # noqa: E402
+from fedbench.experiment import FabricConfig  # noqa: E402
 from fedbench.matmul_conv import conv2d_in_autocast_dtype  # noqa: E402
 
 # name: (in channels, out channels, image side, whether the input needs its gradient)
@@ -65,8 +65,7 @@ def settings(variant: Variant) -> Iterator[None]:
     """The variant's process-wide switches (TF32, cuDNN's autotuner), put back afterwards."""
     cudnn = torch.backends.cudnn
     before = cudnn.allow_tf32, torch.get_float32_matmul_precision(), cudnn.benchmark
-    cudnn.allow_tf32, precision = TF32_SWITCHES[variant.tf32]
-    torch.set_float32_matmul_precision(precision)
+    FabricConfig(tf32=variant.tf32).apply_tf32(torch.device("cuda"))  # the switches a CUDA run of it sets
     cudnn.benchmark = variant.autotuned
     try:
         yield

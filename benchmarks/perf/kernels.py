@@ -43,7 +43,8 @@ each in a process of its own, and prints, per variant:
   (kernels replayed by a CUDA graph included). On that H100 a round of 100 steps summed
   2,565 ms of kernel time profiled against 1,294 ms of wall time unprofiled (kernels
   slowed by the profiler, or overlapping on several streams: not told apart), so compare
-  the shares and counts, not the milliseconds with the wall time. On CPU (a dry run): the aten ops that compute and their own CPU time.
+  the shares and counts, not the milliseconds with the wall time. On CPU (a dry run): the
+  aten ops that compute and their own CPU time.
 """
 
 from __future__ import annotations
