@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attacks.base import BatchPoisoning, ClientInfo
 from fedbench.data import Augmentation, ImagePipeline, ImageSet
-from fedbench.errors import Problem, Problems
+from fedbench.errors import Problem, Problems, config_error
 from fedbench.matmul_conv import CONVOLUTIONS
 
 if TYPE_CHECKING:
@@ -65,8 +65,11 @@ class LocalTrainConfig:
             group per client) or ``matmul`` (a batched matrix product over each image's
             unfolded patches, ``fedbench.matmul_conv``; equal up to float rounding, and on
             a GPU full float32 where cuDNN's convolutions use TF32 by default; more
-            memory). Used where a cohort trains; not measured faster anywhere yet, see
-            ``benchmarks/perf/kernels.py``.
+            memory), or ``triton`` (one Triton kernel launch for every client's convolution,
+            forward and backward, ``fedbench.client_conv``: full float32 sums in a fixed
+            order; a CUDA device, or on a CPU Triton's interpreter under TRITON_INTERPRET=1,
+            for checking only). Used where a cohort trains; not measured faster anywhere
+            yet, see ``benchmarks/perf/kernels.py``.
     """
 
     lr: float = 0.01
@@ -79,7 +82,7 @@ class LocalTrainConfig:
     channels_last: bool = True
     cohort: bool | Literal["auto"] = "auto"
     compile: str | None = None
-    cohort_convolution: Literal["grouped", "matmul"] = "grouped"
+    cohort_convolution: Literal["grouped", "matmul", "triton"] = "grouped"
 
     def problems(self) -> list[Problem]:
         found = Problems()
@@ -100,6 +103,16 @@ class LocalTrainConfig:
         found.need(self.cohort_convolution == "grouped" or self.cohort is not False, "train.cohort_convolution",
                    self.cohort_convolution, "grouped when train.cohort=false (only a cohort computes it otherwise)")
         return found
+
+    def check_device(self, device: torch.device) -> None:
+        """One message, before any data is loaded, where ``cohort_convolution`` cannot run on
+        ``device``."""
+        if self.cohort_convolution == "triton":
+            from fedbench.client_conv import unavailable
+
+            why = unavailable(device)
+            if why is not None:
+                raise config_error("train.cohort_convolution", self.cohort_convolution, why)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool) -> int:

@@ -76,8 +76,11 @@ class CohortTrainer:
         self.compile = trainer.config.compile
         self.vmapped_losses = compiled(vmap(self.loss_of), self.compile)
         config = trainer.config
+        # the fused step differentiates under torch.func.grad, which the Triton convolution's
+        # operator does not support (fedbench.client_conv): that one takes the autograd step
+        fusable = self.compile is not None and config.cohort_convolution != "triton"
         self.fused = (compiled(FusedStep(self.loss_of, config.lr, config.momentum, config.weight_decay).__call__,
-                               self.compile) if self.compile is not None else None)
+                               self.compile) if fusable else None)
         self.every_parameter_used: bool | None = None  # found on the first fused step's batch
         self.row_batches = compiled(row_batches, self.compile)
         # under CUDA graphs, what the compiled graphs read or update keeps its address across rounds
@@ -202,15 +205,15 @@ class CohortTrainer:
         """Where the stacked model runs: the precision's autocast (convolutions cast to its
         dtype by hand: :func:`~fedbench.matmul_conv.conv2d_in_autocast_dtype`), BatchNorm as
         tensor ops on CUDA, convolutions as matrix products with
-        ``train.cohort_convolution=matmul``, and one clear message for a model the cohort
-        cannot vmap."""
+        ``train.cohort_convolution=matmul`` or one Triton kernel for all clients with
+        ``triton``, and one clear message for a model the cohort cannot vmap."""
         config = self.trainer.config
         device = self.trainer.fabric.device.type
-        matmul = config.cohort_convolution == "matmul"
+        convolution = config.cohort_convolution
         # each context is entered before the next is built: the autocast test sees fabric's
         with (self.trainer.fabric.autocast(), batch_norm_as_tensor_ops(self.explicit_batch_norm),
-              convolutions_as_matmul(matmul),
-              convolutions_in_autocast_dtype(not matmul and torch.is_autocast_enabled(device)),
+              convolutions_as_matmul(convolution == "matmul"), convolutions_per_client(convolution == "triton"),
+              convolutions_in_autocast_dtype(convolution == "grouped" and torch.is_autocast_enabled(device)),
               cohort_errors(config.cohort, self.compile)):
             yield
 
@@ -581,6 +584,17 @@ def convolutions_as_matmul(enabled: bool) -> contextlib.AbstractContextManager:
     ``torch.conv2d``, nor a ``conv2d`` imported by name before), computes with
     :func:`~fedbench.matmul_conv.conv2d_as_matmul` while open."""
     return functional_replaced("conv2d", matmul_conv.conv2d_as_matmul, enabled)
+
+
+def convolutions_per_client(enabled: bool) -> contextlib.AbstractContextManager:
+    """Every ``F.conv2d`` call looked up at call time computes with
+    :func:`~fedbench.client_conv.conv2d_per_client` (under vmap, one kernel launch for
+    every client) while open."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from fedbench.client_conv import conv2d_per_client  # registers its operators once, where used
+
+    return functional_replaced("conv2d", conv2d_per_client, enabled)
 
 
 def convolutions_in_autocast_dtype(enabled: bool) -> contextlib.AbstractContextManager:

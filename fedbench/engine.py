@@ -269,6 +269,7 @@ class FederatedRun:
         self.fabric = fabric
         self.device = fabric.device
         exp.fabric.apply_tf32(self.device)
+        exp.train.check_device(self.device)
         self.rank = fabric.global_rank
         self.world = fabric.world_size
         self.seed = exp.seed

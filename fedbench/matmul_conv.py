@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-CONVOLUTIONS = ("grouped", "matmul")  # train.cohort_convolution's values
+CONVOLUTIONS = ("grouped", "matmul", "triton")  # train.cohort_convolution's values
 TORCH_CONV2D = F.conv2d  # torch's own (the cohort replaces F.conv2d while its model runs)
 
 
@@ -37,14 +37,18 @@ def conv2d_as_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     unbatched = input.dim() == 3
     images = input.unsqueeze(0) if unbatched else input
     kernel, stride, padding, dilation = (both_sides(v) for v in (weight.shape[-2:], stride, padding, dilation))
-    height, width = ((size + 2 * pad - dil * (k - 1) - 1) // step + 1
-                     for size, pad, dil, k, step in zip(images.shape[-2:], padding, dilation, kernel, stride))
+    height, width = (output_size(*sizes) for sizes in zip(images.shape[-2:], kernel, stride, padding, dilation))
     patches = F.unfold(images, kernel, dilation=dilation, padding=padding, stride=stride)
     out = weight.flatten(1) @ patches
     if bias is not None:  # in the product's dtype: under autocast bf16 stays bf16, as torch's convolution's
         out = out + bias.to(out.dtype)[:, None]
     out = out.view(images.shape[0], weight.shape[0], height, width)
     return out.squeeze(0) if unbatched else out
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """A convolution's output length along one side, as ``F.conv2d`` computes it."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def both_sides(value) -> tuple[int, int]:
@@ -59,9 +63,15 @@ def conv2d_in_autocast_dtype(input: Tensor, weight: Tensor, bias: Tensor | None 
     autocast dtype. Under ``vmap`` a convolution reaches autocast as ``aten.convolution``,
     which CPU autocast does not cast (CUDA's does): a bf16-mixed cohort on CPU convolved in
     float32 where sequential training convolves in bf16, until 2026-11-27."""
-    device = input.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        input, weight, bias = (t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
-                               else t for t in (input, weight, bias))
-    return TORCH_CONV2D(input, weight, bias, *args, **kwargs)
+    return TORCH_CONV2D(*in_autocast_dtype(input, weight, bias), *args, **kwargs)
+
+
+def in_autocast_dtype(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors as autocast would cast a convolution's: under autocast on their device,
+    float32 and float16/bf16 ones (not float64) in the autocast dtype; otherwise unchanged."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)

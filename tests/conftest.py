@@ -15,6 +15,21 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+def _triton_interpreted_without_a_gpu() -> None:
+    """Without a GPU, Triton kernels (train.cohort_convolution=triton) run in Triton's
+    interpreter, which Triton reads as it is imported: set here, before torch imports it.
+    torch.compile on a CPU generates C++, not Triton, so nothing else changes."""
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreted_without_a_gpu()
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -1,5 +1,6 @@
 """benchmarks/perf/grouped_conv.py: every variant times the same computation."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,25 +24,41 @@ def numpy_convolution(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in grouped_conv.VARIANTS if not n.endswith("bf16")])
-@pytest.mark.parametrize("shape", list(grouped_conv.SHAPES))
-def test_each_float_variant_is_every_client_s_convolution_with_the_gradients_a_step_takes(shape, name):
+def float_variants_and_shapes() -> list:
+    """Every float variant with each shape; the Triton kernels (float32 only, float64 goes to
+    torch's convolution) on conv1 only: Triton's interpreter, which runs them without a GPU,
+    takes seconds per call for conv2's 400 output-channel taps (tests/test_client_conv.py
+    checks its input gradient on smaller shapes)."""
+    return [pytest.param(shape, name) for name in grouped_conv.VARIANTS if not name.endswith("bf16")
+            for shape in grouped_conv.SHAPES if name != "triton" or shape == "conv1"]
+
+
+@pytest.mark.parametrize("shape, name", float_variants_and_shapes())
+def test_each_float_variant_is_every_client_s_convolution_with_the_gradients_a_step_takes(shape, name, monkeypatch):
     variant = grouped_conv.VARIANTS[name]
-    x, w, b = (t.detach().double().requires_grad_(t.requires_grad)
-               for t in grouped_conv.inputs(shape, clients=3, batch=2, device="cpu"))
+    triton = variant.convolution == "triton"
+    if triton and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("NO GPU AND TRITON'S INTERPRETER OFF: the triton variant is untested here")
+    clients = 2 if triton else 3
+    dtype = torch.float32 if triton else torch.float64
+    x, w, b = (t.detach().to(dtype).requires_grad_(t.requires_grad)
+               for t in grouped_conv.inputs(shape, clients=clients, batch=2, device="cpu"))
+    launched = spy_on_triton_launches(monkeypatch)
     with grouped_conv.settings(variant):
         out, *grads = grouped_conv.forward_backward(variant, x, w, b)
-    xs, ws, bs = (t.detach().numpy() for t in (x, w, b))
-    expected = np.stack([numpy_convolution(xs[k], ws[k], bs[k]) for k in range(3)])
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert len(launched) == (2 if triton else 0), "the Triton variant's forward pass and weight gradient"
+    tolerance = dict(rtol=1e-5, atol=1e-4) if triton else dict(rtol=1e-10, atol=1e-10)
+    xs, ws, bs = (t.detach().double().numpy() for t in (x, w, b))
+    expected = np.stack([numpy_convolution(xs[k], ws[k], bs[k]) for k in range(clients)])
+    np.testing.assert_allclose(out.numpy(), expected, **tolerance)
     # d sum(out) / d b[k, o] = the number of output pixels of each image in client k's batch
     pixels = expected.shape[1] * expected.shape[3] * expected.shape[4]
-    np.testing.assert_allclose(grads[-1].numpy(), np.full(bs.shape, pixels), rtol=1e-12)
+    np.testing.assert_allclose(grads[-1].numpy(), np.full(bs.shape, pixels), rtol=1e-6 if triton else 1e-12)
     # d sum(out) / d w[k,o,c,u,v] = the sum over images and output pixels of the input under (u, v)
     side = expected.shape[-1]
     grad_w = np.stack([[[[xs[k, :, c, u:u + side, v:v + side].sum() for v in range(5)] for u in range(5)]
-                        for c in range(ws.shape[2])] for k in range(3)])  # [K,C,5,5], the same for every o
-    np.testing.assert_allclose(grads[-2].numpy(), np.broadcast_to(grad_w[:, None], ws.shape), rtol=1e-10)
+                        for c in range(ws.shape[2])] for k in range(clients)])  # [K,C,5,5], the same for every o
+    np.testing.assert_allclose(grads[-2].numpy(), np.broadcast_to(grad_w[:, None], ws.shape), **tolerance)
     assert len(grads) == (3 if x.requires_grad else 2), "conv2's input gradient, as a step needs it"
     if x.requires_grad:  # d sum(out) / d x[k,b,c,p,q] = the weights of every (o, u, v) that reads pixel (p, q)
         grad_x = np.zeros(xs.shape[:1] + xs.shape[2:])  # [K,C,H,W], the same for every image
@@ -49,6 +66,16 @@ def test_each_float_variant_is_every_client_s_convolution_with_the_gradients_a_s
             for v in range(5):
                 grad_x[:, :, u:u + side, v:v + side] += ws[:, :, :, u, v].sum(axis=1)[:, :, None, None]
         np.testing.assert_allclose(grads[0].numpy(), np.broadcast_to(grad_x[:, None], xs.shape), rtol=1e-10)
+
+
+def spy_on_triton_launches(monkeypatch) -> list:
+    """The Triton kernels launched from now on."""
+    import fedbench.client_conv as client_conv
+
+    launched: list = []
+    real = client_conv.launch
+    monkeypatch.setattr(client_conv, "launch", lambda *a, **k: launched.append(a[0]) or real(*a, **k))
+    return launched
 
 
 def test_a_variant_s_switches_hold_inside_and_are_put_back_after_an_error():

@@ -30,6 +30,9 @@ def test_kinds_from_kernel_names():
     assert kernels.kind_of("cpp_fused_relu_3") == "inductor fused"
     # a fused kernel named after the convolution it sits beside is a fused kernel, not a convolution
     assert kernels.kind_of("triton_poi_fused_convolution_backward_relu_0") == "inductor fused"
+    # train.cohort_convolution=triton's own kernels (fedbench.client_conv_kernels)
+    for name in ("client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"):
+        assert kernels.kind_of(name) == "convolution", name
 
 
 def test_groups_summed_per_name_longest_first_and_shares_per_kind():
@@ -42,13 +45,18 @@ def test_groups_summed_per_name_longest_first_and_shares_per_kind():
         {"convolution": 50.0, "matrix product": 15.0, "inductor fused": 10.0, "other": 25.0})
 
 
-def test_the_grid_gets_matmul_convolutions_only_where_they_trained_5_percent_faster_than_its_settings(tmp_path):
+def test_the_grid_gets_a_convolution_option_only_where_it_trained_5_percent_faster_than_its_settings(tmp_path):
     assert kernels.faster_convolution({"base": 200_000, "matmul": 250_000, "bf16": 300_000}) == "matmul"
     assert kernels.faster_convolution({"base": 200_000, "matmul": 150_000}) == "grouped"
     assert kernels.faster_convolution({"base": 200_000, "matmul": 209_000}) == "grouped", "4.5%: within noise"
     assert kernels.faster_convolution({"base": 200_000, "matmul": 211_000}) == "matmul", "5.5%"
     assert kernels.faster_convolution({"base": 200_000}) == "grouped", "matmul not measured (a timeout)"
     assert kernels.faster_convolution({"matmul": 150_000}) == "grouped", "nothing to compare with"
+    # the faster of the two options, where it leads base by 5%
+    assert kernels.faster_convolution({"base": 200_000, "matmul": 250_000, "triton": 600_000}) == "triton"
+    assert kernels.faster_convolution({"base": 200_000, "matmul": 250_000, "triton": 240_000}) == "matmul"
+    assert kernels.faster_convolution({"base": 200_000, "matmul": 150_000, "triton": 205_000}) == "grouped", "2.5%"
+    assert kernels.faster_convolution({"base": 200_000, "triton": 300_000}) == "triton", "matmul not measured"
     measured = tmp_path / "kernels.json"
     measured.write_text('{"base": 1000, "matmul": 1200}')
     assert kernels.main(["--faster-convolution", str(measured)]) == "matmul"
@@ -85,9 +93,10 @@ def test_per_step_time_is_the_longer_round_s_extra_steps_over_their_extra_time()
     ("base", "32-true", "convolutions", "grouped"), ("tf32", "32-true", "all", "grouped"),
     ("conv_fp32", "32-true", "none", "grouped"), ("cudnn_benchmark", "32-true", "convolutions", "grouped"),
     ("bf16", "bf16-mixed", "convolutions", "grouped"), ("matmul", "32-true", "convolutions", "matmul"),
-    ("matmul_tf32", "32-true", "all", "matmul")])
+    ("matmul_tf32", "32-true", "all", "matmul"), ("triton", "32-true", "convolutions", "triton")])
 def test_each_variant_s_runs_carry_its_training_options(variant, precision, tf32, convolution, monkeypatch, tmp_path):
-    assert set(kernels.VARIANTS) == {"base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32"}
+    assert set(kernels.VARIANTS) == {"base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32",
+                                     "triton"}
     made = []
     monkeypatch.setattr(kernels, "make_run", lambda *args: made.append(args))
     kernels.make_runs(variant, 2, 5, "cpu", tmp_path, kernels.Workload())

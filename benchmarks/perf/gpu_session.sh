@@ -21,25 +21,25 @@
 # skips it; PERF_KERNELS_SECONDS, default 360; PERF_KERNELS_ARGS, e.g. "--variants base
 # matmul"; its samples/s also go to kernels.json), then cohort.py's table (PERF_COHORT=0 skips it,
 # PERF_SECONDS its limit). GRID_CONVOLUTION sets stage 2's train.cohort_convolution: grouped,
-# matmul, or faster (what this call's kernels.json found faster: matmul only with a 5% lead
-# over base, measured on Fashion-MNIST's simple_cnn, so keep GRID_CELLS to those; grouped
-# without a kernels.json). Cells of matmul go to a folder of their own (..._matmul): to
-# resume them in a later call, say GRID_CONVOLUTION=matmul. A lent machine allows 600 s a
-# command and 15 minutes a session (about 30 s to start one): the next lease is two calls,
-# the second at once (the machine stays warm 30 s). First where a step's time goes under
-# each setting that could change it (2026-11-27: cuDNN's grouped convolution, one launch
-# per client in TF32 with layout conversions, at least 2,570 kernels a step; matmul's
-# local training took 14% longer in the grid, 12% fewer cell-rounds an hour). Each variant
-# runs in a process of its own (about 60 s a kernels.py variant on the H100, estimated):
-#   PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base conv_fp32 matmul_tf32"
-#   PERF_KERNELS_SECONDS=200 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
+# matmul, triton, or faster (what this call's kernels.json found faster: matmul or triton
+# only with a 5% lead over base, measured on Fashion-MNIST's simple_cnn, so keep GRID_CELLS
+# to those; grouped without a kernels.json). Cells of matmul or triton go to a folder of
+# their own (..._matmul, ..._triton): to resume them in a later call, name it in
+# GRID_CONVOLUTION. A lent machine allows 600 s a command and 15 minutes a session (about
+# 30 s to start one): the next lease is two calls, the second at once (the machine stays
+# warm 30 s). 2026-11-27: cuDNN's grouped convolution ran one launch per client in TF32
+# with layout conversions, at least 2,570 kernels a step; matmul's local training took 14%
+# longer in the grid. Since then train.cohort_convolution=triton launches each convolution
+# once for all clients (fedbench.client_conv; tested on CPU in Triton's interpreter, and
+# compiled for sm_90 without a GPU: the first call shows what its kernels are worth). Each
+# variant runs in a process of its own (about 60 s a kernels.py variant on the H100, estimated):
+#   PERF_CONV_SECONDS=100 PERF_KERNELS_ARGS="--variants base triton conv_fp32"
+#   PERF_KERNELS_SECONDS=220 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
-# then, if a variant with a training option beat base by 5% per step, the grid with it
-# (conv_fp32: GRID_FLAGS="--set fabric.tf32=none"; matmul_tf32: GRID_CONVOLUTION=matmul
-# GRID_FLAGS="--set fabric.tf32=all"; GRID_SECONDS=400 fits the lease's 15 minutes after a
-# first call of about 300 s; grouped in TF32: 4,237 cell-rounds/h; if grouped_conv.md shows
-# cuDNN's autotuner launching once for all clients, it needs a training option first):
-#   PERF_SECONDS=0 GRID_SECONDS=400 GRID_FILE=benchmarks/paper.yaml
+# then, if triton beat base by 5% per step, the grid with it (GRID_CONVOLUTION=triton; or,
+# if only conv_fp32 did, GRID_FLAGS="--set fabric.tf32=none"; GRID_SECONDS=400 fits the
+# lease's 15 minutes after a first call of about 330 s; grouped in TF32: 4,237 cell-rounds/h):
+#   PERF_SECONDS=0 GRID_SECONDS=400 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
@@ -160,7 +160,7 @@ fi
 grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}
 set -f; for p in ${GRID_CELLS:-}; do grid_options+=(--cells "$p"); done; set +f  # patterns, not file names
 cohort_runs="runs/$(basename "$grid_file" .yaml)_gpu${GRID_COMPILE:+_compiled_$GRID_COMPILE}${GRID_PACK:+_packed_$GRID_PACK}"
-[ "$convolution" = matmul ] && cohort_runs+=_matmul
+case "$convolution" in matmul|triton) cohort_runs+=_$convolution ;; esac
 # other settings, other cells: a resumed grid must not continue cells trained under other flags
 [ -n "${GRID_FLAGS:-}" ] && cohort_runs+=_$(printf '%s' "$GRID_FLAGS" | tr -c 'A-Za-z0-9._=-' '_')
 timeout -k 45 "${GRID_SECONDS:-330}" $PY -m fedbench.cli grid "$grid_file" \

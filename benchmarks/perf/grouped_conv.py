@@ -10,7 +10,11 @@ can try each cuDNN setting that might give one launch for all clients: ``vmap(F.
 cuDNN's grouped convolution as the cohort runs it (``train.cohort_convolution=grouped``),
 with cuDNN's convolutions in TF32 (``grouped``: torch's default, ``fabric.tf32=convolutions``)
 or full float32 (``_fp32``: ``fabric.tf32=none``), with cuDNN's autotuner (``_autotuned``:
-``torch.backends.cudnn.benchmark``), or under bf16 autocast (``_bf16``). The convolutions
+``torch.backends.cudnn.benchmark``), or under bf16 autocast (``_bf16``); and ``triton``,
+every client's convolution as one Triton kernel launch, forward, input gradient and weight
+gradient each (``train.cohort_convolution=triton``, ``fedbench.client_conv``; full float32;
+on CPU Triton's interpreter, if ``TRITON_INTERPRET=1`` was set before the process started:
+a dry run only, very slow at the default sizes). The convolutions
 as matrix products (``train.cohort_convolution=matmul``) are left to ``kernels.py``:
 uncompiled, ``vmap`` has no batching rule for their patches' ``im2col`` and runs it client
 by client (about 250 aten ops per client and call on CPU), which the compiled cohort does not.
@@ -53,11 +57,23 @@ class Variant:
     tf32: str = "convolutions"  # fabric.tf32
     autotuned: bool = False
     bf16: bool = False
+    convolution: str = "grouped"  # train.cohort_convolution
 
 
 VARIANTS = {v.name: v for v in (
     Variant("grouped"), Variant("grouped_fp32", tf32="none"), Variant("grouped_autotuned", autotuned=True),
-    Variant("grouped_fp32_autotuned", tf32="none", autotuned=True), Variant("grouped_bf16", bf16=True))}
+    Variant("grouped_fp32_autotuned", tf32="none", autotuned=True), Variant("grouped_bf16", bf16=True),
+    Variant("triton", convolution="triton"))}
+
+
+def convolution_of(variant: Variant):
+    """The cohort's convolution for one client (vmapped over all of them): cuDNN's, cast by
+    hand under autocast as the cohort casts it, or the Triton kernels' (which cast too)."""
+    if variant.convolution == "triton":
+        from fedbench.client_conv import conv2d_per_client
+
+        return conv2d_per_client
+    return conv2d_in_autocast_dtype
 
 
 @contextmanager
@@ -89,7 +105,7 @@ def forward_backward(variant: Variant, x: torch.Tensor, w: torch.Tensor, b: torc
     upstream gradient: the output's sum)."""
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if variant.bf16 else nullcontext()
     with autocast:  # cast by hand under autocast, as the cohort does (CPU autocast misses vmap's convolution)
-        out = vmap(conv2d_in_autocast_dtype)(x, w, b)
+        out = vmap(convolution_of(variant))(x, w, b)
     wanted = [t for t in (x, w, b) if t.requires_grad]
     return [out.detach()] + list(torch.autograd.grad(out.sum(), wanted))
 

@@ -24,6 +24,9 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
 - ``matmul_tf32``: ``matmul`` with ``fabric.tf32=all`` (on a GPU base's cuDNN convolutions
   run in TF32 by default, ``matmul``'s products in full float32: this one compares like
   with like, its linear layers in TF32 too);
+- ``triton``: the grid's settings with ``train.cohort_convolution=triton``: every client's
+  convolution one Triton kernel launch, forward, input gradient and weight gradient
+  (``fedbench.client_conv``; full float32; the autograd step, not the fused one);
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark=True`` (cuDNN times its algorithms
   on the first call and keeps the fastest; no training option: a run sets it off, since
   the choice can differ from run to run and with it the float rounding);
@@ -69,7 +72,9 @@ from together import train_round  # noqa: E402
 
 from fedbench.engine import FederatedRun  # noqa: E402
 
-VARIANTS = ("base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32")
+VARIANTS = ("base", "tf32", "conv_fp32", "cudnn_benchmark", "bf16", "matmul", "matmul_tf32", "triton")
+# the variants that are a train.cohort_convolution, with everything else as the grid's settings
+CONVOLUTION_VARIANTS = {"matmul": "matmul", "triton": "triton"}
 # First match wins: inductor names a fused kernel after the ops around it
 # (triton_poi_fused_convolution_backward_0), so fused kernels come first.
 # cuDNN's convolutions (implicit GEMM, FFT) before the matrix products: their names may say
@@ -143,7 +148,7 @@ def make_runs(variant: str, cells: int, steps: int, device: str, out: Path, work
     """The variant's runs. Build them right before measuring them: a run sets torch's
     process-wide TF32 switches (``fabric.tf32``) as it starts."""
     precision = "bf16-mixed" if variant == "bf16" else "32-true"
-    options = {"cohort_convolution": "matmul" if variant in ("matmul", "matmul_tf32") else "grouped"}
+    options = {"cohort_convolution": {"matmul_tf32": "matmul", **CONVOLUTION_VARIANTS}.get(variant, "grouped")}
     return [make_run("simple_cnn", True, steps, precision, device, out / f"{variant}{i}_{steps}", workload, options,
                      {"tf32": TF32.get(variant, "convolutions")}) for i in range(cells)]
 
@@ -203,16 +208,21 @@ def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, st
 
 
 # best-of-2 rounds of one call: a smaller lead than this could be noise
-MATMUL_LEAD = 1.05
+CONVOLUTION_LEAD = 1.05
 
 
 def faster_convolution(samples_per_second: dict[str, float]) -> str:
-    """``train.cohort_convolution`` for a grid: ``matmul`` where its variant trained at least
-    5% more samples/s than ``base`` (the grid's settings) did, otherwise (or either not
-    measured) ``grouped``. On a GPU base's cuDNN convolutions run in TF32 (torch's default)
-    and matmul's products in full float32: a lead of matmul holds despite that."""
-    base, matmul = samples_per_second.get("base"), samples_per_second.get("matmul")
-    return "matmul" if base is not None and matmul is not None and matmul >= MATMUL_LEAD * base else "grouped"
+    """``train.cohort_convolution`` for a grid: of the measured convolution variants
+    (``matmul``, ``triton``), the one that trained the most samples/s, where it trained at
+    least 5% more than ``base`` (the grid's settings) did; otherwise (or base not measured)
+    ``grouped``. On a GPU base's cuDNN convolutions run in TF32 (torch's default), matmul's
+    and triton's in full float32: a lead of theirs holds despite that."""
+    base = samples_per_second.get("base")
+    measured = {option: samples_per_second[v] for v, option in CONVOLUTION_VARIANTS.items() if v in samples_per_second}
+    if base is None or not measured:
+        return "grouped"
+    option = max(measured, key=measured.get)
+    return option if measured[option] >= CONVOLUTION_LEAD * base else "grouped"
 
 
 def main(argv=None) -> str:
@@ -229,7 +239,7 @@ def main(argv=None) -> str:
     parser.add_argument("--json", type=Path, help="write {variant: samples/s} here, after each variant")
     parser.add_argument("--faster-convolution", type=Path, metavar="JSON",
                         help="measure nothing: print the train.cohort_convolution that an earlier --json "
-                             "file found faster (matmul or grouped)")
+                             "file found faster (matmul, triton or grouped)")
     args = parser.parse_args(argv)
     if args.faster_convolution:
         choice = faster_convolution(json.loads(args.faster_convolution.read_text()))

@@ -1,0 +1,188 @@
+"""Triton kernels of a convolution whose weights differ per client, for every client at once.
+
+Shapes: inputs ``x[K, N, C, H, W]``, weights ``w[K, O, C, KH, KW]``, bias ``b[K, O]``,
+outputs ``y[K, N, O, OH, OW]`` (all contiguous), with client ``k``'s images convolved by
+client ``k``'s weights only:
+
+    y[k, n, o, oh, ow] = b[k, o] + sum_{c, i, j} w[k, o, c, i, j] * x[k, n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw]
+
+(zero padding: taps outside the image read 0). The two backward kernels are the same sum
+read the other way round:
+
+    dx[k, n, c, ih, iw] = sum_{o, i, j} dy[k, n, o, oh, ow] * w[k, o, c, i, j]
+                          over the (oh, ow) with oh*sh = ih + ph - i*dh and ow*sw = iw + pw - j*dw
+    dw[k, o, c, i, j]   = sum_{n, oh, ow} dy[k, n, o, oh, ow] * x[k, n, c, oh*sh - ph + i*dh, ow*sw - pw + j*dw]
+
+Each kernel is one launch for all K clients (cuDNN's grouped convolution, which ``vmap``
+makes of such a convolution, launches once per client on an H100: ``benchmarks/perf/
+kernels.py``). Every product is in float32 (no TF32: fused multiply-adds, and the
+weight gradient's matrix products with ``input_precision="ieee"``), summed in an order
+fixed by the block sizes (forward: channels, then kernel rows, then columns; input
+gradient: kernel rows, columns, then output channels; weight gradient: blocks of
+positions, then its shares): the same inputs on the same device give the same bits.
+Inputs may be float32, bfloat16 or float16; sums are float32, stored in the output's dtype.
+
+Under ``TRITON_INTERPRET=1`` (set before Triton is imported) they run in Triton's
+interpreter, on CPU tensors (numpy, slow: for checking only).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+WARPS = 4
+
+
+def positions_per_program(device_type: str) -> int:
+    """Positions (output positions; input positions for dx) a program computes: on a GPU a
+    block that keeps the accumulator in registers; in the interpreter, which runs programs
+    one after another in Python, large blocks (fewer programs and loop turns)."""
+    return 128 if device_type == "cuda" else 16384
+
+
+@triton.jit
+def client_conv_forward(x, w, b, y, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw,
+                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: one client (program 0), BLOCK_P of its images' output positions, all
+    images' positions in a row (program 1), every output channel."""
+    k = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = r < N * OH * OW
+    image = k * N + r // (OH * OW)
+    p = r % (OH * OW)
+    oh, ow = p // OW, p % OW
+    o = tl.arange(0, BLOCK_O)
+    o_ok = o < O
+    w_client = w + k * O * C * KH * KW + o * (C * KH * KW)
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
+    for c in range(C):
+        x_channel = x + (image * C + c) * H * W
+        for i in tl.static_range(KH):
+            ih = oh * sh - ph + i * dh
+            row_ok = r_ok & (ih >= 0) & (ih < H)
+            for j in tl.static_range(KW):
+                iw = ow * sw - pw + j * dw
+                ok = row_ok & (iw >= 0) & (iw < W)
+                xv = tl.load(x_channel + ih * W + iw, mask=ok, other=0.0).to(tl.float32)
+                wv = tl.load(w_client + c * KH * KW + i * KW + j, mask=o_ok, other=0.0).to(tl.float32)
+                acc += wv[:, None] * xv[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b + k * O + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+    out = y + (image[None, :] * O + o[:, None]) * (OH * OW) + p[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def client_conv_input_grad(dy, w, dx, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw,
+                      KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: one client, BLOCK_P of its images' input positions, every input channel."""
+    k = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = r < N * H * W
+    image = k * N + r // (H * W)
+    q = r % (H * W)
+    ih, iw = q // W, q % W
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    w_client = w + k * O * C * KH * KW + c * (KH * KW)
+    dy_image = dy + image * O * OH * OW
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    # taps outside, channels inside: each tap's output position (integer divisions) once
+    for i in tl.static_range(KH):
+        th = ih + ph - i * dh  # = oh * sh where output row oh reads this input row
+        th_ok = th >= 0
+        th = tl.where(th_ok, th, 0)  # no negative division: those rows are masked
+        oh = th // sh
+        row_ok = r_ok & th_ok & (th % sh == 0) & (oh < OH)
+        for j in tl.static_range(KW):
+            tw = iw + pw - j * dw
+            tw_ok = tw >= 0
+            tw = tl.where(tw_ok, tw, 0)
+            ow = tw // sw
+            ok = row_ok & tw_ok & (tw % sw == 0) & (ow < OW)
+            dy_tap = dy_image + oh * OW + ow
+            for o in range(O):
+                dyv = tl.load(dy_tap + o * OH * OW, mask=ok, other=0.0).to(tl.float32)
+                wv = tl.load(w_client + o * (C * KH * KW) + i * KW + j, mask=c_ok, other=0.0).to(tl.float32)
+                acc += wv[:, None] * dyv[None, :]
+    out = dx + (image[None, :] * C + c[:, None]) * (H * W) + q[None, :]
+    tl.store(out, acc.to(dx.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def client_conv_weight_grad(dy, x, partial, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw, SPLITS,
+                       KH: tl.constexpr, KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """One program: one client (program 0), BLOCK_T of its taps ``t = (c, i, j)`` (program
+    1), one of SPLITS shares of its images' output positions (program 2), every output
+    channel: ``partial[k, split, o, t] = sum_r dy[k, o, r] * patch[k, r, t]`` as float32
+    matrix products (``input_precision="ieee"``: no TF32) over BLOCK_R positions at a time,
+    so a block of dy is read once for BLOCK_T taps. The shares are summed afterwards."""
+    k = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    split = tl.program_id(2)
+    t_ok = t < C * KH * KW
+    c, i, j = t // (KH * KW), (t // KW) % KH, t % KW
+    o = tl.arange(0, BLOCK_O)
+    o_ok = o < O
+    positions = N * OH * OW
+    share = tl.cdiv(tl.cdiv(positions, SPLITS), BLOCK_R) * BLOCK_R
+    acc = tl.zeros((BLOCK_O, BLOCK_T), dtype=tl.float32)
+    for start in range(split * share, tl.minimum(positions, (split + 1) * share), BLOCK_R):
+        r = start + tl.arange(0, BLOCK_R)
+        r_ok = r < positions
+        image = k * N + r // (OH * OW)
+        p = r % (OH * OW)
+        ih = ((p // OW) * sh - ph)[:, None] + (i * dh)[None, :]  # [BLOCK_R, BLOCK_T]
+        iw = ((p % OW) * sw - pw)[:, None] + (j * dw)[None, :]
+        ok = r_ok[:, None] & t_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        patch = tl.load(x + ((image[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=ok, other=0.0)
+        dyv = tl.load(dy + (image[None, :] * O + o[:, None]) * (OH * OW) + p[None, :],
+                      mask=o_ok[:, None] & r_ok[None, :], other=0.0)
+        acc += tl.dot(dyv.to(tl.float32), patch.to(tl.float32), input_precision="ieee")
+    out = partial + ((k * SPLITS + split) * O + o[:, None]) * (C * KH * KW) + t[None, :]
+    tl.store(out, acc, mask=o_ok[:, None] & t_ok[None, :])
+
+
+def block(size: int, least: int = 2) -> int:
+    """A power of two >= size (Triton's blocks are powers of two), at least ``least``
+    (``tl.dot``'s operands are at least 16 a side)."""
+    return max(least, triton.next_power_of_2(size))
+
+
+def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int, int, int]:
+    """The weight gradient's taps and positions per program, and the shares of a client's
+    positions summed apart (more programs at once; summed afterwards in a fixed order). On a
+    GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, up to
+    8 shares; in the interpreter every tap in one program, 1024 positions at a time, one share."""
+    if device_type == "cuda":
+        return 32, 64, min(8, max(1, positions // 4096))
+    return block(taps, least=16), 1024, 1
+
+
+def compiled_for_gpu(capability: int = 90, dtype: str = "fp32") -> dict[str, str]:
+    """Each kernel compiled ahead of time by Triton's own compiler (ptxas included) for a
+    CUDA GPU of ``capability`` (90: H100), with tensors of ``dtype`` (``fp32``, ``bf16``)
+    and simple_cnn's block sizes: its PTX, by kernel name. Needs no GPU, but Triton's
+    interpreter off (TRITON_INTERPRET unset before Triton is imported)."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {client_conv_forward: dict.fromkeys(("x", "w", "b", "y"), f"*{dtype}"),
+                client_conv_input_grad: dict.fromkeys(("dy", "w", "dx"), f"*{dtype}"),
+                client_conv_weight_grad: {"dy": f"*{dtype}", "x": f"*{dtype}", "partial": "*fp32"}}
+    constants = {client_conv_forward: dict(KH=5, KW=5, HAS_BIAS=True, BLOCK_O=8, BLOCK_P=positions_per_program("cuda")),
+                 client_conv_input_grad: dict(KH=5, KW=5, BLOCK_C=8, BLOCK_P=positions_per_program("cuda")),
+                 client_conv_weight_grad: dict(KH=5, KW=5, BLOCK_O=16, BLOCK_T=32, BLOCK_R=64)}
+    ptx = {}
+    for kernel, fixed in constants.items():
+        signature = {name: "constexpr" if name in fixed else pointers[kernel].get(name, "i32")
+                     for name in inspect.signature(kernel.fn).parameters}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": WARPS})
+        ptx[kernel.fn.__name__] = compiled.asm["ptx"]
+    return ptx

@@ -1,0 +1,313 @@
+"""Every client's convolution in one Triton kernel launch (train.cohort_convolution=triton).
+
+Without a GPU the kernels run in Triton's interpreter (conftest.py turns it on before torch
+imports Triton): the same kernel code, computed by numpy, slowly; so these tests use small
+shapes. The CUDA-only tests at the end run the compiled kernels."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import vmap
+
+from fedbench.client import LocalTrainConfig
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - torch's CUDA builds bring Triton
+    pytest.skip("TRITON NOT INSTALLED: train.cohort_convolution=triton is untested here", allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("NO GPU AND TRITON'S INTERPRETER OFF (TRITON_INTERPRET=1 must be set before torch imports Triton): "
+                "the Triton convolution is untested here", allow_module_level=True)
+
+import fedbench.client_conv as client_conv  # noqa: E402
+from fedbench.client_conv import conv2d_per_client  # noqa: E402
+from test_matmul_conv import convolution_by_loops  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+GEOMETRIES = [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 2))]  # stride, padding, dilation per side
+
+
+def gradients_by_loops(x: np.ndarray, w: np.ndarray, dy: np.ndarray, stride, padding, dilation):
+    """dL/dx and dL/dw of a convolution whose output's gradient is dy: every output position
+    (i, j) and tap (u, v) read x_padded[:, :, i*s0 + u*d0, j*s1 + v*d1] with w[:, :, u, v],
+    so each adds dy[:, :, i, j] @ w[:, :, u, v] to that input's gradient and
+    dy[:, :, i, j].T @ that input to w[:, :, u, v]'s."""
+    padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    dx_padded, dw = np.zeros_like(padded), np.zeros_like(w)
+    _, _, rows, cols = dy.shape
+    for i in range(rows):
+        for j in range(cols):
+            for u in range(w.shape[2]):
+                for v in range(w.shape[3]):
+                    r, c = i * stride[0] + u * dilation[0], j * stride[1] + v * dilation[1]
+                    dx_padded[:, :, r, c] += dy[:, :, i, j] @ w[:, :, u, v]
+                    dw[:, :, u, v] += dy[:, :, i, j].T @ padded[:, :, r, c]
+    dx = dx_padded[:, :, padding[0]:padding[0] + x.shape[2], padding[1]:padding[1] + x.shape[3]]
+    return dx, dw
+
+
+@pytest.mark.parametrize("stride, padding, dilation", GEOMETRIES)
+def test_each_client_s_convolution_and_gradients_equal_the_sums_written_out_by_hand(stride, padding, dilation):
+    """3 clients, each with its own weights (5 output channels: not a power of two, which
+    the kernels pad), a non-square kernel, float32; against float64 sums by loops."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 2, 7, 6, generator=gen)
+    w = torch.randn(3, 5, 2, 3, 2, generator=gen)
+    b = torch.randn(3, 5, generator=gen)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
+    dy = torch.randn(out.shape, generator=gen)
+    (out * dy).sum().backward()
+    for k in range(3):
+        expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), b[k].double().numpy(),
+                                        stride, padding, dilation)
+        np.testing.assert_allclose(out[k].detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+        dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
+                                    stride, padding, dilation)
+        np.testing.assert_allclose(xs.grad[k].numpy(), dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ws.grad[k].numpy(), dw, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(bs.grad[k].numpy(), dy[k].double().numpy().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
+    """On a GPU the kernels take 128 positions a program and the weight gradient 32 taps,
+    64 positions at a time, in shares summed afterwards: in the interpreter with those
+    sizes (and 3 shares), several programs and shares per client, against sums by loops."""
+    import fedbench.client_conv_kernels as kernels
+
+    gpu_sizes = kernels.positions_per_program("cuda"), kernels.weight_grad_blocks("cuda", 50, 300)
+    assert gpu_sizes == (128, (32, 64, 1)), "the sizes this test stands in for"
+    monkeypatch.setattr(kernels, "positions_per_program", lambda device_type: 128)
+    monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions: (32, 64, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = client_conv2d_of(xs, ws, None, (1, 1), (2, 1), (1, 1))  # 3 x 11 x 8 = 264 positions a client
+    dy = torch.randn(out.shape, generator=gen)
+    (out * dy).sum().backward()
+    for k in range(2):
+        zero = np.zeros(5)
+        expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), zero, (1, 1), (2, 1), (1, 1))
+        np.testing.assert_allclose(out[k].detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+        dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
+                                    (1, 1), (2, 1), (1, 1))
+        np.testing.assert_allclose(xs.grad[k].numpy(), dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ws.grad[k].numpy(), dw, rtol=1e-5, atol=1e-4)
+
+
+def client_conv2d_of(x, w, b, stride, padding, dilation):
+    return client_conv.client_conv2d(x, w, b, [*stride, *padding, *dilation])
+
+
+def counting_launches(monkeypatch) -> list[str]:
+    """The kernels launched from now on, by name."""
+    launched: list[str] = []
+    real = client_conv.launch
+    monkeypatch.setattr(client_conv, "launch", lambda kernel, *a, **k: launched.append(kernel.fn.__name__)
+                        or real(kernel, *a, **k))
+    return launched
+
+
+@pytest.mark.parametrize("compile_mode", [None, "default"])
+def test_under_vmap_every_client_s_convolution_is_one_launch_with_its_own_weights(monkeypatch, compile_mode):
+    """vmap over 4 clients (stride 2, padding 1, channels-last images), then regular
+    autograd, as the cohort's autograd step runs; against torch's convolution client by
+    client. Compiled, the operator is one call in one graph (fullgraph)."""
+    if compile_mode and shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled Triton convolution is untested")
+    torch.manual_seed(0)
+    weights, biases = torch.randn(4, 6, 3, 3, 3, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    images = torch.randn(4, 5, 3, 9, 9).contiguous(memory_format=torch.channels_last_3d)
+    launched = counting_launches(monkeypatch)
+    per_client = vmap(lambda w, b, x: conv2d_per_client(x, w, b, stride=2, padding=1).square().sum())
+    if compile_mode:
+        torch._dynamo.reset()
+        per_client = torch.compile(per_client, mode=compile_mode, fullgraph=True)
+    losses = per_client(weights, biases, images)
+    losses.sum().backward()
+    assert launched == ["client_conv_forward", "client_conv_weight_grad"], "one each (the images need no gradient)"
+    for k in range(4):
+        w, b = weights[k].detach().clone().requires_grad_(), biases[k].detach().clone().requires_grad_()
+        reference = F.conv2d(images[k], w, b, stride=2, padding=1).square().sum()
+        reference.backward()
+        torch.testing.assert_close(losses[k], reference, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(weights.grad[k], w.grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(biases.grad[k], b.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_an_input_gradient_is_one_launch_for_every_client_too(monkeypatch):
+    """A second convolution's input needs a gradient (the first convolution's output):
+    under vmap, one input-gradient launch for all clients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 2, 6, 6, requires_grad=True)
+    w = torch.randn(3, 4, 2, 3, 3)
+    launched = counting_launches(monkeypatch)
+    out = vmap(lambda xi, wi: conv2d_per_client(xi, wi, None, padding=1))(x, w)
+    out.square().sum().backward()
+    assert launched == ["client_conv_forward", "client_conv_input_grad"]
+    for k in range(3):
+        xk = x[k].detach().clone().requires_grad_()
+        F.conv2d(xk, w[k], None, padding=1).square().sum().backward()
+        torch.testing.assert_close(x.grad[k], xk.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_under_bf16_autocast_it_computes_in_bf16_as_torchs_convolution_does():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    device = "cuda" if HAS_CUDA else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = conv2d_per_client(x.to(device), w.to(device), b.to(device), padding=1)
+        reference = F.conv2d(x.to(device), w.to(device), b.to(device), padding=1)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    # within bf16's rounding (8 bits of mantissa) of the float64 convolution
+    assert float((out.cpu().double() - exact).abs().max() / exact.abs().max()) < 2e-2
+
+
+def test_what_the_kernels_do_not_compute_stays_torchs(monkeypatch):
+    """groups > 1, string padding and float64 go to F.conv2d (no kernel launched), with
+    torch's own numbers; mixed dtypes get F.conv2d's error."""
+    torch.manual_seed(0)
+    launched = counting_launches(monkeypatch)
+    x = torch.randn(2, 4, 8, 8)
+    for args, kwargs in (((x, torch.randn(6, 2, 3, 3)), {"groups": 2}),
+                         ((x, torch.randn(6, 4, 3, 3)), {"padding": "same"}),
+                         ((x.double(), torch.randn(6, 4, 3, 3, dtype=torch.float64)), {})):
+        torch.testing.assert_close(conv2d_per_client(*args, **kwargs), F.conv2d(*args, **kwargs), rtol=0, atol=0)
+    assert launched == []
+    with pytest.raises(RuntimeError, match="should be the same"):
+        conv2d_per_client(x, torch.randn(6, 4, 3, 3, dtype=torch.bfloat16))
+
+
+def test_where_the_kernels_cannot_run_one_message_names_the_field_before_any_data_is_read(tmp_path, monkeypatch):
+    from fedbench.engine import FederatedRun
+    from fedbench.errors import ConfigError
+    from conftest import tiny_experiment
+
+    assert client_conv.unavailable(torch.device("cuda")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert client_conv.unavailable(torch.device("cpu")) is None
+    assert "CUDA" in client_conv.unavailable(torch.device("mps"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    why = client_conv.unavailable(torch.device("cpu"))
+    assert "CUDA device" in why and "TRITON_INTERPRET=1" in why
+    if HAS_CUDA:
+        return
+    # a data root that does not exist: the message must come before the data is looked for
+    exp = tiny_experiment(tmp_path / "no_data", tmp_path,
+                          train=LocalTrainConfig(cohort=True, cohort_convolution="triton"))
+    with pytest.raises(ConfigError, match="train.cohort_convolution='triton'.*TRITON_INTERPRET=1"):
+        FederatedRun(exp)
+
+
+class TwoConvolutions(nn.Module):
+    """Small enough for Triton's interpreter (whose time grows with clients x kernel taps):
+    conv(1->2, 3x3, padding 1), conv(2->3, 2x2, stride 2) (its input needs a gradient),
+    average pool, linear."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 3, 2, stride=2)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.head(F.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def two_convolutions(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return TwoConvolutions(num_classes, in_channels, image_size)
+
+
+@pytest.mark.parametrize("compile_mode", [None, "default"])
+def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_root, tmp_path, monkeypatch,
+                                                                        compile_mode):
+    """5 clients, 2 steps each, pixel-pattern poisoning; uncompiled with SDFC's
+    calibration term, and compiled (the autograd step: the fused step's torch.func.grad
+    cannot differentiate the operator)."""
+    from attacks.pixel_pattern import PixelPattern
+    from defenses.fedavg import FedAvg
+    from defenses.sdfc import SDFC
+    from fedbench.models import ModelConfig
+    from test_cohort import MODEL_TOLERANCE, UPDATE_TOLERANCE, both_ways, relative_gap
+
+    if compile_mode and shutil.which("g++") is None and shutil.which("cc") is None:
+        pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled Triton cohort is untested here")
+    launched = counting_launches(monkeypatch)
+    torch._dynamo.reset()
+    (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
+        tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
+        defense=SDFC() if compile_mode is None else FedAvg(),
+        model=ModelConfig(name="test_client_conv.two_convolutions"),
+        train=LocalTrainConfig(local_steps=2, batch_size=8, compile=compile_mode, cohort_convolution="triton"))
+    assert coh.exp.train.cohort_convolution == "triton" and seq.exp.train.cohort_convolution == "grouped"
+    assert coh.cohort_trainer.fused is None, "the Triton convolution takes the autograd step"
+    # each step: two forward launches, the second convolution's input gradient, two weight gradients
+    assert len(launched) >= 2 * 5
+    assert set(launched) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}
+    assert coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
+    for client in seq_sent:
+        assert relative_gap(seq_sent[client], coh_sent[client]) < UPDATE_TOLERANCE, client
+    assert relative_gap(seq.global_params, coh.global_params) < MODEL_TOLERANCE
+    assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4)
+
+
+def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
+    """Triton's interpreter accepts code its compiler may not: here each kernel goes through
+    Triton's whole compiler (to PTX and ptxas's binary) for an H100 (sm_90), with float32
+    and with bf16 tensors, in a process with the interpreter off; no product may run on
+    tensor cores (no ``mma``: full float32 fused multiply-adds, as the docstring says)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("TRITON HAS NO CUDA BACKEND HERE: the kernels' compilation for a GPU is untested")
+    code = ("import json\nfrom fedbench.client_conv_kernels import compiled_for_gpu\n"
+            "print(json.dumps({dtype: {name: [ptx.count('mma.sync') + ptx.count('wgmma'), ptx.count('fma.rn.f32')]"
+            " for name, ptx in compiled_for_gpu(90, dtype).items()} for dtype in ('fp32', 'bf16')}))")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    counts = json.loads(done.stdout.splitlines()[-1])
+    for dtype in ("fp32", "bf16"):
+        assert set(counts[dtype]) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}
+        for name, (tensor_core_products, fmas) in counts[dtype].items():
+            assert tensor_core_products == 0 and fmas > 0, (dtype, name, tensor_core_products, fmas)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: the compiled Triton kernels need a GPU")
+def test_on_cuda_the_compiled_kernels_equal_the_sums_and_repeat_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 4, 2, 9, 8, generator=gen), torch.randn(3, 6, 2, 5, 3, generator=gen), torch.randn(3, 6)
+    stride, padding, dilation = (2, 1), (1, 2), (1, 2)
+    xs, ws, bs = (t.cuda().requires_grad_() for t in (x, w, b))
+    out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
+    dy = torch.randn(out.shape, generator=gen)
+    (out * dy.cuda()).sum().backward()
+    first = [t.detach().clone() for t in (out, xs.grad, ws.grad)]
+    for k in range(3):
+        expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), b[k].double().numpy(),
+                                        stride, padding, dilation)
+        np.testing.assert_allclose(out[k].detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+        dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
+                                    stride, padding, dilation)
+        np.testing.assert_allclose(xs.grad[k].cpu().numpy(), dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ws.grad[k].cpu().numpy(), dw, rtol=1e-5, atol=1e-4)
+    xs.grad = ws.grad = None
+    out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
+    (out * dy.cuda()).sum().backward()
+    for a, again in zip(first, (out, xs.grad, ws.grad)):
+        assert torch.equal(a, again), "the same inputs give the same bits"
