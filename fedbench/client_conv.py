@@ -22,7 +22,8 @@ Numbers: float32 products summed in float32 (full float32, not TF32, whatever
 ``fabric.tf32`` says), in a fixed order: equal to ``F.conv2d`` up to float rounding, and
 bit for bit the same from run to run. Under autocast the inputs are cast to its dtype by
 hand, as the grouped cohort's are (:func:`~fedbench.matmul_conv.conv2d_in_autocast_dtype`).
-Convolutions it does not compute (groups > 1, string padding, float64) are left to
+Convolutions it does not compute (groups > 1, string padding, float64, more than 64
+channels in or out, a client's input or output of 2**31 values or more) are left to
 ``F.conv2d``. On a CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``
 set before torch imports Triton): correct, slow, for checking only.
 """
@@ -37,6 +38,10 @@ from torch import Tensor
 from fedbench.matmul_conv import both_sides, conv2d_in_autocast_dtype, in_autocast_dtype, output_size
 
 Geometry = list[int]  # [stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w]
+# A kernel's program holds every channel of its positions (registers, shared memory): wider
+# layers (ResNet-18's 128 to 512) stay torch's. And offsets inside a client are 32-bit.
+MAX_CHANNELS = 64
+MAX_CLIENT_VALUES = 2**31 - 1
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -75,9 +80,9 @@ def forward(x: Tensor, w: Tensor, b: Tensor | None, geometry: Geometry) -> Tenso
     y = x.new_empty(output_shape(x, w, geometry))
     K, N, C, H, W = x.shape
     O, OH, OW = y.shape[2:]
-    block_p = kernels.positions_per_program(x.device.type)
+    block_p = kernels.positions_per_program(x.device.type, O)
     if y.numel():
-        launch(kernels.client_conv_forward, (K, -(-N * OH * OW // block_p)),
+        launch(kernels.client_conv_forward, (-(-N * OH * OW // block_p), K),
                x, w, x if b is None else b.contiguous(), y, N, C, H, W, O, OH, OW, *geometry,
                KH=w.shape[3], KW=w.shape[4], HAS_BIAS=b is not None, BLOCK_O=kernels.block(O),
                BLOCK_P=block_p)
@@ -92,9 +97,9 @@ def input_grad(dy: Tensor, w: Tensor, image_size: list[int], geometry: Geometry)
     K, N, O, OH, OW = dy.shape
     C, (H, W) = w.shape[2], image_size
     dx = dy.new_empty((K, N, C, H, W))
-    block_p = kernels.positions_per_program(dy.device.type)
+    block_p = kernels.positions_per_program(dy.device.type, C)
     if dx.numel():
-        launch(kernels.client_conv_input_grad, (K, -(-N * H * W // block_p)),
+        launch(kernels.client_conv_input_grad, (-(-N * H * W // block_p), K),
                dy, w, dx, N, C, H, W, O, OH, OW, *geometry, KH=w.shape[3], KW=w.shape[4],
                BLOCK_C=kernels.block(C), BLOCK_P=block_p)
     return dx
@@ -109,7 +114,7 @@ def weight_grad(dy: Tensor, x: Tensor, kernel_size: list[int], geometry: Geometr
     C, H, W = x.shape[2:]
     taps = C * kernel_size[0] * kernel_size[1]
     block_t, block_r, splits = kernels.weight_grad_blocks(dy.device.type, taps, N * OH * OW)
-    partial = dy.new_zeros((K, splits, O, taps), dtype=torch.float32)
+    partial = dy.new_empty((K, splits, O, taps), dtype=torch.float32)  # every program stores its whole tile
     if partial.numel():
         launch(kernels.client_conv_weight_grad, (K, -(-taps // block_t), splits),
                dy, x, partial, N, C, H, W, O, OH, OW, *geometry, splits, KH=kernel_size[0], KW=kernel_size[1],
@@ -167,7 +172,7 @@ def clients_folded(batch_size: int, tensor: Tensor | None, dim: int | None) -> T
     if tensor is None:
         return None
     tensor = tensor.expand(batch_size, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
-    return tensor.flatten(0, 1)
+    return tensor.flatten(0, 1).contiguous()  # the kernels' layout, and what autograd saves
 
 
 def folding_vmap_rule(operator):
@@ -187,14 +192,21 @@ for _operator in (client_conv2d, client_conv2d_input_grad, client_conv2d_weight_
 def conv2d_per_client(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                       dilation=1, groups: int = 1) -> Tensor:
     """``F.conv2d``'s result from :func:`client_conv2d` (one client here; under ``vmap``
-    every client in one call)."""
-    if groups != 1 or isinstance(padding, str) or torch.float64 in (input.dtype, weight.dtype):
+    every client in one call). What the kernels do not compute goes to ``F.conv2d``:
+    groups > 1, string padding, float64, more than MAX_CHANNELS channels in or out, or a
+    client's input or output of 2**31 values or more."""
+    if groups != 1 or isinstance(padding, str) or torch.float64 in (input.dtype, weight.dtype) \
+            or max(weight.shape[:2]) > MAX_CHANNELS:
         return conv2d_in_autocast_dtype(input, weight, bias, stride, padding, dilation, groups)
-    input, weight, bias = in_autocast_dtype(input, weight, bias)
-    if input.dtype != weight.dtype:  # F.conv2d's rule, which the kernels would not check
-        raise RuntimeError(f"Input type ({input.dtype}) and weight type ({weight.dtype}) should be the same")
+    geometry = [*both_sides(stride), *both_sides(padding), *both_sides(dilation)]
     unbatched = input.dim() == 3
     images = input.unsqueeze(0) if unbatched else input
-    geometry = [*both_sides(stride), *both_sides(padding), *both_sides(dilation)]
+    sides = [output_size(images.shape[2 + d], weight.shape[2 + d], geometry[d], geometry[2 + d], geometry[4 + d])
+             for d in (0, 1)]
+    if max(images.numel(), images.shape[0] * weight.shape[0] * sides[0] * sides[1]) > MAX_CLIENT_VALUES:
+        return conv2d_in_autocast_dtype(input, weight, bias, stride, padding, dilation, groups)
+    images, weight, bias = in_autocast_dtype(images, weight, bias)
+    if images.dtype != weight.dtype:  # F.conv2d's rule, which the kernels would not check
+        raise RuntimeError(f"Input type ({images.dtype}) and weight type ({weight.dtype}) should be the same")
     out = client_conv2d(images[None], weight[None], None if bias is None else bias[None], geometry)[0]
     return out.squeeze(0) if unbatched else out

@@ -34,31 +34,37 @@ import triton.language as tl
 WARPS = 4
 
 
-def positions_per_program(device_type: str) -> int:
-    """Positions (output positions; input positions for dx) a program computes: on a GPU a
-    block that keeps the accumulator in registers; in the interpreter, which runs programs
-    one after another in Python, large blocks (fewer programs and loop turns)."""
-    return 128 if device_type == "cuda" else 16384
+def positions_per_program(device_type: str, channels: int) -> int:
+    """Positions (output positions; input positions for dx) a program computes for
+    ``channels`` output channels (input channels, for dx). On a GPU the accumulator stays in
+    registers (at most 4,096 sums, 32 a thread) and each thread reuses a tap's weights for
+    several positions: 512 positions for up to 8 channels, down to 128 (64 channels). In the
+    interpreter, which runs programs one after another in Python, large blocks (fewer
+    programs and loop turns)."""
+    if device_type != "cuda":
+        return 16384
+    return min(512, max(128, 4096 // block(channels)))
 
 
 @triton.jit
 def client_conv_forward(x, w, b, y, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw,
-                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
-    """One program: one client (program 0), BLOCK_P of its images' output positions, all
-    images' positions in a row (program 1), every output channel."""
-    k = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+                        KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: BLOCK_P of one client's output positions, its images' positions in a
+    row (program 0), of client k (program 1), every output channel. Offsets inside a
+    client are 32-bit (its tensors hold under 2**31 values: the operator checks)."""
+    block_index, k = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    x_client, y_client = x + k * N * C * H * W, y + k * N * O * OH * OW
+    r = block_index * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok = r < N * OH * OW
-    image = k * N + r // (OH * OW)
-    p = r % (OH * OW)
+    n, p = r // (OH * OW), r % (OH * OW)
     oh, ow = p // OW, p % OW
     o = tl.arange(0, BLOCK_O)
     o_ok = o < O
     w_client = w + k * O * C * KH * KW + o * (C * KH * KW)
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
     for c in range(C):
-        x_channel = x + (image * C + c) * H * W
+        x_channel = x_client + (n * C + c) * H * W
         for i in tl.static_range(KH):
             ih = oh * sh - ph + i * dh
             row_ok = r_ok & (ih >= 0) & (ih < H)
@@ -70,24 +76,25 @@ def client_conv_forward(x, w, b, y, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, d
                 acc += wv[:, None] * xv[None, :]
     if HAS_BIAS:
         acc += tl.load(b + k * O + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
-    out = y + (image[None, :] * O + o[:, None]) * (OH * OW) + p[None, :]
+    out = y_client + (n[None, :] * O + o[:, None]) * (OH * OW) + p[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=o_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def client_conv_input_grad(dy, w, dx, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw,
-                      KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """One program: one client, BLOCK_P of its images' input positions, every input channel."""
-    k = tl.program_id(0).to(tl.int64)
-    r = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+                           KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: BLOCK_P of one client's input positions (program 0), of client k
+    (program 1), every input channel."""
+    block_index, k = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    dy_client, dx_client = dy + k * N * O * OH * OW, dx + k * N * C * H * W
+    r = block_index * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok = r < N * H * W
-    image = k * N + r // (H * W)
-    q = r % (H * W)
+    n, q = r // (H * W), r % (H * W)
     ih, iw = q // W, q % W
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     w_client = w + k * O * C * KH * KW + c * (KH * KW)
-    dy_image = dy + image * O * OH * OW
+    dy_image = dy_client + n * O * OH * OW
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     # taps outside, channels inside: each tap's output position (integer divisions) once
     for i in tl.static_range(KH):
@@ -107,20 +114,21 @@ def client_conv_input_grad(dy, w, dx, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh,
                 dyv = tl.load(dy_tap + o * OH * OW, mask=ok, other=0.0).to(tl.float32)
                 wv = tl.load(w_client + o * (C * KH * KW) + i * KW + j, mask=c_ok, other=0.0).to(tl.float32)
                 acc += wv[:, None] * dyv[None, :]
-    out = dx + (image[None, :] * C + c[:, None]) * (H * W) + q[None, :]
+    out = dx_client + (n[None, :] * C + c[:, None]) * (H * W) + q[None, :]
     tl.store(out, acc.to(dx.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def client_conv_weight_grad(dy, x, partial, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw, SPLITS,
-                       KH: tl.constexpr, KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_R: tl.constexpr):
+                            KH: tl.constexpr, KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_R: tl.constexpr):
     """One program: one client (program 0), BLOCK_T of its taps ``t = (c, i, j)`` (program
     1), one of SPLITS shares of its images' output positions (program 2), every output
     channel: ``partial[k, split, o, t] = sum_r dy[k, o, r] * patch[k, r, t]`` as float32
     matrix products (``input_precision="ieee"``: no TF32) over BLOCK_R positions at a time,
     so a block of dy is read once for BLOCK_T taps. The shares are summed afterwards."""
     k = tl.program_id(0).to(tl.int64)
+    x_client, dy_client = x + k * N * C * H * W, dy + k * N * O * OH * OW
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     split = tl.program_id(2)
     t_ok = t < C * KH * KW
@@ -133,13 +141,12 @@ def client_conv_weight_grad(dy, x, partial, N, C, H, W, O, OH, OW, sh, sw, ph, p
     for start in range(split * share, tl.minimum(positions, (split + 1) * share), BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         r_ok = r < positions
-        image = k * N + r // (OH * OW)
-        p = r % (OH * OW)
+        n, p = r // (OH * OW), r % (OH * OW)
         ih = ((p // OW) * sh - ph)[:, None] + (i * dh)[None, :]  # [BLOCK_R, BLOCK_T]
         iw = ((p % OW) * sw - pw)[:, None] + (j * dw)[None, :]
         ok = r_ok[:, None] & t_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        patch = tl.load(x + ((image[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=ok, other=0.0)
-        dyv = tl.load(dy + (image[None, :] * O + o[:, None]) * (OH * OW) + p[None, :],
+        patch = tl.load(x_client + ((n[:, None] * C + c[None, :]) * H + ih) * W + iw, mask=ok, other=0.0)
+        dyv = tl.load(dy_client + (n[None, :] * O + o[:, None]) * (OH * OW) + p[None, :],
                       mask=o_ok[:, None] & r_ok[None, :], other=0.0)
         acc += tl.dot(dyv.to(tl.float32), patch.to(tl.float32), input_precision="ieee")
     out = partial + ((k * SPLITS + split) * O + o[:, None]) * (C * KH * KW) + t[None, :]
@@ -155,18 +162,24 @@ def block(size: int, least: int = 2) -> int:
 def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int, int, int]:
     """The weight gradient's taps and positions per program, and the shares of a client's
     positions summed apart (more programs at once; summed afterwards in a fixed order). On a
-    GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, up to
-    8 shares; in the interpreter every tap in one program, 1024 positions at a time, one share."""
+    GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, a share
+    at least 32 such blocks, at most 16 shares (from the client's positions alone, so a
+    client's sums do not depend on how many clients train with it); in the interpreter
+    every tap in one program, 1024 positions at a time, one share."""
     if device_type == "cuda":
-        return 32, 64, min(8, max(1, positions // 4096))
+        return 32, 64, min(16, max(1, positions // (64 * 32)))
     return block(taps, least=16), 1024, 1
 
 
-def compiled_for_gpu(capability: int = 90, dtype: str = "fp32") -> dict[str, str]:
+def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,
+                     names: tuple[str, ...] | None = None) -> dict[str, tuple[str, int]]:
     """Each kernel compiled ahead of time by Triton's own compiler (ptxas included) for a
-    CUDA GPU of ``capability`` (90: H100), with tensors of ``dtype`` (``fp32``, ``bf16``)
-    and simple_cnn's block sizes: its PTX, by kernel name. Needs no GPU, but Triton's
-    interpreter off (TRITON_INTERPRET unset before Triton is imported)."""
+    CUDA GPU of ``capability`` (90: H100), with tensors of ``dtype`` (``fp32``, ``bf16``),
+    5x5 kernels and the block sizes of a layer of ``channels`` channels (6: simple_cnn's
+    first; the operator takes up to 64): its PTX and the shared memory it needs, by kernel
+    name (of ``names``, default all three).
+    Needs no GPU, but Triton's interpreter off (TRITON_INTERPRET unset before Triton is
+    imported)."""
     import inspect
 
     from triton.backends.compiler import GPUTarget
@@ -175,14 +188,18 @@ def compiled_for_gpu(capability: int = 90, dtype: str = "fp32") -> dict[str, str
     pointers = {client_conv_forward: dict.fromkeys(("x", "w", "b", "y"), f"*{dtype}"),
                 client_conv_input_grad: dict.fromkeys(("dy", "w", "dx"), f"*{dtype}"),
                 client_conv_weight_grad: {"dy": f"*{dtype}", "x": f"*{dtype}", "partial": "*fp32"}}
-    constants = {client_conv_forward: dict(KH=5, KW=5, HAS_BIAS=True, BLOCK_O=8, BLOCK_P=positions_per_program("cuda")),
-                 client_conv_input_grad: dict(KH=5, KW=5, BLOCK_C=8, BLOCK_P=positions_per_program("cuda")),
-                 client_conv_weight_grad: dict(KH=5, KW=5, BLOCK_O=16, BLOCK_T=32, BLOCK_R=64)}
+    constants = {client_conv_forward: dict(KH=5, KW=5, HAS_BIAS=True, BLOCK_O=block(channels),
+                                           BLOCK_P=positions_per_program("cuda", channels)),
+                 client_conv_input_grad: dict(KH=5, KW=5, BLOCK_C=block(channels),
+                                              BLOCK_P=positions_per_program("cuda", channels)),
+                 client_conv_weight_grad: dict(KH=5, KW=5, BLOCK_O=block(channels, least=16), BLOCK_T=32, BLOCK_R=64)}
     ptx = {}
     for kernel, fixed in constants.items():
+        if names is not None and kernel.fn.__name__ not in names:
+            continue
         signature = {name: "constexpr" if name in fixed else pointers[kernel].get(name, "i32")
                      for name in inspect.signature(kernel.fn).parameters}
         source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": WARPS})
-        ptx[kernel.fn.__name__] = compiled.asm["ptx"]
+        ptx[kernel.fn.__name__] = compiled.asm["ptx"], compiled.metadata.shared
     return ptx

@@ -77,14 +77,15 @@ def test_each_client_s_convolution_and_gradients_equal_the_sums_written_out_by_h
 
 
 def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
-    """On a GPU the kernels take 128 positions a program and the weight gradient 32 taps,
-    64 positions at a time, in shares summed afterwards: in the interpreter with those
-    sizes (and 3 shares), several programs and shares per client, against sums by loops."""
+    """On a GPU the kernels take 128 to 512 positions a program and the weight gradient 32
+    taps, 64 positions at a time, in shares summed afterwards: in the interpreter with 128
+    positions and 3 shares, several programs and shares per client, against sums by loops."""
     import fedbench.client_conv_kernels as kernels
 
-    gpu_sizes = kernels.positions_per_program("cuda"), kernels.weight_grad_blocks("cuda", 50, 300)
-    assert gpu_sizes == (128, (32, 64, 1)), "the sizes this test stands in for"
-    monkeypatch.setattr(kernels, "positions_per_program", lambda device_type: 128)
+    gpu_sizes = [kernels.positions_per_program("cuda", c) for c in (5, 16, 64)], kernels.weight_grad_blocks(
+        "cuda", 50, 300)
+    assert gpu_sizes == ([512, 256, 128], (32, 64, 1)), "the sizes this test stands in for"
+    monkeypatch.setattr(kernels, "positions_per_program", lambda device_type, channels: 128)
     monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions: (32, 64, 3))
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
@@ -158,6 +159,24 @@ def test_an_input_gradient_is_one_launch_for_every_client_too(monkeypatch):
         torch.testing.assert_close(x.grad[k], xk.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_vmapped_at_another_dimension_or_shared_by_every_client_it_still_is_each_client_s(monkeypatch):
+    """Inputs vmapped at dimension 1 and weights shared by all clients (not vmapped),
+    with gradients of both: one launch each way, against torch's convolution per client."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2, 6, 5, requires_grad=True)  # [N, K, C, H, W]: clients at dimension 1
+    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    launched = counting_launches(monkeypatch)
+    out = vmap(lambda xi: conv2d_per_client(xi, w, None, stride=(1, 2), padding=1), in_dims=1)(x)
+    (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+    assert launched == ["client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"]
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference = torch.stack([F.conv2d(xr[:, k], wr, None, stride=(1, 2), padding=1) for k in range(3)])
+    (reference * torch.arange(reference.numel()).reshape(reference.shape).sin()).sum().backward()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-4)  # summed over the clients too
+
+
 def test_under_bf16_autocast_it_computes_in_bf16_as_torchs_convolution_does():
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
@@ -172,16 +191,25 @@ def test_under_bf16_autocast_it_computes_in_bf16_as_torchs_convolution_does():
 
 
 def test_what_the_kernels_do_not_compute_stays_torchs(monkeypatch):
-    """groups > 1, string padding and float64 go to F.conv2d (no kernel launched), with
-    torch's own numbers; mixed dtypes get F.conv2d's error."""
+    """groups > 1, string padding, float64, more than 64 channels and a client's tensors of
+    2**31 values or more (here a bound lowered to 500) go to F.conv2d (no kernel launched),
+    with torch's own numbers; mixed dtypes get F.conv2d's error."""
     torch.manual_seed(0)
     launched = counting_launches(monkeypatch)
     x = torch.randn(2, 4, 8, 8)
     for args, kwargs in (((x, torch.randn(6, 2, 3, 3)), {"groups": 2}),
                          ((x, torch.randn(6, 4, 3, 3)), {"padding": "same"}),
-                         ((x.double(), torch.randn(6, 4, 3, 3, dtype=torch.float64)), {})):
+                         ((x.double(), torch.randn(6, 4, 3, 3, dtype=torch.float64)), {}),
+                         ((x, torch.randn(65, 4, 1, 1)), {}),
+                         ((torch.randn(1, 65, 3, 3), torch.randn(2, 65, 1, 1)), {})):
         torch.testing.assert_close(conv2d_per_client(*args, **kwargs), F.conv2d(*args, **kwargs), rtol=0, atol=0)
     assert launched == []
+    monkeypatch.setattr(client_conv, "MAX_CLIENT_VALUES", 500)
+    small, large = torch.randn(6, 4, 3, 3), torch.randn(30, 4, 3, 3)  # 288 inputs; outputs 6 x 36 and 30 x 36
+    torch.testing.assert_close(conv2d_per_client(x[:1], large), F.conv2d(x[:1], large), rtol=0, atol=0)
+    assert launched == [], "1,080 output values: above the bound"
+    torch.testing.assert_close(conv2d_per_client(x[:1], small), F.conv2d(x[:1], small), rtol=1e-5, atol=1e-5)
+    assert launched == ["client_conv_forward"], "216 output values: computed by the kernels"
     with pytest.raises(RuntimeError, match="should be the same"):
         conv2d_per_client(x, torch.randn(6, 4, 3, 3, dtype=torch.bfloat16))
 
@@ -264,7 +292,10 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
     """Triton's interpreter accepts code its compiler may not: here each kernel goes through
     Triton's whole compiler (to PTX and ptxas's binary) for an H100 (sm_90), with float32
     and with bf16 tensors, in a process with the interpreter off; no product may run on
-    tensor cores (no ``mma``: full float32 fused multiply-adds, as the docstring says)."""
+    tensor cores (no ``mma``: full float32 fused multiply-adds, as the docstring says), and
+    the weight gradient, whose matrix products stage tiles in shared memory, must fit an
+    H100 block's at the widest layer the operator takes (64 channels; the other two keep
+    their sums in registers, and compiling them that wide takes 20 s more)."""
     import importlib.util
     import subprocess
     import sys
@@ -273,8 +304,10 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("TRITON HAS NO CUDA BACKEND HERE: the kernels' compilation for a GPU is untested")
     code = ("import json\nfrom fedbench.client_conv_kernels import compiled_for_gpu\n"
-            "print(json.dumps({dtype: {name: [ptx.count('mma.sync') + ptx.count('wgmma'), ptx.count('fma.rn.f32')]"
-            " for name, ptx in compiled_for_gpu(90, dtype).items()} for dtype in ('fp32', 'bf16')}))")
+            "print(json.dumps({f'{dtype} {channels}': {name: [ptx.count('mma.sync') + ptx.count('wgmma'),"
+            " ptx.count('fma.rn.f32'), shared] for name, (ptx, shared) in compiled_for_gpu(90, dtype, channels, names)"
+            ".items()} for dtype, channels, names in (('fp32', 6, None), ('bf16', 6, None),"
+            " ('fp32', 64, ('client_conv_weight_grad',)))}))")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
@@ -282,10 +315,13 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
     import json
 
     counts = json.loads(done.stdout.splitlines()[-1])
-    for dtype in ("fp32", "bf16"):
-        assert set(counts[dtype]) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}
-        for name, (tensor_core_products, fmas) in counts[dtype].items():
-            assert tensor_core_products == 0 and fmas > 0, (dtype, name, tensor_core_products, fmas)
+    assert set(counts) == {"fp32 6", "bf16 6", "fp32 64"}, "simple_cnn's layers, and the widest the operator takes"
+    for setting, kernels in counts.items():
+        assert set(kernels) == ({"client_conv_weight_grad"} if setting == "fp32 64" else
+                                {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"})
+        for name, (tensor_core_products, fmas, shared) in kernels.items():
+            assert tensor_core_products == 0 and fmas > 0, (setting, name, tensor_core_products, fmas)
+            assert shared <= 227 * 1024, (setting, name, shared, "an H100 block's shared memory: 227 KB")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: the compiled Triton kernels need a GPU")
@@ -311,3 +347,28 @@ def test_on_cuda_the_compiled_kernels_equal_the_sums_and_repeat_bit_for_bit():
     (out * dy.cuda()).sum().backward()
     for a, again in zip(first, (out, xs.grad, ws.grad)):
         assert torch.equal(a, again), "the same inputs give the same bits"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: CUDA graphs need a GPU")
+def test_on_cuda_a_cuda_graph_replays_the_kernels_as_eager_computes_them():
+    """The path a GPU grid takes: vmap over clients compiled with reduce-overhead (CUDA
+    graphs), forward and backward, three calls with new inputs written in place between
+    them; each equals the eager computation to float32 rounding."""
+    torch.manual_seed(0)
+    weights = torch.randn(4, 6, 3, 5, 5, device="cuda", requires_grad=True)
+    images = torch.randn(4, 8, 3, 16, 16, device="cuda")
+
+    def losses(w, x):
+        return vmap(lambda wk, xk: F.relu(conv2d_per_client(xk, wk, None, padding=2)).square().mean())(w, x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(losses, mode="reduce-overhead", fullgraph=True)
+    for call in range(3):
+        with torch.no_grad():
+            images.copy_(torch.randn(images.shape, device="cuda"))
+        got = compiled(weights, images)
+        grad, = torch.autograd.grad(got.sum(), [weights])
+        want = losses(weights, images)
+        want_grad, = torch.autograd.grad(want.sum(), [weights])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
