@@ -31,6 +31,24 @@ from fedbench.client_conv import conv2d_per_client  # noqa: E402
 from test_matmul_conv import convolution_by_loops  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")  # the kernels compiled on a GPU, else interpreted
+
+
+@pytest.fixture(autouse=True)
+def full_float32_references():
+    """On a GPU torch's own convolutions, the references here, run in TF32 by default: full
+    float32 for these tests, as the kernels compute, and put back after."""
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32 = before[0]
+    torch.set_float32_matmul_precision(before[1])
+
+
+def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copies on DEVICE that autograd fills with gradients."""
+    return [t.detach().to(DEVICE).requires_grad_() for t in tensors]
 GEOMETRIES = [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 2), (1, 2))]  # stride, padding, dilation per side
 
 
@@ -61,19 +79,20 @@ def test_each_client_s_convolution_and_gradients_equal_the_sums_written_out_by_h
     x = torch.randn(3, 2, 2, 7, 6, generator=gen)
     w = torch.randn(3, 5, 2, 3, 2, generator=gen)
     b = torch.randn(3, 5, generator=gen)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    xs, ws, bs = leaves(x, w, b)
     out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
     dy = torch.randn(out.shape, generator=gen)
-    (out * dy).sum().backward()
+    (out * dy.to(DEVICE)).sum().backward()
     for k in range(3):
         expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), b[k].double().numpy(),
                                         stride, padding, dilation)
-        np.testing.assert_allclose(out[k].detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[k].detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
         dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
                                     stride, padding, dilation)
-        np.testing.assert_allclose(xs.grad[k].numpy(), dx, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(ws.grad[k].numpy(), dw, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(bs.grad[k].numpy(), dy[k].double().numpy().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(xs.grad[k].cpu().numpy(), dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ws.grad[k].cpu().numpy(), dw, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(bs.grad[k].cpu().numpy(), dy[k].double().numpy().sum((0, 2, 3)), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
@@ -89,18 +108,18 @@ def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
     monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions: (32, 64, 3))
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
-    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xs, ws = leaves(x, w)
     out = client_conv2d_of(xs, ws, None, (1, 1), (2, 1), (1, 1))  # 3 x 11 x 8 = 264 positions a client
     dy = torch.randn(out.shape, generator=gen)
-    (out * dy).sum().backward()
+    (out * dy.to(DEVICE)).sum().backward()
     for k in range(2):
         zero = np.zeros(5)
         expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), zero, (1, 1), (2, 1), (1, 1))
-        np.testing.assert_allclose(out[k].detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[k].detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
         dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
                                     (1, 1), (2, 1), (1, 1))
-        np.testing.assert_allclose(xs.grad[k].numpy(), dx, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(ws.grad[k].numpy(), dw, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(xs.grad[k].cpu().numpy(), dx, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ws.grad[k].cpu().numpy(), dw, rtol=1e-5, atol=1e-4)
 
 
 def client_conv2d_of(x, w, b, stride, padding, dilation):
@@ -124,8 +143,8 @@ def test_under_vmap_every_client_s_convolution_is_one_launch_with_its_own_weight
     if compile_mode and shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled Triton convolution is untested")
     torch.manual_seed(0)
-    weights, biases = torch.randn(4, 6, 3, 3, 3, requires_grad=True), torch.randn(4, 6, requires_grad=True)
-    images = torch.randn(4, 5, 3, 9, 9).contiguous(memory_format=torch.channels_last_3d)
+    weights, biases = leaves(torch.randn(4, 6, 3, 3, 3), torch.randn(4, 6))
+    images = torch.randn(4, 5, 3, 9, 9).to(DEVICE).contiguous(memory_format=torch.channels_last_3d)
     launched = counting_launches(monkeypatch)
     per_client = vmap(lambda w, b, x: conv2d_per_client(x, w, b, stride=2, padding=1).square().sum())
     if compile_mode:
@@ -147,8 +166,8 @@ def test_an_input_gradient_is_one_launch_for_every_client_too(monkeypatch):
     """A second convolution's input needs a gradient (the first convolution's output):
     under vmap, one input-gradient launch for all clients."""
     torch.manual_seed(0)
-    x = torch.randn(3, 2, 2, 6, 6, requires_grad=True)
-    w = torch.randn(3, 4, 2, 3, 3)
+    x, = leaves(torch.randn(3, 2, 2, 6, 6))
+    w = torch.randn(3, 4, 2, 3, 3).to(DEVICE)
     launched = counting_launches(monkeypatch)
     out = vmap(lambda xi, wi: conv2d_per_client(xi, wi, None, padding=1))(x, w)
     out.square().sum().backward()
@@ -163,15 +182,14 @@ def test_vmapped_at_another_dimension_or_shared_by_every_client_it_still_is_each
     """Inputs vmapped at dimension 1 and weights shared by all clients (not vmapped),
     with gradients of both: one launch each way, against torch's convolution per client."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 2, 6, 5, requires_grad=True)  # [N, K, C, H, W]: clients at dimension 1
-    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    x, w = leaves(torch.randn(2, 3, 2, 6, 5), torch.randn(4, 2, 3, 3))  # x [N, K, C, H, W]: clients at dimension 1
     launched = counting_launches(monkeypatch)
     out = vmap(lambda xi: conv2d_per_client(xi, w, None, stride=(1, 2), padding=1), in_dims=1)(x)
-    (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+    (out * torch.arange(out.numel(), device=DEVICE).reshape(out.shape).sin()).sum().backward()
     assert launched == ["client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"]
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     reference = torch.stack([F.conv2d(xr[:, k], wr, None, stride=(1, 2), padding=1) for k in range(3)])
-    (reference * torch.arange(reference.numel()).reshape(reference.shape).sin()).sum().backward()
+    (reference * torch.arange(reference.numel(), device=DEVICE).reshape(reference.shape).sin()).sum().backward()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-4)  # summed over the clients too
@@ -196,22 +214,23 @@ def test_what_the_kernels_do_not_compute_stays_torchs(monkeypatch):
     with torch's own numbers; mixed dtypes get F.conv2d's error."""
     torch.manual_seed(0)
     launched = counting_launches(monkeypatch)
-    x = torch.randn(2, 4, 8, 8)
-    for args, kwargs in (((x, torch.randn(6, 2, 3, 3)), {"groups": 2}),
-                         ((x, torch.randn(6, 4, 3, 3)), {"padding": "same"}),
-                         ((x.double(), torch.randn(6, 4, 3, 3, dtype=torch.float64)), {}),
-                         ((x, torch.randn(65, 4, 1, 1)), {}),
-                         ((torch.randn(1, 65, 3, 3), torch.randn(2, 65, 1, 1)), {})):
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
+    for args, kwargs in (((x, torch.randn(6, 2, 3, 3, device=DEVICE)), {"groups": 2}),
+                         ((x, torch.randn(6, 4, 3, 3, device=DEVICE)), {"padding": "same"}),
+                         ((x.double(), torch.randn(6, 4, 3, 3, dtype=torch.float64, device=DEVICE)), {}),
+                         ((x, torch.randn(65, 4, 1, 1, device=DEVICE)), {}),
+                         ((torch.randn(1, 65, 3, 3, device=DEVICE), torch.randn(2, 65, 1, 1, device=DEVICE)), {})):
         torch.testing.assert_close(conv2d_per_client(*args, **kwargs), F.conv2d(*args, **kwargs), rtol=0, atol=0)
     assert launched == []
     monkeypatch.setattr(client_conv, "MAX_CLIENT_VALUES", 500)
-    small, large = torch.randn(6, 4, 3, 3), torch.randn(30, 4, 3, 3)  # 288 inputs; outputs 6 x 36 and 30 x 36
+    # 256 input values; outputs 6 x 36 and 30 x 36
+    small, large = torch.randn(6, 4, 3, 3, device=DEVICE), torch.randn(30, 4, 3, 3, device=DEVICE)
     torch.testing.assert_close(conv2d_per_client(x[:1], large), F.conv2d(x[:1], large), rtol=0, atol=0)
     assert launched == [], "1,080 output values: above the bound"
     torch.testing.assert_close(conv2d_per_client(x[:1], small), F.conv2d(x[:1], small), rtol=1e-5, atol=1e-5)
     assert launched == ["client_conv_forward"], "216 output values: computed by the kernels"
     with pytest.raises(RuntimeError, match="should be the same"):
-        conv2d_per_client(x, torch.randn(6, 4, 3, 3, dtype=torch.bfloat16))
+        conv2d_per_client(x, torch.randn(6, 4, 3, 3, dtype=torch.bfloat16, device=DEVICE))
 
 
 def test_where_the_kernels_cannot_run_one_message_names_the_field_before_any_data_is_read(tmp_path, monkeypatch):
@@ -264,6 +283,7 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     from attacks.pixel_pattern import PixelPattern
     from defenses.fedavg import FedAvg
     from defenses.sdfc import SDFC
+    from fedbench.experiment import FabricConfig
     from fedbench.models import ModelConfig
     from test_cohort import MODEL_TOLERANCE, UPDATE_TOLERANCE, both_ways, relative_gap
 
@@ -274,7 +294,7 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
         defense=SDFC() if compile_mode is None else FedAvg(),
-        model=ModelConfig(name="test_client_conv.two_convolutions"),
+        model=ModelConfig(name="test_client_conv.two_convolutions"), fabric=FabricConfig(tf32="none"),
         train=LocalTrainConfig(local_steps=2, batch_size=8, compile=compile_mode, cohort_convolution="triton"))
     assert coh.exp.train.cohort_convolution == "triton" and seq.exp.train.cohort_convolution == "grouped"
     assert coh.cohort_trainer.fused is None, "the Triton convolution takes the autograd step"
@@ -325,28 +345,20 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: the compiled Triton kernels need a GPU")
-def test_on_cuda_the_compiled_kernels_equal_the_sums_and_repeat_bit_for_bit():
+def test_on_cuda_the_same_inputs_give_the_same_bits():
+    """Fixed summation orders, no atomics: a second forward and backward pass repeats the
+    first bit for bit (the tests above check the values on whichever device this is)."""
     gen = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 4, 2, 9, 8, generator=gen), torch.randn(3, 6, 2, 5, 3, generator=gen), torch.randn(3, 6)
-    stride, padding, dilation = (2, 1), (1, 2), (1, 2)
-    xs, ws, bs = (t.cuda().requires_grad_() for t in (x, w, b))
-    out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
-    dy = torch.randn(out.shape, generator=gen)
-    (out * dy.cuda()).sum().backward()
-    first = [t.detach().clone() for t in (out, xs.grad, ws.grad)]
-    for k in range(3):
-        expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), b[k].double().numpy(),
-                                        stride, padding, dilation)
-        np.testing.assert_allclose(out[k].detach().cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
-        dx, dw = gradients_by_loops(x[k].double().numpy(), w[k].double().numpy(), dy[k].double().numpy(),
-                                    stride, padding, dilation)
-        np.testing.assert_allclose(xs.grad[k].cpu().numpy(), dx, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(ws.grad[k].cpu().numpy(), dw, rtol=1e-5, atol=1e-4)
-    xs.grad = ws.grad = None
-    out = client_conv2d_of(xs, ws, bs, stride, padding, dilation)
-    (out * dy.cuda()).sum().backward()
-    for a, again in zip(first, (out, xs.grad, ws.grad)):
-        assert torch.equal(a, again), "the same inputs give the same bits"
+    x, w, b = torch.randn(3, 64, 3, 32, 32, generator=gen), torch.randn(3, 6, 3, 5, 5, generator=gen), torch.randn(3, 6)
+    dy = torch.randn(3, 64, 6, 28, 28, generator=gen).cuda()
+    passes = []
+    for _ in range(2):
+        xs, ws, bs = leaves(x, w, b)
+        out = client_conv2d_of(xs, ws, bs, (1, 1), (0, 0), (1, 1))
+        (out * dy).sum().backward()
+        passes.append([out.detach(), xs.grad, ws.grad, bs.grad])
+    for first, second in zip(*passes):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: CUDA graphs need a GPU")

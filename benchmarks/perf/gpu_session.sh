@@ -32,14 +32,16 @@
 # longer in the grid. Since then train.cohort_convolution=triton launches each convolution
 # once for all clients (fedbench.client_conv; tested on CPU in Triton's interpreter, and
 # compiled for sm_90 without a GPU: the first call shows what its kernels are worth). Each
-# variant runs in a process of its own (about 60 s a kernels.py variant on the H100, estimated):
-#   PERF_CONV_SECONDS=100 PERF_KERNELS_ARGS="--variants base triton conv_fp32"
-#   PERF_KERNELS_SECONDS=220 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
+# variant runs in a process of its own (about 60 s a kernels.py variant on the H100,
+# estimated); the call starts with the tests that need a GPU (pytest must be installed
+# there: carry its wheels, pytest, pluggy and iniconfig, with the others):
+#   CUDA_TESTS_SECONDS=90 PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base triton conv_fp32"
+#   PERF_KERNELS_SECONDS=200 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
 # then, if triton beat base by 5% per step, the grid with it (GRID_CONVOLUTION=triton; or,
-# if only conv_fp32 did, GRID_FLAGS="--set fabric.tf32=none"; GRID_SECONDS=400 fits the
-# lease's 15 minutes after a first call of about 330 s; grouped in TF32: 4,237 cell-rounds/h):
-#   PERF_SECONDS=0 GRID_SECONDS=400 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton
+# if only conv_fp32 did, GRID_FLAGS="--set fabric.tf32=none"; GRID_SECONDS=360 fits the
+# lease's 15 minutes after a first call of about 390 s; grouped in TF32: 4,237 cell-rounds/h):
+#   PERF_SECONDS=0 GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton
 #   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
@@ -101,6 +103,14 @@ if [ -n "${CPU_GRID:-}" ]; then
      stem=$(basename "$file" .yaml)
      cpu_grid "$file" "runs/cpu_grid/$stem" ${CPU_CELLS:-*} >"$OUT/cpu_grid_$stem.log" 2>&1
    done) &
+fi
+
+# the tests that need a GPU, first: the Triton convolution's (every test of it runs on the
+# GPU there: values against sums by hand, a cohort against sequential training, CUDA graph
+# replays, bit-for-bit repeats) and fabric.tf32's; CUDA_TESTS=0 skips, CUDA_TESTS_SECONDS
+if [ "${CUDA_TESTS:-1}" = 1 ] && [ "$DEVICE" != cpu ]; then
+  timeout "${CUDA_TESTS_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_client_conv.py \
+    tests/test_tf32.py 2>&1 | tail -40 | tee "$OUT/cuda_tests.log"
 fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
