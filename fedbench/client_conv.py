@@ -14,9 +14,10 @@ autograd formula calls the two gradient operators, whose vmap rules fold in the 
 inside the step's CUDA graph under ``reduce-overhead``.
 
 Regular autograd only: a custom operator's autograd formula does not run under
-``torch.func.grad`` (torch raises), so a compiled cohort with this convolution takes the
-autograd step, not the fused step (:mod:`fedbench.fused_step`, which differentiates under
-``torch.func``); and no second derivatives.
+``torch.func.grad`` (torch raises), so a compiled cohort's fused step
+(:mod:`fedbench.fused_step`) differentiates by autograd with this convolution, which the
+compiler traces into the step's graph in torch 2.11 and later (``trace_autograd_ops``,
+experimental; before, the autograd step); and no second derivatives.
 
 Numbers: float32 products summed in float32 (full float32, not TF32, whatever
 ``fabric.tf32`` says), in a fixed order: equal to ``F.conv2d`` up to float rounding, and

@@ -57,7 +57,7 @@ from defenses.base import QuadraticPull
 from fedbench import matmul_conv
 from fedbench.client import ClientJob, LocalResult, LocalTrainConfig, LocalTrainer, RawBatch
 from fedbench.cohort_feed import CohortFeed, DataPool, DeviceIndex, Group, row_batches
-from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, unstable
+from fedbench.compiling import StableTensors, compiled, mark_static, step_begins, traces_autograd, unstable
 from fedbench.data import Augmentation, ImagePipeline
 from fedbench.errors import FedbenchError
 from fedbench.fused_step import FusedState, FusedStep, Pull, uses_every_parameter
@@ -76,11 +76,12 @@ class CohortTrainer:
         self.compile = trainer.config.compile
         self.vmapped_losses = compiled(vmap(self.loss_of), self.compile)
         config = trainer.config
-        # the fused step differentiates under torch.func.grad, which the Triton convolution's
-        # operator does not support (fedbench.client_conv): that one takes the autograd step
-        fusable = self.compile is not None and config.cohort_convolution != "triton"
-        self.fused = (compiled(FusedStep(self.loss_of, config.lr, config.momentum, config.weight_decay).__call__,
-                               self.compile) if fusable else None)
+        # torch.func.grad cannot differentiate the Triton convolution's operator: its fused step
+        # differentiates with autograd, which the compiler traces in torch 2.11 and later only
+        by_autograd = config.cohort_convolution == "triton"
+        fusable = self.compile is not None and (not by_autograd or traces_autograd())
+        step = FusedStep(self.loss_of, config.lr, config.momentum, config.weight_decay, autograd=by_autograd)
+        self.fused = compiled(step.__call__, self.compile, trace_autograd=by_autograd) if fusable else None
         self.every_parameter_used: bool | None = None  # found on the first fused step's batch
         self.row_batches = compiled(row_batches, self.compile)
         # under CUDA graphs, what the compiled graphs read or update keeps its address across rounds

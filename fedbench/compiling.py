@@ -16,13 +16,23 @@ Result = TypeVar("Result")
 SHAPES_PER_COMPILED_FUNCTION = 256
 
 
-def compiled(fn: Callable[..., Result], mode: str | None) -> Callable[..., Result]:
+def traces_autograd() -> bool:
+    """Whether this torch's compiler can trace ``torch.autograd.grad`` into a graph
+    (``torch._dynamo.config.trace_autograd_ops``, torch 2.11 and later; experimental)."""
+    import torch._dynamo.config
+
+    return hasattr(torch._dynamo.config, "trace_autograd_ops")
+
+
+def compiled(fn: Callable[..., Result], mode: str | None, trace_autograd: bool = False) -> Callable[..., Result]:
     """``fn`` itself (``mode`` None) or ``torch.compile(fn, mode=mode, dynamic=False)``: a
     static graph per input shape, so which kernels compute a step depends on its shapes
     only, never on which shapes came earlier in the process (a resumed run gives the same
     numbers as one that ran through; verified on CPU, on CUDA with inductor's
     deterministic switch on, untested on a GPU yet). The max-autotune modes, which pick
-    kernels by timing them, are not offered."""
+    kernels by timing them, are not offered. ``trace_autograd``: ``torch.autograd.grad``
+    inside ``fn`` is traced into its graph (:func:`traces_autograd` must hold) rather than
+    breaking it."""
     if mode is None:
         return fn
     import torch._dynamo  # only a compiling run pays for importing the compiler
@@ -33,9 +43,12 @@ def compiled(fn: Callable[..., Result], mode: str | None) -> Callable[..., Resul
     # deterministic switch (where this torch has it) turns that choice by timing off.
     deterministic = {"deterministic": True} if hasattr(inductor_config, "deterministic") else {}
 
+    dynamo_options = {"recompile_limit": SHAPES_PER_COMPILED_FUNCTION}
+    if trace_autograd:
+        dynamo_options["trace_autograd_ops"] = True
+
     def call(*args: object) -> Result:
-        with (torch._dynamo.config.patch(recompile_limit=SHAPES_PER_COMPILED_FUNCTION),
-              inductor_config.patch(**deterministic)):
+        with torch._dynamo.config.patch(**dynamo_options), inductor_config.patch(**deterministic):
             return compiled_fn(*args)
 
     return call

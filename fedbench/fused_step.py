@@ -10,7 +10,8 @@ tensors instead, so ``torch.compile`` captures all of it:
 
     loss_k   = CE(f(W[k]; x_k), y_k) + weight_k * sum_i (W_i[k] - A_i[k])^2 * S_i[k]
                (0 for a row that is not live: ``where``, so a rider's NaN stays out)
-    g_k      = d loss_k / d W[k]            (``torch.func.grad_and_value`` under ``vmap``)
+    g_k      = d loss_k / d W[k]            (``torch.func.grad_and_value`` under ``vmap``; with
+                                            ``autograd``, autograd of sum_k loss_k: the same)
     g_k     += weight_decay * W[k]
     m_k      = momentum * m_k + g_k         (m_k starts at 0: SGD's first step, m = g)
     W[k]    -= lr * m_k                     (in place, every row)
@@ -58,9 +59,11 @@ class FusedState(NamedTuple):
 class FusedStep:
     """``step(state, inputs, labels, live, rows)`` trains the cohort's ``rows`` one step."""
 
-    def __init__(self, loss_of: RowLoss, lr: float, momentum: float, weight_decay: float) -> None:
+    def __init__(self, loss_of: RowLoss, lr: float, momentum: float, weight_decay: float,
+                 autograd: bool = False) -> None:
         self.loss_of = loss_of
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.autograd = autograd
 
     def row_loss(self, trainable: Tensors, frozen: Tensors, buffers: Tensors, inputs: Tensor, labels: Tensor,
                  live: Tensor, pull: Pull | None) -> Tensor:
@@ -99,8 +102,11 @@ class FusedStep:
                totals: Tensor, inputs: Tensor, labels: Tensor, live: Tensor) -> None:
         """The step of every row of these stacks, in place."""
         rows = (0, 0, 0, 0, 0, 0, None if pull is None else 0)
-        grads, losses = vmap(grad_and_value(self.row_loss), in_dims=rows)(trainable, frozen, buffers, inputs, labels,
-                                                                          live, pull)
+        args = (frozen, buffers, inputs, labels, live, pull)
+        if self.autograd:
+            grads, losses = self.rows_by_autograd(rows, trainable, *args)
+        else:
+            grads, losses = vmap(grad_and_value(self.row_loss), in_dims=rows)(trainable, *args)
         with torch.no_grad():
             for name, weights in trainable.items():
                 step = grads[name]
@@ -111,6 +117,19 @@ class FusedStep:
                     momenta[name].copy_(step)
                 weights.add_(step, alpha=-self.lr)
             totals.add_(losses.to(totals.dtype))
+
+
+    def rows_by_autograd(self, rows: tuple, trainable: Tensors, *args) -> tuple[Tensors, Tensor]:
+        """Every row's gradient and loss as ``vmap(grad_and_value(row_loss))`` gives them, by
+        torch's autograd instead: the gradient of the rows' summed losses in the stacks, row
+        k's part of which is row k's own (rows share nothing). For models whose operators
+        torch.func cannot differentiate (``train.cohort_convolution=triton``); compiled, it
+        needs :func:`~fedbench.compiling.traces_autograd`."""
+        with torch.enable_grad():
+            leaves = {name: t.detach().requires_grad_() for name, t in trainable.items()}
+            losses = vmap(self.row_loss, in_dims=rows)(leaves, *args)
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads)), losses.detach()
 
 
 def uses_every_parameter(params: Tensors, buffers: Tensors, inputs: Tensor, labels: Tensor, loss_of: RowLoss) -> bool:

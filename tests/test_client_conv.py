@@ -278,8 +278,9 @@ def two_convolutions(num_classes: int, in_channels: int, image_size: int) -> nn.
 def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_root, tmp_path, monkeypatch,
                                                                         compile_mode):
     """5 clients, 2 steps each, pixel-pattern poisoning; uncompiled with SDFC's
-    calibration term, and compiled (the autograd step: the fused step's torch.func.grad
-    cannot differentiate the operator)."""
+    calibration term, and compiled: the fused step, differentiating by autograd (torch.func
+    cannot differentiate the operator), traced into the step's graph where this torch can
+    (2.11 and later), else the autograd step."""
     from attacks.pixel_pattern import PixelPattern
     from defenses.fedavg import FedAvg
     from defenses.sdfc import SDFC
@@ -297,7 +298,10 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
         model=ModelConfig(name="test_client_conv.two_convolutions"), fabric=FabricConfig(tf32="none"),
         train=LocalTrainConfig(local_steps=2, batch_size=8, compile=compile_mode, cohort_convolution="triton"))
     assert coh.exp.train.cohort_convolution == "triton" and seq.exp.train.cohort_convolution == "grouped"
-    assert coh.cohort_trainer.fused is None, "the Triton convolution takes the autograd step"
+    from fedbench.compiling import traces_autograd
+
+    fused = coh.cohort_trainer.fused is not None
+    assert fused == (compile_mode is not None and traces_autograd()), "fused where compiled and traceable"
     # each step: two forward launches, the second convolution's input gradient, two weight gradients
     assert len(launched) >= 2 * 5
     assert set(launched) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}

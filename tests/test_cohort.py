@@ -314,8 +314,8 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
     addresses = []  # per call of a compiled function: (its name, the data pointers of its tensors)
     real_compiled = fedbench.cohort.compiled
 
-    def recording(fn, mode):
-        run = real_compiled(fn, mode)
+    def recording(fn, mode, **options):
+        run = real_compiled(fn, mode, **options)
 
         def call(*args):
             addresses.append((getattr(fn, "__name__", ""), [t.data_ptr() for t in torch.utils._pytree.tree_leaves(args)

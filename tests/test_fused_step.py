@@ -24,7 +24,13 @@ def loss_of(template: nn.Module):
     return loss
 
 
-def test_the_fused_step_equals_each_client_trained_alone_with_torch_sgd():
+# each row's gradient by torch.func (the default) or by autograd of the rows' summed losses
+# (train.cohort_convolution=triton, whose operator torch.func cannot differentiate)
+BY_AUTOGRAD = pytest.mark.parametrize("autograd", [False, True], ids=["torch.func", "autograd"])
+
+
+@BY_AUTOGRAD
+def test_the_fused_step_equals_each_client_trained_alone_with_torch_sgd(autograd):
     """Three clients, three steps, float64: client 0 with a pull term, client 1 without,
     client 2 not live (its loss masked out: it moves by weight decay and momentum only, as
     torch's SGD moves a parameter whose gradient is zero) and, for each client, the
@@ -63,7 +69,7 @@ def test_the_fused_step_equals_each_client_trained_alone_with_torch_sgd():
             {n: torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)]) for n, s in zip(names, scale)},
             torch.tensor([WEIGHT, 0.0, 0.0], dtype=torch.float64))
     totals = torch.zeros(3, dtype=torch.float64)
-    step = FusedStep(loss_of(template), LR, MOMENTUM, DECAY)
+    step = FusedStep(loss_of(template), LR, MOMENTUM, DECAY, autograd=autograd)
     for t in range(3):
         step(FusedState(trainable, {}, buffers, momenta, pull, totals), inputs[t], labels[t], live)
 
@@ -77,7 +83,8 @@ def test_the_fused_step_equals_each_client_trained_alone_with_torch_sgd():
     assert totals[2] == 0
 
 
-def test_a_nan_loss_of_a_row_that_is_not_live_stays_out_of_the_totals_and_the_other_rows():
+@BY_AUTOGRAD
+def test_a_nan_loss_of_a_row_that_is_not_live_stays_out_of_the_totals_and_the_other_rows(autograd):
     """Rows are independent: row 0 moves as it would alone, whatever row 1 computes (the
     cohort puts a rider's own row back when the round ends)."""
     torch.manual_seed(0)
@@ -88,8 +95,8 @@ def test_a_nan_loss_of_a_row_that_is_not_live_stays_out_of_the_totals_and_the_ot
     inputs[1, 0, 0] = float("nan")
     labels = torch.zeros(2, 4, dtype=torch.long)
     totals = torch.zeros(2, dtype=torch.float64)
-    FusedStep(loss_of(template), LR, 0.0, 0.0)(FusedState(trainable, {}, {}, {}, None, totals), inputs, labels,
-                                               torch.tensor([True, False]))
+    FusedStep(loss_of(template), LR, 0.0, 0.0, autograd=autograd)(FusedState(trainable, {}, {}, {}, None, totals),
+                                                                  inputs, labels, torch.tensor([True, False]))
     loss = F.cross_entropy(model(inputs[0]), labels[0])
     loss.backward()
     assert totals.tolist() == [pytest.approx(loss.item(), rel=1e-12), 0.0]
@@ -114,7 +121,8 @@ def test_uses_every_parameter_finds_a_parameter_the_loss_never_reaches(net, expe
     assert found is expected
 
 
-def test_a_subset_of_rows_steps_like_those_clients_alone_and_leaves_the_others_as_they_are():
+@BY_AUTOGRAD
+def test_a_subset_of_rows_steps_like_those_clients_alone_and_leaves_the_others_as_they_are(autograd):
     """rows [2, 0] of 3 (a compiled cohort's bucket): clients 2 and 0 take one SGD step as
     alone, in the order their batches come; row 1's parameters, momenta, BatchNorm
     statistics and loss total are not touched (bit for bit)."""
@@ -141,8 +149,9 @@ def test_a_subset_of_rows_steps_like_those_clients_alone_and_leaves_the_others_a
         optimizer.step()
         expected[k] = (model, optimizer, loss.item())
 
-    FusedStep(loss_of(template), LR, MOMENTUM, DECAY)(FusedState(trainable, {}, buffers, momenta, None, totals), inputs,
-                                                       labels, torch.ones(3, dtype=torch.bool), torch.tensor([2, 0]))
+    FusedStep(loss_of(template), LR, MOMENTUM, DECAY, autograd=autograd)(
+        FusedState(trainable, {}, buffers, momenta, None, totals), inputs, labels, torch.ones(3, dtype=torch.bool),
+        torch.tensor([2, 0]))
     for k, (model, optimizer, loss) in expected.items():
         for name, p in model.named_parameters():
             torch.testing.assert_close(trainable[name][k], p.detach(), rtol=1e-12, atol=1e-12)

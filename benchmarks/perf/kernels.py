@@ -26,7 +26,7 @@ cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
   with like, its linear layers in TF32 too);
 - ``triton``: the grid's settings with ``train.cohort_convolution=triton``: every client's
   convolution one Triton kernel launch, forward, input gradient and weight gradient
-  (``fedbench.client_conv``; full float32; the autograd step, not the fused one);
+  (``fedbench.client_conv``; full float32; the fused step differentiating by autograd);
 - ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark=True`` (cuDNN times its algorithms
   on the first call and keeps the fastest; no training option: a run sets it off, since
   the choice can differ from run to run and with it the float rounding);
