@@ -47,18 +47,25 @@ def positions_per_program(device_type: str, channels: int) -> int:
 
 
 @triton.jit
+def block_positions(BLOCK_P: tl.constexpr, N, H, W):
+    """This program's block of BLOCK_P positions (program 0) among one client's N images of
+    H x W, numbered image by image: whether each is in range, its image, its position in
+    the image, row and column."""
+    r = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, p = r // (H * W), r % (H * W)
+    return r < N * H * W, n, p, p // W, p % W
+
+
+@triton.jit
 def client_conv_forward(x, w, b, y, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, dw,
                         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: BLOCK_P of one client's output positions, its images' positions in a
     row (program 0), of client k (program 1), every output channel. Offsets inside a
     client are 32-bit (its tensors hold under 2**31 values: the operator checks)."""
-    block_index, k = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     x_client, y_client = x + k * N * C * H * W, y + k * N * O * OH * OW
-    r = block_index * BLOCK_P + tl.arange(0, BLOCK_P)
-    r_ok = r < N * OH * OW
-    n, p = r // (OH * OW), r % (OH * OW)
-    oh, ow = p // OW, p % OW
+    r_ok, n, p, oh, ow = block_positions(BLOCK_P, N, OH, OW)
     o = tl.arange(0, BLOCK_O)
     o_ok = o < O
     w_client = w + k * O * C * KH * KW + o * (C * KH * KW)
@@ -85,12 +92,9 @@ def client_conv_input_grad(dy, w, dx, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh,
                            KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: BLOCK_P of one client's input positions (program 0), of client k
     (program 1), every input channel."""
-    block_index, k = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     dy_client, dx_client = dy + k * N * O * OH * OW, dx + k * N * C * H * W
-    r = block_index * BLOCK_P + tl.arange(0, BLOCK_P)
-    r_ok = r < N * H * W
-    n, q = r // (H * W), r % (H * W)
-    ih, iw = q // W, q % W
+    r_ok, n, q, ih, iw = block_positions(BLOCK_P, N, H, W)
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     w_client = w + k * O * C * KH * KW + c * (KH * KW)
