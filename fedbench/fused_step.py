@@ -118,7 +118,6 @@ class FusedStep:
                 weights.add_(step, alpha=-self.lr)
             totals.add_(losses.to(totals.dtype))
 
-
     def rows_by_autograd(self, rows: tuple, trainable: Tensors, *args) -> tuple[Tensors, Tensor]:
         """Every row's gradient and loss as ``vmap(grad_and_value(row_loss))`` gives them, by
         torch's autograd instead: the gradient of the rows' summed losses in the stacks, row

@@ -30,6 +30,27 @@ def _triton_interpreted_without_a_gpu() -> None:
 
 _triton_interpreted_without_a_gpu()
 
+
+def triton_unavailable() -> str | None:
+    """Why train.cohort_convolution=triton cannot run in this test process (on its GPU, or
+    on the CPU in Triton's interpreter), or None: fedbench's own check, for skipping loudly."""
+    import torch
+
+    from fedbench.client_conv import unavailable
+
+    return unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def triton_launches(monkeypatch) -> list[str]:
+    """The names of the Triton kernels fedbench.client_conv launches from now on."""
+    import fedbench.client_conv as client_conv
+
+    launched: list[str] = []
+    real = client_conv.launch
+    monkeypatch.setattr(client_conv, "launch", lambda kernel, *a, **k: launched.append(kernel.fn.__name__)
+                        or real(kernel, *a, **k))
+    return launched
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

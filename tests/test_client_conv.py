@@ -18,13 +18,10 @@ from torch.func import vmap
 
 from fedbench.client import LocalTrainConfig
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - torch's CUDA builds bring Triton
-    pytest.skip("TRITON NOT INSTALLED: train.cohort_convolution=triton is untested here", allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("NO GPU AND TRITON'S INTERPRETER OFF (TRITON_INTERPRET=1 must be set before torch imports Triton): "
-                "the Triton convolution is untested here", allow_module_level=True)
+from conftest import triton_launches as counting_launches, triton_unavailable
+
+if triton_unavailable():  # no Triton, or no GPU and the interpreter off (conftest turns it on)
+    pytest.skip(f"THE TRITON CONVOLUTION IS UNTESTED HERE: {triton_unavailable()}", allow_module_level=True)
 
 import fedbench.client_conv as client_conv  # noqa: E402
 from fedbench.client_conv import conv2d_per_client  # noqa: E402
@@ -124,15 +121,6 @@ def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
 
 def client_conv2d_of(x, w, b, stride, padding, dilation):
     return client_conv.client_conv2d(x, w, b, [*stride, *padding, *dilation])
-
-
-def counting_launches(monkeypatch) -> list[str]:
-    """The kernels launched from now on, by name."""
-    launched: list[str] = []
-    real = client_conv.launch
-    monkeypatch.setattr(client_conv, "launch", lambda kernel, *a, **k: launched.append(kernel.fn.__name__)
-                        or real(kernel, *a, **k))
-    return launched
 
 
 @pytest.mark.parametrize("compile_mode", [None, "default"])

@@ -1,6 +1,5 @@
 """benchmarks/perf/grouped_conv.py: every variant times the same computation."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "perf"))
 import grouped_conv  # noqa: E402
+from conftest import triton_launches, triton_unavailable  # noqa: E402
 
 
 def numpy_convolution(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -37,13 +37,13 @@ def float_variants_and_shapes() -> list:
 def test_each_float_variant_is_every_client_s_convolution_with_the_gradients_a_step_takes(shape, name, monkeypatch):
     variant = grouped_conv.VARIANTS[name]
     triton = variant.convolution == "triton"
-    if triton and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("NO GPU AND TRITON'S INTERPRETER OFF: the triton variant is untested here")
+    if triton and triton_unavailable():
+        pytest.skip(f"THE TRITON VARIANT IS UNTESTED HERE: {triton_unavailable()}")
     clients = 2 if triton else 3
     dtype = torch.float32 if triton else torch.float64
     x, w, b = (t.detach().to(dtype).requires_grad_(t.requires_grad)
                for t in grouped_conv.inputs(shape, clients=clients, batch=2, device="cpu"))
-    launched = spy_on_triton_launches(monkeypatch)
+    launched = triton_launches(monkeypatch)
     with grouped_conv.settings(variant):
         out, *grads = grouped_conv.forward_backward(variant, x, w, b)
     assert len(launched) == (2 if triton else 0), "the Triton variant's forward pass and weight gradient"
@@ -66,16 +66,6 @@ def test_each_float_variant_is_every_client_s_convolution_with_the_gradients_a_s
             for v in range(5):
                 grad_x[:, :, u:u + side, v:v + side] += ws[:, :, :, u, v].sum(axis=1)[:, :, None, None]
         np.testing.assert_allclose(grads[0].numpy(), np.broadcast_to(grad_x[:, None], xs.shape), rtol=1e-10)
-
-
-def spy_on_triton_launches(monkeypatch) -> list:
-    """The Triton kernels launched from now on."""
-    import fedbench.client_conv as client_conv
-
-    launched: list = []
-    real = client_conv.launch
-    monkeypatch.setattr(client_conv, "launch", lambda *a, **k: launched.append(a[0]) or real(*a, **k))
-    return launched
 
 
 def test_a_variant_s_switches_hold_inside_and_are_put_back_after_an_error():
