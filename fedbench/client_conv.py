@@ -26,11 +26,14 @@ hand, as the grouped cohort's are (:func:`~fedbench.matmul_conv.conv2d_in_autoca
 Convolutions it does not compute (groups > 1, string padding, float64, more than 64
 channels in or out, a client's input or output of 2**31 values or more) are left to
 ``F.conv2d``. On a CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``
-set before torch imports Triton): correct, slow, for checking only.
+set before torch imports Triton): correct, slow, for checking only; and only where that
+interpreter runs their loops (a probe kernel, once per process: Triton 3.8.0's does, 3.6.0's,
+torch 2.11's, does not, so there the option is refused with the probe's error).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,9 +58,28 @@ def unavailable(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes"):
-        return None
+        return interpreter_fault()
     return (f"grouped or matmul on {device.type}: triton needs a CUDA device (on a CPU, Triton's interpreter, "
             "for checking only: TRITON_INTERPRET=1 in the environment before the process starts)")
+
+
+@functools.cache
+def interpreter_fault() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels' loops, or None: it runs a
+    probe kernel once per process."""
+    import triton
+
+    from fedbench import client_conv_kernels as kernels
+
+    out = torch.zeros(1)
+    broken = f"grouped or matmul on cpu: Triton {triton.__version__}'s interpreter"
+    try:
+        kernels.interpreter_probe[(1,)](out, 3)
+    except Exception as err:  # whatever the interpreter raises: reported, not hidden
+        return f"{broken} fails here ({err!r})"
+    if out.item() != 3:
+        return f"{broken} counted {out.item():g} turns of a loop of 3"
+    return None
 
 
 def output_shape(x: Tensor, w: Tensor, geometry: Geometry) -> tuple[int, ...]:

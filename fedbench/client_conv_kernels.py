@@ -157,6 +157,16 @@ def client_conv_weight_grad(dy, x, partial, N, C, H, W, O, OH, OW, sh, sw, ph, p
     tl.store(out, acc, mask=o_ok[:, None] & t_ok[None, :])
 
 
+@triton.jit
+def interpreter_probe(out, turns):
+    """``out[0] = turns``, counted in a loop over a scalar argument, as the kernels loop
+    over channels: Triton 3.6.0's interpreter fails at such a loop, 3.8.0's runs it."""
+    total = 0.0
+    for _ in range(turns):
+        total += 1.0
+    tl.store(out, total)
+
+
 def block(size: int, least: int = 2) -> int:
     """A power of two >= size (Triton's blocks are powers of two), at least ``least``
     (``tl.dot``'s operands are at least 16 a side)."""

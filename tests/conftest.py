@@ -51,6 +51,7 @@ def triton_launches(monkeypatch) -> list[str]:
                         or real(kernel, *a, **k))
     return launched
 
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

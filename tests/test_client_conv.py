@@ -228,7 +228,8 @@ def test_where_the_kernels_cannot_run_one_message_names_the_field_before_any_dat
 
     assert client_conv.unavailable(torch.device("cuda")) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert client_conv.unavailable(torch.device("cpu")) is None
+    if not HAS_CUDA:  # here the interpreter was on before Triton was imported (conftest): its probe ran
+        assert client_conv.unavailable(torch.device("cpu")) is None
     assert "CUDA" in client_conv.unavailable(torch.device("mps"))
     monkeypatch.delenv("TRITON_INTERPRET")
     why = client_conv.unavailable(torch.device("cpu"))
@@ -262,15 +263,42 @@ def two_convolutions(num_classes: int, in_channels: int, image_size: int) -> nn.
     return TwoConvolutions(num_classes, in_channels, image_size)
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_loops_gets_one_message_naming_the_field(monkeypatch):
+    """Triton 3.6.0's interpreter (torch 2.11's) raises at a loop over a scalar argument,
+    which every kernel has: the run stops before any data, as on a CPU without it."""
+    import triton
+
+    from fedbench import client_conv_kernels
+    from fedbench.errors import ConfigError
+
+    class FailingLaunch:  # what that interpreter raised for the probe, here on purpose
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(client_conv_kernels, "interpreter_probe", FailingLaunch())
+    client_conv.interpreter_fault.cache_clear()
+    try:
+        message = client_conv.unavailable(torch.device("cpu"))
+        with pytest.raises(ConfigError, match="train.cohort_convolution") as error:
+            LocalTrainConfig(cohort=True, cohort_convolution="triton").check_device(torch.device("cpu"))
+    finally:
+        client_conv.interpreter_fault.cache_clear()  # the real probe again for the other tests
+    assert message == (f"grouped or matmul on cpu: Triton {triton.__version__}'s interpreter fails here "
+                       "(TypeError('only 0-dimensional arrays can be converted to Python scalars'))")
+    assert "0-dimensional" in str(error.value)
+
+
 @pytest.mark.parametrize("compile_mode", [None, "default"])
 def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_root, tmp_path, monkeypatch,
                                                                         compile_mode):
-    """5 clients, 2 steps each, pixel-pattern poisoning; uncompiled with SDFC's
-    calibration term, and compiled: the fused step, differentiating by autograd (torch.func
+    """5 clients, 2 steps each, pixel-pattern poisoning, SDFC's calibration term in every
+    step; uncompiled, and compiled: the fused step, differentiating by autograd (torch.func
     cannot differentiate the operator), traced into the step's graph where this torch can
     (2.11 and later), else the autograd step."""
     from attacks.pixel_pattern import PixelPattern
-    from defenses.fedavg import FedAvg
     from defenses.sdfc import SDFC
     from fedbench.experiment import FabricConfig
     from fedbench.models import ModelConfig
@@ -282,7 +310,7 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     torch._dynamo.reset()
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
-        defense=SDFC() if compile_mode is None else FedAvg(),
+        defense=SDFC(),
         model=ModelConfig(name="test_client_conv.two_convolutions"), fabric=FabricConfig(tf32="none"),
         train=LocalTrainConfig(local_steps=2, batch_size=8, compile=compile_mode, cohort_convolution="triton"))
     assert coh.exp.train.cohort_convolution == "triton" and seq.exp.train.cohort_convolution == "grouped"

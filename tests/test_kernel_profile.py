@@ -68,10 +68,10 @@ def test_each_measured_variant_s_samples_per_second_are_written_as_soon_as_it_is
 
     written = []
 
-    def fake_measure(variant, args, out, workload):
+    def fake_measure(variant, cells, args, out, workload):
         if args.json.exists():
             written.append(json.loads(args.json.read_text()))
-        return [variant, {"base": 1000, "matmul": 1500}[variant], 1.0, 0, 0, 0, 0], "a table"
+        return [variant, cells, {"base": 1000, "matmul": 1500}[variant], 1.0, 0, 0, 0, 0], "a table"
 
     monkeypatch.setattr(kernels, "measure_apart", fake_measure)
     path = tmp_path / "kernels.json"
@@ -79,6 +79,27 @@ def test_each_measured_variant_s_samples_per_second_are_written_as_soon_as_it_is
     assert written == [{"base": 1000}], "base on disk before matmul was measured"
     assert json.loads(path.read_text()) == {"base": 1000, "matmul": 1500}
     assert kernels.main(["--faster-convolution", str(path)]) == "matmul"
+
+
+def test_several_cell_counts_measure_every_variant_at_each_and_the_grid_choice_reads_the_first(tmp_path, monkeypatch):
+    import json
+
+    calls = []
+
+    def fake_measure(variant, cells, args, out, workload):
+        calls.append((variant, cells))
+        # triton gains with more cells, base does not
+        rate = {("base", 16): 1000, ("triton", 16): 1040, ("base", 48): 1000, ("triton", 48): 2500}[variant, cells]
+        return [variant, cells, rate, 1.0, 0, 0, 0], f"{variant} {cells}"
+
+    monkeypatch.setattr(kernels, "measure_apart", fake_measure)
+    path = tmp_path / "kernels.json"
+    text = kernels.main(["--cells", "16", "48", "--variants", "base", "triton", "--json", str(path),
+                         "--device", "cpu", "--compile", "none"])
+    assert calls == [("base", 16), ("triton", 16), ("base", 48), ("triton", 48)], "the first count's variants first"
+    assert json.loads(path.read_text()) == {"base": 1000, "triton": 1040, "base@48": 1000, "triton@48": 2500}
+    assert kernels.main(["--faster-convolution", str(path)]) == "grouped", "4% at 16 cells: the 48s are not compared"
+    assert "| triton | 48 | 2500 |" in text and "16 or 48 cells" in text
 
 
 def test_per_step_time_is_the_longer_round_s_extra_steps_over_their_extra_time():

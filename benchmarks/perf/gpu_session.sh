@@ -31,19 +31,23 @@
 # with layout conversions, at least 2,570 kernels a step; matmul's local training took 14%
 # longer in the grid. Since then train.cohort_convolution=triton launches each convolution
 # once for all clients (fedbench.client_conv; tested on CPU in Triton's interpreter, and
-# compiled for sm_90 without a GPU: the first call shows what its kernels are worth). Each
-# variant runs in a process of its own (about 60 s a kernels.py variant on the H100,
-# estimated); the call starts with the tests that need a GPU (pytest must be installed
-# there: carry its wheels, pytest, pluggy and iniconfig, with the others):
-#   CUDA_TESTS_SECONDS=90 PERF_CONV_SECONDS=90 PERF_KERNELS_ARGS="--variants base triton conv_fp32"
-#   PERF_KERNELS_SECONDS=200 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
+# compiled for sm_90 without a GPU: the first call shows what its kernels are worth, at 16
+# cells a step and at 64: its launches do not grow with the clients, so a larger pack may
+# fill more of the GPU, where cuDNN's per-client launches cannot). Each variant and cell
+# count runs in a process of its own (about 60 s on the H100, estimated); the call starts
+# with the tests that need a GPU (pytest must be installed there: carry its wheels,
+# pytest, pluggy and iniconfig, with the others):
+#   CUDA_TESTS_SECONDS=90 PERF_CONV_SECONDS=60 PERF_KERNELS_ARGS="--cells 16 64 --variants base triton"
+#   PERF_KERNELS_SECONDS=270 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
-# then, if triton beat base by 5% per step, the grid with it (GRID_CONVOLUTION=triton; or,
-# if only conv_fp32 did, GRID_FLAGS="--set fabric.tf32=none"; GRID_SECONDS=360 fits the
-# lease's 15 minutes after a first call of about 390 s; grouped in TF32: 4,237 cell-rounds/h):
+# then, if triton beat base by 5% per step, the grid with it (GRID_SECONDS=360 fits the
+# lease's 15 minutes after a first call of about 420 s; grouped in TF32, 16 cells a process,
+# two processes: 4,237 cell-rounds/h). If triton at 64 cells trained at least 1.5 times its
+# samples/s at 16, 64 cells (both malicious fractions) in two packs of 32:
 #   PERF_SECONDS=0 GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton
-#   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
+#   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.*-*' GRID_PACK=32 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
 #   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
+# otherwise the same with GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16.
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
 # they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its

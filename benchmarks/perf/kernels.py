@@ -7,7 +7,9 @@ nvidia-smi's "busy" at 89-100% while training about 2.1 TFLOPS, 3% of its FP32 p
 builds N cells (``--cells``, default 16) of the paper's setting (simple_cnn, 10 clients
 each, batch 64, ``--attack``: its clients poison), trains their round-0 clients as one
 cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
-(``--variants``):
+(``--variants``) at each N given (``--cells 16 48``: whether more clients per step raise
+samples/s; cuDNN's grouped convolution launches once per client, so its kernels grow with
+the cells, where triton's launches do not):
 
 - ``base``: the grid's settings (fp32, ``train.channels_last=true``, float32 matrix
   products in full precision);
@@ -172,24 +174,25 @@ def per_step(short_seconds: float, long_seconds: float, steps: int) -> tuple[flo
     return step, short_seconds - steps * step
 
 
-def measure_apart(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
+def measure_apart(variant: str, cells: int, args, out: Path, workload: Workload) -> tuple[list, str]:
     """:func:`measure` in a process of its own (:func:`common.in_fresh_process`): a variant
     run after another would find cuDNN's plans and the compiled graphs (CUDA graphs
     recorded under the other's switches) that the other left."""
-    return in_fresh_process(measure, variant, args, out, workload)
+    return in_fresh_process(measure, variant, cells, args, out, workload)
 
 
-def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, str]:
-    """The variant's row (samples/s per step and per short round, the round's fixed part,
-    the profiled round's kernels, kinds' shares) and its table of the ``args.top`` kernel groups."""
+def measure(variant: str, cells: int, args, out: Path, workload: Workload) -> tuple[list, str]:
+    """The variant's row for ``cells`` cells (samples/s per step and per short round, the
+    round's fixed part, the profiled round's kernels, kinds' shares) and its table of the
+    ``args.top`` kernel groups."""
     if workload.compile:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
-    runs = make_runs(variant, args.cells, args.steps, args.device, out, workload)
-    longer = make_runs(variant, args.cells, 2 * args.steps, args.device, out, workload)
+    runs = make_runs(variant, cells, args.steps, args.device, out, workload)
+    longer = make_runs(variant, cells, 2 * args.steps, args.device, out, workload)
     cuda = runs[0].device.type == "cuda"
-    step_samples = args.cells * 10 * runs[0].exp.train.batch_size
+    step_samples = cells * 10 * runs[0].exp.train.batch_size
     with autotuned(variant):
         # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
         short = best_seconds(lambda: train_round(runs), args.repeat, cuda)
@@ -198,12 +201,12 @@ def measure(variant: str, args, out: Path, workload: Workload) -> tuple[list, st
     step, fixed = per_step(short, long, args.steps)
     shares = kind_shares(groups)
     total_ms = sum(g.microseconds for g in groups) / 1000
-    row = [variant, round(step_samples / step), round(1000 * step, 2), round(1000 * fixed),
+    row = [variant, cells, round(step_samples / step), round(1000 * step, 2), round(1000 * fixed),
            round(step_samples * args.steps / short), round(sum(g.calls for g in groups) / args.steps),
            round(total_ms, 1)] + [round(shares.get(k, 0.0), 1) for k in [k for k, _ in KINDS] + ["other"]]
     rows = [[g.name[:90], g.kind, g.calls, round(g.microseconds / 1000, 2),
              round(100 * g.microseconds / (1000 * total_ms or 1), 1)] for g in groups[:args.top]]
-    heading = f"#### {variant}: the {args.top} longest kernel groups of one round\n\n"
+    heading = f"#### {variant}, {cells} cells: the {args.top} longest kernel groups of one round\n\n"
     return row, heading + table(["kernel", "kind", "calls", "ms", "% of the round's kernel time"], rows)
 
 
@@ -225,9 +228,16 @@ def faster_convolution(samples_per_second: dict[str, float]) -> str:
     return option if measured[option] >= CONVOLUTION_LEAD * base else "grouped"
 
 
+def json_key(variant: str, cells: int, first_cells: int) -> str:
+    """The variant's key in ``--json``: its name at the first ``--cells`` (what
+    :func:`faster_convolution` compares), ``variant@cells`` at the others."""
+    return variant if cells == first_cells else f"{variant}@{cells}"
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", type=int, default=16)
+    parser.add_argument("--cells", type=int, nargs="+", default=[16],
+                        help="cells per packed round; several: every variant at each, in this order")
     parser.add_argument("--steps", type=int, default=20,
                         help="local steps per client in the short round (the long one: twice as many)")
     parser.add_argument("--repeat", type=int, default=2)
@@ -246,20 +256,23 @@ def main(argv=None) -> str:
         print(choice)
         return choice
     workload = Workload("fedavg", None, None if args.compile == "none" else args.compile, args.attack)
-    rows, tables = [], []
+    rows, tables, measured = [], [], {}
     with tempfile.TemporaryDirectory() as out:
-        for variant in args.variants:
-            row, kernels = measure_apart(variant, args, Path(out), workload)
-            rows.append(row)
-            tables.append(kernels)
-            if args.json:
-                args.json.write_text(json.dumps({r[0]: r[1] for r in rows}))
-            # each variant as soon as it is measured: a run stopped at its time limit keeps them
-            print("| " + " | ".join(map(str, row)) + " |\n\n" + kernels + "\n", flush=True)
+        for cells in args.cells:
+            for variant in args.variants:
+                row, kernels = measure_apart(variant, cells, args, Path(out), workload)
+                rows.append(row)
+                tables.append(kernels)
+                measured[json_key(variant, cells, args.cells[0])] = row[2]
+                if args.json:
+                    args.json.write_text(json.dumps(measured))
+                # each variant as soon as it is measured: a run stopped at its time limit keeps them
+                print("| " + " | ".join(map(str, row)) + " |\n\n" + kernels + "\n", flush=True)
     unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"
-    text = (f"### Where a packed round's {unit} time goes: {args.cells} cells x 10 clients x {args.steps} steps of 64, "
+    cells = " or ".join(map(str, args.cells))
+    text = (f"### Where a packed round's {unit} time goes: {cells} cells x 10 clients x {args.steps} steps of 64, "
             f"{workload.label('simple_cnn')}, {machine()}\n\n"
-            + table(["variant", "samples/s per step", "ms per step", "ms per round besides its steps",
+            + table(["variant", "cells", "samples/s per step", "ms per step", "ms per round besides its steps",
                      f"samples/s in rounds of {args.steps} steps", f"{unit}s per step (the profiled round's over its steps)",
                      f"{unit} ms in the profiled round"] + [f"% {k}" for k, _ in KINDS] + ["% other"], rows)
             + "\n\n" + "\n\n".join(tables) + "\n")
