@@ -127,6 +127,24 @@ def test_each_variant_s_runs_carry_its_training_options(variant, precision, tf32
         assert train == {"cohort_convolution": convolution} and fabric == {"tf32": tf32}
 
 
+def test_the_long_round_reuses_the_runs_with_twice_the_steps(tiny_root, tmp_path):
+    """kernels.py times a round of n steps and one of 2n on the same runs: a run must read
+    train.local_steps as each round opens, not once when it is built."""
+    from conftest import tiny_experiment
+    from fedbench.engine import FederatedRun
+
+    from fedbench.engine import train_in_one_cohort
+
+    runs = [FederatedRun(tiny_experiment(tiny_root, tmp_path / str(i))) for i in range(2)]
+    for run in runs:
+        run.cohort = True  # as kernels.py's packed round trains them
+    assert [r.exp.train.local_steps for r in runs] == [4, 4]  # tiny_experiment's
+    for steps in (4, 9):
+        kernels.set_local_steps(runs, steps)
+        results = train_in_one_cohort(runs, [run.open_round(0).clients for run in runs])
+        assert [[c.steps for c in mine] for mine in results] == [[steps] * 5, [steps] * 5]
+
+
 def test_cudnn_s_autotuner_is_on_for_its_variant_only_and_put_back_after_an_error():
     import torch
 

@@ -34,14 +34,15 @@
 # compiled for sm_90 without a GPU: the first call shows what its kernels are worth, at 16
 # cells a step and at 64: its launches do not grow with the clients, so a larger pack may
 # fill more of the GPU, where cuDNN's per-client launches cannot). Each variant and cell
-# count runs in a process of its own (about 60 s on the H100, estimated); the call starts
+# count runs in a process of its own (about 60 s on the H100, estimated; triton first, so
+# a call cut short at its limit loses base at 64 cells first); the call starts
 # with the tests that need a GPU (pytest must be installed there: carry its wheels,
 # pytest, pluggy and iniconfig, with the others):
-#   CUDA_TESTS_SECONDS=90 PERF_CONV_SECONDS=60 PERF_KERNELS_ARGS="--cells 16 64 --variants base triton"
+#   CUDA_TESTS_SECONDS=90 PERF_CONV=0 PERF_KERNELS_ARGS="--cells 16 64 --variants triton base"
 #   PERF_KERNELS_SECONDS=270 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
 # then, if triton beat base by 5% per step, the grid with it (GRID_SECONDS=360 fits the
-# lease's 15 minutes after a first call of about 420 s; grouped in TF32, 16 cells a process,
+# lease's 15 minutes after a first call of about 390 s; grouped in TF32, 16 cells a process,
 # two processes: 4,237 cell-rounds/h). If triton at 64 cells trained at least 1.5 times its
 # samples/s at 16, 64 cells (both malicious fractions) in two packs of 32:
 #   PERF_SECONDS=0 GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton

@@ -167,6 +167,14 @@ def autotuned(variant: str) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
+def set_local_steps(runs: list[FederatedRun], steps: int) -> None:
+    """Each run's next rounds take ``steps`` local steps: the long round reuses the short
+    round's runs and compiled graphs (a second set of 64 cells took about a minute to build
+    on this project's CPU), since a run reads ``train.local_steps`` as each round opens."""
+    for run in runs:
+        run.exp.train.local_steps = steps
+
+
 def per_step(short_seconds: float, long_seconds: float, steps: int) -> tuple[float, float]:
     """(seconds per step, seconds per round besides its steps) from a round of ``steps``
     steps and one of ``2 * steps``: the second round's extra steps are all it adds."""
@@ -190,14 +198,18 @@ def measure(variant: str, cells: int, args, out: Path, workload: Workload) -> tu
 
         inductor_config.cpp.enable_kernel_profile = True  # CPU: each fused kernel shows in the profiler
     runs = make_runs(variant, cells, args.steps, args.device, out, workload)
-    longer = make_runs(variant, cells, 2 * args.steps, args.device, out, workload)
     cuda = runs[0].device.type == "cuda"
     step_samples = cells * 10 * runs[0].exp.train.batch_size
+
+    def round_of(steps: int) -> None:
+        set_local_steps(runs, steps)
+        train_round(runs)
+
     with autotuned(variant):
         # round 0 again each time; best_seconds' warm-up round compiles (and records the CUDA graphs)
-        short = best_seconds(lambda: train_round(runs), args.repeat, cuda)
-        long = best_seconds(lambda: train_round(longer), args.repeat, cuda)
-        groups = grouped(profiled_events(lambda: train_round(runs), cuda))
+        short = best_seconds(lambda: round_of(args.steps), args.repeat, cuda)
+        long = best_seconds(lambda: round_of(2 * args.steps), args.repeat, cuda)
+        groups = grouped(profiled_events(lambda: round_of(args.steps), cuda))
     step, fixed = per_step(short, long, args.steps)
     shares = kind_shares(groups)
     total_ms = sum(g.microseconds for g in groups) / 1000
