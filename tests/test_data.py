@@ -144,3 +144,42 @@ def test_real_fashion_mnist_and_mnist_load_from_the_shared_copy(monkeypatch, tmp
         if name == "fashion_mnist":
             assert counts.tolist() == [6000] * 10
         assert loaded.client_pool.images.shape[1:] == (1, 32, 32)
+
+
+def test_a_process_reads_and_resizes_a_data_set_s_files_once_while_they_stay_unchanged(tmp_path, monkeypatch):
+    """A grid's pack builds each of its cells from the same files: read once (train and
+    test), every run still gets tensors of its own, a touched file or another size is read
+    anew, and the numbers equal a read without the cache."""
+    import os
+
+    from fedbench import data
+
+    write_mnist_like(tmp_path, "FashionMNIST", 200, 50)
+    reads = []
+    real_read = data.TorchvisionSource.read
+    monkeypatch.setattr(data.TorchvisionSource, "read",
+                        lambda self, root, train, download: reads.append(train) or real_read(self, root, train, download))
+    config = DataConfig(root=str(tmp_path), download=False)
+    data._read_resized.cache_clear()
+    first = load_federated_data(config, seed=0)
+    second = load_federated_data(config, seed=0)
+    assert reads == [True, False], "each split read once for both runs"
+    for a, b in ((first.client_pool, second.client_pool), (first.test, second.test), (first.server, second.server)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert a.images.data_ptr() != b.images.data_ptr(), "each run's own tensors"
+    second.test.images.zero_()  # a run that changed its tensors in place changes nobody else's
+    third = load_federated_data(config, seed=0)
+    assert torch.equal(third.test.images, first.test.images) and reads == [True, False]
+
+    data._read_resized.cache_clear()
+    uncached = load_federated_data(config, seed=0)
+    assert torch.equal(uncached.client_pool.images, first.client_pool.images)
+    assert torch.equal(uncached.test.images, first.test.images)
+
+    reads.clear()
+    load_federated_data(DataConfig(root=str(tmp_path), download=False, image_size=28), seed=0)
+    assert reads == [True, False], "another size: read again"
+    images = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
+    load_federated_data(config, seed=0)
+    assert reads == [True, False, True, False], "a file changed: both splits read again"
