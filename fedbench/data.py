@@ -15,8 +15,8 @@ Fashion-MNIST are resized to 32x32 and repeated to 3 channels with the MNIST mea
 from __future__ import annotations
 
 import contextlib
+import collections
 import dataclasses
-import functools
 import gzip
 import io
 import os
@@ -124,6 +124,10 @@ CIFAR100 = TorchvisionSource(
 )
 
 
+# the data set functions torchvision_data_set made: their files are read once per process (load_split)
+_BUILT_IN: set[DataSetFunction] = set()
+
+
 def torchvision_data_set(source: TorchvisionSource, doc: str) -> DataSetFunction:
     """A data set function reading ``source`` through torchvision; ``.source`` lets the
     config check name missing files before any training."""
@@ -133,6 +137,7 @@ def torchvision_data_set(source: TorchvisionSource, doc: str) -> DataSetFunction
 
     read.source = source  # type: ignore[attr-defined]
     read.__doc__ = doc
+    _BUILT_IN.add(read)
     return read
 
 
@@ -343,17 +348,15 @@ def _resize(images: Tensor, size: int) -> Tensor:
 
 
 def load_split(name: str, root: Path, train: bool, download: bool, image_size: int) -> LabelledImages:
-    """One split at ``image_size``, in tensors of its own. A torchvision data set's files are
-    read and resized once per process for each root, split and size while they stay
-    unchanged (same names, sizes and modification times): a grid's pack builds its cells one
-    after another from the same files, 0.7 s a Fashion-MNIST cell on this project's CPU,
-    most of it resizing. A user's data set function is called every time."""
+    """One split at ``image_size``, in tensors of its own. The files of a built-in data set
+    (:func:`torchvision_data_set`) are read and resized once per process for each root,
+    split and size while they stay unchanged: a grid's pack builds its cells one after
+    another from the same files, 0.7 s a Fashion-MNIST cell on this project's CPU, most of
+    it resizing. Any other data set function is called every time."""
     read = DATASETS.resolve(name)
-    source = getattr(read, "source", None)
-    if source is None:
+    if read not in _BUILT_IN:
         return _resized(read(root, train, download), image_size)
-    root = Path(root)
-    split = _read_resized(read, source, root, train, download, image_size, _file_stamps(source, root))
+    split = _cached_split(read, Path(root), train, download, image_size)
     return dataclasses.replace(split, images=split.images.clone(), labels=split.labels.clone())
 
 
@@ -361,21 +364,49 @@ def _resized(split: LabelledImages, image_size: int) -> LabelledImages:
     return dataclasses.replace(split, images=_resize(split.images, image_size))  # the function's object untouched
 
 
-@functools.lru_cache(maxsize=8)
-def _read_resized(read: DataSetFunction, source: TorchvisionSource, root: Path, train: bool, download: bool,
-                  image_size: int, stamps: tuple) -> LabelledImages:
-    """``read``'s split resized; ``source`` and the files' ``stamps`` only key the cache."""
-    return _resized(read(root, train, download), image_size)
+# (function, its source, resolved root, train, download, size) -> (the files' stamps, the split)
+_SPLITS: collections.OrderedDict[tuple, tuple[tuple, LabelledImages]] = collections.OrderedDict()
+_SPLITS_KEPT = 8  # at most, the least recently used dropped first (Fashion-MNIST at 32 px: 71 MB a train+test pair)
+
+
+def _cached_split(read: DataSetFunction, root: Path, train: bool, download: bool, image_size: int) -> LabelledImages:
+    """The resized split, from :data:`_SPLITS` while the data set's files have the stamps it
+    was read with; otherwise read, and kept with the stamps taken after the read (a first
+    read may unpack archives into the folder it stamps). Kept by the resolved root: a
+    relative root means another folder after a change of working folder."""
+    where = root.resolve()
+    key = (read, read.source, where, train, download, image_size)
+    try:
+        hash(key)
+    except TypeError:  # a source built with lists: read every time
+        return _resized(read(root, train, download), image_size)
+    kept = _SPLITS.get(key)
+    if kept is not None and kept[0] == _file_stamps(read.source, where):
+        _SPLITS.move_to_end(key)
+        return kept[1]
+    split = _resized(read(root, train, download), image_size)
+    _SPLITS[key] = (_file_stamps(read.source, where), split)
+    _SPLITS.move_to_end(key)
+    while len(_SPLITS) > _SPLITS_KEPT:
+        _SPLITS.popitem(last=False)
+    return split
 
 
 def _file_stamps(source: TorchvisionSource, root: Path) -> tuple[tuple[str, int, int], ...]:
-    """(path, size, modification time) of every file in the data set's folders under ``root``."""
+    """(path, size, modification time) of every file in the data set's folders under
+    ``root``, through symbolic links (a shared data folder is often linked in)."""
     stamps = []
     for folder in sorted({Path(f).parts[0] for f in source.files}):
-        for path in sorted((root / folder).rglob("*")):
-            if path.is_file():
-                stat = path.stat()
-                stamps.append((str(path), stat.st_size, stat.st_mtime_ns))
+        for directory, subfolders, files in os.walk(root / folder, followlinks=True):
+            subfolders.sort()
+            for name in sorted(files):
+                path = os.path.join(directory, name)
+                try:
+                    stat = os.stat(path)
+                except OSError:  # a broken link: stamped as missing
+                    stamps.append((path, -1, -1))
+                    continue
+                stamps.append((path, stat.st_size, stat.st_mtime_ns))
     return tuple(stamps)
 
 

@@ -146,40 +146,111 @@ def test_real_fashion_mnist_and_mnist_load_from_the_shared_copy(monkeypatch, tmp
         assert loaded.client_pool.images.shape[1:] == (1, 32, 32)
 
 
-def test_a_process_reads_and_resizes_a_data_set_s_files_once_while_they_stay_unchanged(tmp_path, monkeypatch):
-    """A grid's pack builds each of its cells from the same files: read once (train and
-    test), every run still gets tensors of its own, a touched file or another size is read
-    anew, and the numbers equal a read without the cache."""
-    import os
-
+def counted_reads(monkeypatch) -> list[bool]:
+    """The splits (train: True) the built-in data sets read from their files from now on."""
     from fedbench import data
 
-    write_mnist_like(tmp_path, "FashionMNIST", 200, 50)
-    reads = []
+    reads: list[bool] = []
     real_read = data.TorchvisionSource.read
     monkeypatch.setattr(data.TorchvisionSource, "read",
                         lambda self, root, train, download: reads.append(train) or real_read(self, root, train, download))
-    config = DataConfig(root=str(tmp_path), download=False)
-    data._read_resized.cache_clear()
-    first = load_federated_data(config, seed=0)
-    second = load_federated_data(config, seed=0)
+    data._SPLITS.clear()
+    return reads
+
+
+def written_test_split(seed: int, n: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels write_mnist_like(..., seed) wrote (conftest's generator)."""
+    from conftest import synthetic_images
+
+    images, labels = synthetic_images(n, 10, 28, 1, seed + 1)
+    return torch.as_tensor(images), torch.as_tensor(labels).long()
+
+
+def test_a_process_reads_a_data_set_s_files_once_while_they_stay_unchanged(tmp_path, monkeypatch):
+    """A grid's pack builds each of its cells from the same files: each split read once,
+    every run still gets tensors of its own, another size or a touched file is read anew."""
+    import os
+
+    write_mnist_like(tmp_path, "FashionMNIST", 200, 50)
+    reads = counted_reads(monkeypatch)
+    config = DataConfig(root=str(tmp_path), download=False, image_size=28)  # 28: the files' own pixels
+    first, second = load_federated_data(config, seed=0), load_federated_data(config, seed=0)
     assert reads == [True, False], "each split read once for both runs"
-    for a, b in ((first.client_pool, second.client_pool), (first.test, second.test), (first.server, second.server)):
-        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-        assert a.images.data_ptr() != b.images.data_ptr(), "each run's own tensors"
+    images, labels = written_test_split(seed=0)
+    for loaded in (first, second):
+        assert torch.equal(loaded.test.images, images) and torch.equal(loaded.test.labels, labels)
     second.test.images.zero_()  # a run that changed its tensors in place changes nobody else's
+    second.test.labels.zero_()
     third = load_federated_data(config, seed=0)
-    assert torch.equal(third.test.images, first.test.images) and reads == [True, False]
+    assert torch.equal(third.test.images, images) and torch.equal(third.test.labels, labels)
+    assert torch.equal(third.client_pool.images, first.client_pool.images) and reads == [True, False]
 
-    data._read_resized.cache_clear()
-    uncached = load_federated_data(config, seed=0)
-    assert torch.equal(uncached.client_pool.images, first.client_pool.images)
-    assert torch.equal(uncached.test.images, first.test.images)
-
-    reads.clear()
-    load_federated_data(DataConfig(root=str(tmp_path), download=False, image_size=28), seed=0)
-    assert reads == [True, False], "another size: read again"
-    images = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
-    os.utime(images, ns=(images.stat().st_atime_ns, images.stat().st_mtime_ns + 10**9))
+    load_federated_data(DataConfig(root=str(tmp_path), download=False, image_size=32), seed=0)
+    assert reads == [True, False] * 2, "another size: read again"
+    test_images = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    os.utime(test_images, ns=(test_images.stat().st_atime_ns, test_images.stat().st_mtime_ns + 10**9))
     load_federated_data(config, seed=0)
-    assert reads == [True, False, True, False], "a file changed: both splits read again"
+    assert reads == [True, False] * 3, "a file changed: both splits read again"
+
+
+def test_files_behind_a_symbolic_link_or_another_working_folder_are_not_served_stale(tmp_path, monkeypatch):
+    import os
+
+    reads = counted_reads(monkeypatch)
+    # a shared data folder linked in: rewritten behind the link, it is read anew
+    store, linked = tmp_path / "store", tmp_path / "linked"
+    write_mnist_like(store, "FashionMNIST", 200, 50, seed=0)
+    (linked / "FashionMNIST").mkdir(parents=True)
+    (linked / "FashionMNIST" / "raw").symlink_to(store / "FashionMNIST" / "raw")
+    config = DataConfig(root=str(linked), download=False, image_size=28)
+    assert torch.equal(load_federated_data(config, seed=0).test.images, written_test_split(seed=0)[0])
+    write_mnist_like(store, "FashionMNIST", 200, 50, seed=7)  # same sizes, other images
+    assert torch.equal(load_federated_data(config, seed=0).test.images, written_test_split(seed=7)[0])
+
+    # the same relative root in two working folders, files of equal size and time: two data sets
+    for folder, seed in (("a", 0), ("b", 7)):
+        write_mnist_like(tmp_path / folder / "data", "FashionMNIST", 200, 50, seed=seed)
+        for path in (tmp_path / folder / "data" / "FashionMNIST" / "raw").iterdir():
+            os.utime(path, ns=(10**18, 10**18))
+    relative = DataConfig(root="data", download=False, image_size=28)
+    for folder, seed in (("a", 0), ("b", 7)):
+        monkeypatch.chdir(tmp_path / folder)
+        assert torch.equal(load_federated_data(relative, seed=0).test.images, written_test_split(seed=seed)[0])
+
+
+def test_archives_a_first_read_unpacks_beside_themselves_do_not_make_it_read_again(tmp_path, monkeypatch):
+    from conftest import md5
+
+    write_mnist_like(tmp_path, "FashionMNIST", 200, 50, gz=True)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    read = DATASETS.get("fashion_mnist")
+    monkeypatch.setattr(read, "source", dataclasses.replace(read.source, archive_md5=tuple(
+        (name, md5(raw / name)) for name, _ in read.source.archive_md5)))
+    reads = counted_reads(monkeypatch)
+    config = DataConfig(root=str(tmp_path), download=False, image_size=28)
+    load_federated_data(config, seed=0)
+    assert (raw / "train-images-idx3-ubyte").exists(), "the first read unpacked the archives"
+    loaded = load_federated_data(config, seed=0)
+    assert reads == [True, False]
+    assert torch.equal(loaded.test.images, written_test_split(seed=0)[0])
+
+
+def test_a_data_set_function_of_one_s_own_is_called_every_time(tmp_path, monkeypatch):
+    """Only the built-in data sets are kept: a function wrapping one (functools.wraps copies
+    its ``source``) may draw, or read files no stamp covers."""
+    import functools
+
+    write_mnist_like(tmp_path, "FashionMNIST", 200, 50)
+    built_in = DATASETS.get("fashion_mnist")
+    calls = []
+
+    @functools.wraps(built_in)
+    def mine(root, train, download):
+        calls.append(train)
+        return built_in(root, train, download)
+
+    monkeypatch.setitem(DATASETS._entries, "mine_wrapped", mine)
+    config = DataConfig(name="mine_wrapped", root=str(tmp_path), download=False, image_size=28)
+    for _ in range(2):
+        load_federated_data(config, seed=0)
+    assert calls == [True, False, True, False]
