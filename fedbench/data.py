@@ -14,8 +14,8 @@ Fashion-MNIST are resized to 32x32 and repeated to 3 channels with the MNIST mea
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import dataclasses
 import gzip
 import io

@@ -131,9 +131,7 @@ def test_the_long_round_reuses_the_runs_with_twice_the_steps(tiny_root, tmp_path
     """kernels.py times a round of n steps and one of 2n on the same runs: a run must read
     train.local_steps as each round opens, not once when it is built."""
     from conftest import tiny_experiment
-    from fedbench.engine import FederatedRun
-
-    from fedbench.engine import train_in_one_cohort
+    from fedbench.engine import FederatedRun, train_in_one_cohort
 
     runs = [FederatedRun(tiny_experiment(tiny_root, tmp_path / str(i))) for i in range(2)]
     for run in runs:

@@ -7,7 +7,7 @@ nvidia-smi's "busy" at 89-100% while training about 2.1 TFLOPS, 3% of its FP32 p
 builds N cells (``--cells``, default 16) of the paper's setting (simple_cnn, 10 clients
 each, batch 64, ``--attack``: its clients poison), trains their round-0 clients as one
 cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
-(``--variants``) at each N given (``--cells 16 48``: whether more clients per step raise
+(``--variants``) at each N given (``--cells 16 64``: whether more clients per step raise
 samples/s; cuDNN's grouped convolution launches once per client, so its kernels grow with
 the cells, where triton's launches do not):
 
