@@ -254,3 +254,18 @@ def test_a_data_set_function_of_one_s_own_is_called_every_time(tmp_path, monkeyp
     for _ in range(2):
         load_federated_data(config, seed=0)
     assert calls == [True, False, True, False]
+
+
+def test_a_built_in_source_that_cannot_be_a_key_is_read_every_time(tmp_path, monkeypatch):
+    """torchvision_data_set is public: a source built with lists (unhashable) still loads,
+    read each time rather than kept."""
+    from fedbench import data
+
+    write_mnist_like(tmp_path, "FashionMNIST", 200, 50)
+    listed = dataclasses.replace(data.FASHION_MNIST, mean=list(data.FASHION_MNIST.mean))
+    monkeypatch.setitem(DATASETS._entries, "listed_fashion", data.torchvision_data_set(listed, "lists"))
+    reads = counted_reads(monkeypatch)
+    config = DataConfig(name="listed_fashion", root=str(tmp_path), download=False, image_size=28)
+    for _ in range(2):
+        assert torch.equal(load_federated_data(config, seed=0).test.images, written_test_split(seed=0)[0])
+    assert reads == [True, False, True, False] and not data._SPLITS

@@ -281,8 +281,8 @@ def main(argv=None) -> str:
                 # each variant as soon as it is measured: a run stopped at its time limit keeps them
                 print("| " + " | ".join(map(str, row)) + " |\n\n" + kernels + "\n", flush=True)
     unit = "CUDA kernel" if torch.cuda.is_available() and args.device != "cpu" else "aten op (CPU)"
-    cells = " or ".join(map(str, args.cells))
-    text = (f"### Where a packed round's {unit} time goes: {cells} cells x 10 clients x {args.steps} steps of 64, "
+    counts = " or ".join(map(str, args.cells))
+    text = (f"### Where a packed round's {unit} time goes: {counts} cells x 10 clients x {args.steps} steps of 64, "
             f"{workload.label('simple_cnn')}, {machine()}\n\n"
             + table(["variant", "cells", "samples/s per step", "ms per step", "ms per round besides its steps",
                      f"samples/s in rounds of {args.steps} steps", f"{unit}s per step (the profiled round's over its steps)",
