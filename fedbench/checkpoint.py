@@ -2,7 +2,8 @@
 
 Two kinds of file under ``<run>/checkpoints/``:
 - ``last.pt`` (the main process): the round, the process count, the global parameters
-  and buffers, the round records so far and the defense's server state;
+  and buffers, the round records so far, the defense's and the attack's server state and
+  the run's config (a run resumed under another is refused: fedbench.config_changes);
 - ``clients.rank<r>.round<k>.pt`` (every process): the client-side state of the clients
   that process trains (a defense's client hook, e.g. SDFC's per-client Delta), one file
   per round until the main checkpoint of that round is on disk.

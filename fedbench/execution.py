@@ -32,10 +32,13 @@ def prepare_run(exp) -> tuple:
     process) its folder with ``config.yaml``."""
     import yaml
 
+    from fedbench.config_changes import refuse_resuming_changed
     from fedbench.experiment import validate
     from fedbench.tracking import make_loggers
 
     validate(exp)
+    if exp.output.resume:  # before config.yaml is rewritten and a W&B run begins
+        refuse_resuming_changed(exp.run_dir, exp.config)
     loggers = make_loggers(exp.logger, exp.wandb, exp.run_dir, exp.run_name, exp.config)
     fabric = make_fabric(exp, loggers)
     fabric.launch()

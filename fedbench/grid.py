@@ -28,7 +28,8 @@ accepts them.
 Layout of the output folder: ``cells/<cell id>/`` holds ``cell.json`` (the axis
 values), ``config.yaml`` (the complete run config), the run's files and, when it
 finished, ``summary.json`` (written atomically, last). A cell with a summary is never
-run again. A failed cell gets ``failure.json`` with its error and is retried on the
+run again; one whose summary or checkpoint was made under another config than the one
+asked for now is refused before any cell runs (fedbench.config_changes). A failed cell gets ``failure.json`` with its error and is retried on the
 next call. ``grid_summary.json`` lists every cell's status. A killed cell resumes from
 its last checkpoint (the grid turns checkpoints on).
 
@@ -60,6 +61,7 @@ from fedbench.cells import (  # noqa: F401  (CELLS, GridProgress: part of this m
     CELLS, Cell, Grid, GridProgress, RunningCells, cell_status, run_one, write_grid_summary,
 )
 from fedbench.cell_packs import check_packable, pack_cells, run_pack
+from fedbench.config_changes import refuse_changed_cells
 from fedbench.errors import ConfigError, FedbenchError
 from fedbench.packing import GPU_MEMORY_PER_CELL_GB, auto_jobs
 from fedbench.results import write_json_atomic
@@ -268,23 +270,28 @@ def jobs_option(text: str | None) -> int | str | None:
 
 
 def validate_cells(grid: Grid) -> None:
-    """Parse every cell's config before any training, so a typo fails the grid at once."""
+    """Parse every cell's config before any training, so a typo fails the grid at once;
+    then compare each cell's complete config with the one it ran with in an earlier call,
+    if any (fedbench.config_changes: a changed finished cell is refused, never skipped)."""
     from jsonargparse import ArgumentError
 
     from fedbench.config import build_experiment, build_parser, parse_config_dict
     from fedbench.experiment import validate
 
     parser = build_parser()
-    problems = []
+    problems, configs = [], []
     for cell in grid.cells:
         try:
-            validate(build_experiment(parse_config_dict(cell.config, parser), parser))
+            experiment = build_experiment(parse_config_dict(cell.config, parser), parser)
+            validate(experiment)
+            configs.append((cell.cell_id, cell.directory(grid.output), experiment.config))
         except ConfigError as err:
             problems.extend((f"{cell.cell_id}: {f}", v, a) for f, v, a in err.problems)
         except ArgumentError as err:
             problems.append((cell.cell_id, "config", str(err).strip().splitlines()[0]))
     if problems:
         raise ConfigError(problems)
+    refuse_changed_cells(configs)
 
 
 class GridLock:
