@@ -323,13 +323,13 @@ def dump_config(namespace: Namespace, parser: ArgumentParser | None = None) -> d
     parser = parser or build_parser()
     clean = namespace.clone()
     clean.pop("config", None)
-    return yaml.safe_load(parser.dump(clean, skip_none=False))
+    return yaml.safe_load(parser.dump(clean, skip_unset=False))
 
 
 def build_experiment(namespace: Namespace, parser: ArgumentParser | None = None) -> Experiment:
     parser = parser or build_parser()
     config = dump_config(namespace, parser)
-    init = parser.instantiate_classes(namespace)
+    init = parser.instantiate(namespace)
     return Experiment(
         attack=init.attack,
         defense=init.defense,
