@@ -62,6 +62,21 @@ def test_the_grid_gets_a_convolution_option_only_where_it_trained_5_percent_fast
     assert kernels.main(["--faster-convolution", str(measured)]) == "matmul"
 
 
+def test_the_leases_grid_call_packs_32_cells_a_process_only_where_64_trained_1_5_times_16(tmp_path):
+    # by hand: triton leads base (300k against 200k at 16 cells); at 64 cells 450k is 1.5x 300k
+    assert kernels.grid_plan({"base": 200_000, "triton": 300_000, "triton@64": 450_000}) == ("triton", 32)
+    assert kernels.grid_plan({"base": 200_000, "triton": 300_000, "triton@64": 449_000}) == ("triton", 16)
+    assert kernels.grid_plan({"base": 200_000, "triton": 300_000}) == ("triton", 16), "64 not measured (a timeout)"
+    # the gain that counts is the chosen convolution's: base's own at 64 cells when triton lost
+    assert kernels.grid_plan({"base": 200_000, "triton": 201_000, "triton@64": 900_000,
+                              "base@64": 250_000}) == ("grouped", 16)
+    assert kernels.grid_plan({"base": 200_000, "triton": 201_000, "base@64": 300_000}) == ("grouped", 32)
+    assert kernels.grid_plan({}) == ("grouped", 16), "the first call measured nothing"
+    measured = tmp_path / "kernels.json"
+    measured.write_text('{"base": 1000, "triton": 1200, "triton@64": 2000}')
+    assert kernels.main(["--grid-plan", str(measured)]) == "triton 32"
+
+
 def test_each_measured_variant_s_samples_per_second_are_written_as_soon_as_it_is_measured(tmp_path, monkeypatch):
     """The lease's grid reads this file: a stage cut short by its time limit keeps what it measured."""
     import json

@@ -41,14 +41,15 @@
 #   CUDA_TESTS_SECONDS=90 PERF_CONV=0 PERF_KERNELS_ARGS="--cells 16 64 --variants triton base"
 #   PERF_KERNELS_SECONDS=270 PERF_COHORT=0 PERF_SDFC=0 PERF_FISHER=0 PERF_SERVER=0 PERF_EVAL=0
 #   PERF_TOGETHER=0 PERF_COMPILE= GRID_SECONDS=0 bash benchmarks/perf/gpu_session.sh
-# then, if triton beat base by 5% per step, the grid with it (GRID_SECONDS=360 fits the
-# lease's 15 minutes after a first call of about 390 s; grouped in TF32, 16 cells a process,
-# two processes: 4,237 cell-rounds/h). If triton at 64 cells trained at least 1.5 times its
-# samples/s at 16, 64 cells (both malicious fractions) in two packs of 32:
-#   PERF_SECONDS=0 GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_CONVOLUTION=triton
-#   GRID_CELLS='fashion_mnist-beta0.5-*-mal0.*-*' GRID_PACK=32 GRID_JOBS=2 GRID_COMPILE=reduce-overhead
-#   GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
-# otherwise the same with GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*' GRID_PACK=16.
+# then at once (the same command whatever the first found; GRID_SECONDS=360 fits the lease's
+# 15 minutes after a first call of about 390 s) the grid as the first call's kernels.json
+# calls for (GRID_PLAN=auto, kernels.py grid_plan, from the copy the first call left in runs/):
+# triton if it beat base by 5% per step, else grouped (in TF32, 16 cells a process, two
+# processes: 4,237 cell-rounds/h); 64 cells (both malicious fractions) in two processes of 32
+# if that convolution trained at least 1.5 times its samples/s at 64 cells that it did at 16,
+# else 32 cells (30% malicious) in two of 16:
+#   PERF_SECONDS=0 GRID_SECONDS=360 GRID_FILE=benchmarks/paper.yaml GRID_PLAN=auto GRID_JOBS=2
+#   GRID_COMPILE=reduce-overhead GRID_SEQUENTIAL=0 bash benchmarks/perf/gpu_session.sh
 # On the first H200 session stage 1 did not finish in 120 s (its rows now print as
 # they are measured), so give it 240. GRID_SECONDS=0 skips stage 2.
 # PERF_MODELS (default "simple_cnn resnet18") picks stage 1's models; PERF_SDFC=0 skips its
@@ -122,13 +123,16 @@ if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only res
   # where a packed compiled round's GPU time goes, per kernel and kind, and what TF32, cuDNN's
   # float32 kernels or autotuner, bf16 and convolutions as matrix products change
   # (benchmarks/perf/kernels.py: 16 cells x 10 clients, reduce-overhead, ms per step)
-  rm -f "$OUT/kernels.json"  # GRID_CONVOLUTION=faster reads this call's measurement only
+  # GRID_CONVOLUTION=faster and GRID_PLAN=auto read this call's measurement, else the copy in
+  # runs/ that an earlier call of this lease left on the machine (ignored files stay between calls)
+  rm -f "$OUT/kernels.json"; [ "${PERF_KERNELS:-1}" = 1 ] && rm -f runs/gpu_kernels.json
   # the cohort's two convolutions alone, forward and backward, uncompiled, in each way torch
   # can run them (benchmarks/perf/grouped_conv.py: 160 clients x 64 images): a minute
   [ "${PERF_CONV:-1}" = 1 ] && timeout "${PERF_CONV_SECONDS:-120}" $PY benchmarks/perf/grouped_conv.py \
     --device "$DEVICE" 2>&1 | tee "$OUT/grouped_conv.md"
   [ "${PERF_KERNELS:-1}" = 1 ] && timeout "${PERF_KERNELS_SECONDS:-360}" $PY benchmarks/perf/kernels.py \
     --device "$DEVICE" --json "$OUT/kernels.json" ${PERF_KERNELS_ARGS:-} 2>&1 | tee "$OUT/kernels.md"
+  [ -f "$OUT/kernels.json" ] && mkdir -p runs && cp "$OUT/kernels.json" runs/gpu_kernels.json
   [ "${PERF_COHORT:-1}" = 1 ] && timeout "${PERF_SECONDS:-240}" $PY benchmarks/perf/cohort.py --device "$DEVICE" \
     --steps 10 --repeat 2 --models ${PERF_MODELS:-simple_cnn resnet18} --precisions 32-true bf16-mixed 2>&1 \
     | tee "$OUT/cohort.md"
@@ -162,14 +166,23 @@ fi
 
 if [ "${GRID_SECONDS:-330}" != 0 ]; then
 start=$(date +%s)
+kernels_json=$OUT/kernels.json; [ -f "$kernels_json" ] || kernels_json=runs/gpu_kernels.json
+if [ "${GRID_PLAN:-}" = auto ]; then  # convolution and pack from the kernels table (kernels.py grid_plan)
+  read -r GRID_CONVOLUTION GRID_PACK < <( [ -f "$kernels_json" ] && $PY benchmarks/perf/kernels.py \
+    --grid-plan "$kernels_json" || echo grouped 16)
+  # paper.yaml's Fashion-MNIST cells at beta 0.5: every attack x defense at 30% malicious (32
+  # cells, two processes of 16), or at both malicious fractions (64, two of 32)
+  GRID_CELLS='fashion_mnist-beta0.5-*-mal0.3-*'; [ "$GRID_PACK" = 32 ] && GRID_CELLS='fashion_mnist-beta0.5-*-mal0.*-*'
+  echo "grid plan: $GRID_CONVOLUTION, $GRID_PACK cells a process, cells $GRID_CELLS (kernels.json: $(cat "$kernels_json" 2>/dev/null))"
+fi
 # shellcheck disable=SC2206  # GRID_FLAGS: options split on spaces
 grid_options=(${GRID_FLAGS:-}); [ -n "${GRID_COMPILE:-}" ] && grid_options+=(--set "train.compile=$GRID_COMPILE")
 [ -n "${GRID_PACK:-}" ] && grid_options+=(--cells-per-process "$GRID_PACK")
 convolution=${GRID_CONVOLUTION:-}
 if [ "$convolution" = faster ]; then  # what stage 1's kernels table measured faster, grouped if it has no answer
-  convolution=$( [ -f "$OUT/kernels.json" ] && $PY benchmarks/perf/kernels.py --faster-convolution "$OUT/kernels.json" \
+  convolution=$( [ -f "$kernels_json" ] && $PY benchmarks/perf/kernels.py --faster-convolution "$kernels_json" \
                  || echo grouped)
-  echo "grid convolutions: $convolution (kernels.json: $(cat "$OUT/kernels.json" 2>/dev/null))"
+  echo "grid convolutions: $convolution (kernels.json: $(cat "$kernels_json" 2>/dev/null))"
 fi
 [ -n "$convolution" ] && grid_options+=(--set "train.cohort_convolution=$convolution")
 grid_file=${GRID_FILE:-benchmarks/fmnist_paper.yaml}

@@ -240,6 +240,23 @@ def faster_convolution(samples_per_second: dict[str, float]) -> str:
     return option if measured[option] >= CONVOLUTION_LEAD * base else "grouped"
 
 
+# a larger pack only where its cells train this many times the samples/s of the first count's
+PACK_GAIN = 1.5
+PLANNED_PACKS = (16, 32)  # cells per process in the lease's grid call: 2 processes of 16, or of 32
+
+
+def grid_plan(samples_per_second: dict[str, float], larger_cells: int = 64) -> tuple[str, int]:
+    """The lease's grid call, from its first call's ``--json`` (``--cells 16 64``): the
+    convolution (:func:`faster_convolution`) and the cells per process, 32 (two processes:
+    the 64 cells at once that were measured in one) where that convolution's variant
+    trained at least 1.5 times the samples/s at 64 cells that it trained at 16, else 16."""
+    convolution = faster_convolution(samples_per_second)
+    variant = next((v for v, option in CONVOLUTION_VARIANTS.items() if option == convolution), "base")
+    first, larger = samples_per_second.get(variant), samples_per_second.get(f"{variant}@{larger_cells}")
+    gains = first is not None and larger is not None and larger >= PACK_GAIN * first
+    return convolution, PLANNED_PACKS[1] if gains else PLANNED_PACKS[0]
+
+
 def json_key(variant: str, cells: int, first_cells: int) -> str:
     """The variant's key in ``--json``: its name at the first ``--cells`` (what
     :func:`faster_convolution` compares), ``variant@cells`` at the others."""
@@ -262,7 +279,14 @@ def main(argv=None) -> str:
     parser.add_argument("--faster-convolution", type=Path, metavar="JSON",
                         help="measure nothing: print the train.cohort_convolution that an earlier --json "
                              "file found faster (matmul, triton or grouped)")
+    parser.add_argument("--grid-plan", type=Path, metavar="JSON",
+                        help="measure nothing: print the lease's grid call that an earlier --json file "
+                             "(--cells 16 64) calls for: its convolution and cells per process (grid_plan)")
     args = parser.parse_args(argv)
+    if args.grid_plan:
+        plan = grid_plan(json.loads(args.grid_plan.read_text()))
+        print(*plan)
+        return " ".join(map(str, plan))
     if args.faster_convolution:
         choice = faster_convolution(json.loads(args.faster_convolution.read_text()))
         print(choice)

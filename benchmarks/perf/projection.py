@@ -136,6 +136,8 @@ class Projection:
 
 def read_stage(runs: Path, since: float | None = None) -> tuple[list[CellStage], list[str]]:
     """Each cell's records of the stage (ended after ``since``), and the cells without any."""
+    if not (runs / CELLS).is_dir():  # the grid never started a cell (a dry run, an early failure)
+        raise SystemExit(f"projection: no cells under {runs}")
     stages, silent = [], []
     for cell_dir in sorted(path for path in (runs / CELLS).iterdir() if path.is_dir()):
         records = [r for r in read_jsonl(cell_dir / METRICS)
