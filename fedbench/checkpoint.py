@@ -3,7 +3,8 @@
 Two kinds of file under ``<run>/checkpoints/``:
 - ``last.pt`` (the main process): the round, the process count, the global parameters
   and buffers, the round records so far, the defense's and the attack's server state and
-  the run's config (a run resumed under another is refused: fedbench.config_changes);
+  the run's config and device type (a run resumed under others is refused:
+  fedbench.config_changes);
 - ``clients.rank<r>.round<k>.pt`` (every process): the client-side state of the clients
   that process trains (a defense's client hook, e.g. SDFC's per-client Delta), one file
   per round until the main checkpoint of that round is on disk.

@@ -44,7 +44,7 @@ from fedbench import __version__
 from fedbench.checkpoint import Checkpoints
 from fedbench.client import ClientJob, LocalResult, LocalTrainer, batches_per_epoch, iterate_batches
 from fedbench.cohort import CohortTrainer, cohort_cannot_train, trains_as_cohort
-from fedbench.config_changes import refuse_resuming_changed
+from fedbench.config_changes import lossless, refuse_resuming_changed
 from fedbench.data import FederatedData, ImageSet, load_federated_data
 from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
@@ -814,7 +814,9 @@ class FederatedRun:
             "defense": self.exp.defense.state_dict(),
             "attack": self.exp.attack.state_dict(),
             "wall_time_s": self.wall_time(),
-            "config": self.exp.config,  # what a resumed run is compared with (fedbench.config_changes)
+            # what a resumed run is compared with (fedbench.config_changes)
+            "config": self.exp.config,
+            "device_type": self.device.type,
         }, clients={"hook": self.hook.state_dict() if self.hook else {}})
 
     def _resume(self) -> None:
@@ -822,7 +824,7 @@ class FederatedRun:
         if loaded is None:
             return
         server, clients = loaded
-        refuse_resuming_changed(self.run_dir, self.exp.config, server)
+        refuse_resuming_changed(self.run_dir, self.exp.config, server, self.device.type)
         self.global_params = server["global_params"].to(self.device)
         self.global_buffers = server["global_buffers"].to(self.device)
         self.records = list(server["records"])
@@ -935,7 +937,7 @@ class FederatedRun:
             "device": describe_device(self.device),
             "world_size": self.world,
             "local_training": "cohort" if self.cohort else "sequential",
-            "config": exp.config,
+            "config": lossless(exp.config),  # inf and nan kept (as strings), to compare a rerun's with
         }
 
 

@@ -291,7 +291,7 @@ def validate_cells(grid: Grid) -> None:
             problems.append((cell.cell_id, "config", str(err).strip().splitlines()[0]))
     if problems:
         raise ConfigError(problems)
-    refuse_changed_cells(configs)
+    refuse_changed_cells(configs, grid.output)
 
 
 class GridLock:
