@@ -203,8 +203,9 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
     rounding). The models, buffers and modes included, are left as they were. Go one by
     one: models the cohort cannot vmap (random layers, BatchNorm(momentum=None)) and, for
     the published estimator, which keeps each model's modes, models whose modes differ.
-    Inside :func:`compiled_passes` the steps over every model are compiled (one graph per
-    batch shape; a step of fewer models, once some models' batches are done, is not).
+    Inside :func:`compiled_passes` the steps are compiled (a graph per batch shape and
+    number of rows; steps over fewer models, once some models' batches are done, in rows
+    of K, ceil(K/2) or ceil(K/4): :func:`_cohort_sums`).
     ``explicit_batch_norm`` (default: on CUDA, where cuDNN's refuses vmap) computes
     BatchNorm in tensor operations."""
     from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train, vmappable  # cohort imports defenses
@@ -246,37 +247,79 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
                  streams: list[Iterable[tuple[Tensor, Tensor]]],
                  estimator: FisherEstimator) -> tuple[dict[str, Tensor], list[int]]:
     """Per model, the sum over its batches of the batch-mean gradient (published; counts:
-    batches) or of the squared per-sample gradients (empirical; counts: samples)."""
-    from fedbench.cohort import next_batches, same_shape_groups, vmappable
+    batches) or of the squared per-sample gradients (empirical; counts: samples).
+
+    Compiled (:func:`compiled_passes`), every step over all models runs compiled, and so
+    does a step of the first step's batch shape over fewer models, once some models'
+    batches are done: it computes the rows the training cohort would
+    (``fedbench.cohort.bucket_rows``: K, ceil(K/2) or ceil(K/4)), the done models riding
+    along on a live model's batch, their sums dropped; at most three graphs a shape. A
+    step over fewer models in another shape (a stream's short last batch) runs uncompiled
+    over its models alone."""
+    from fedbench.cohort import bucket_rows, next_batches, same_shape_groups  # cohort imports defenses
 
     whole = _whole_cohort_sums(_COMPILE_MODE.get())
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
-    counts = [0] * len(streams)
+    models = len(streams)
+    counts = [0] * models
     iterators = [iter(stream) for stream in streams]
-    live = list(range(len(streams)))
-    device = next(iter(params.values())).device
-    rows_of: dict[tuple[int, ...], Tensor] = {}  # a device index per set of rows, made once
+    live = list(range(models))
+    index = _IndexTensors(next(iter(params.values())).device)
+    full_shape = None  # the shape of the first step's largest group: the streams' full batches
     while live:
         batches = next_batches(iterators, live)
         live = list(batches)
-        for group in same_shape_groups(batches, lambda batch: tuple(batch[0].shape)):
-            index, chosen = None, (params, others)
-            if len(group) < len(streams):
-                index = rows_of.setdefault(tuple(group), torch.tensor(group, device=device))
-                chosen = ({n: p.index_select(0, index) for n, p in params.items()},
-                          {n: b.index_select(0, index) for n, b in others.items()})
-            inputs = vmappable(torch.stack([batches[k][0] for k in group]))
-            labels = torch.stack([batches[k][1] for k in group])
-            compute = whole if whole is not None and index is None else _group_sums
-            sums = compute(template, *chosen, inputs, labels, estimator)
-            if index is None:
+        groups = same_shape_groups(batches, lambda batch: tuple(batch[0].shape))
+        if full_shape is None and groups:
+            full_shape = tuple(batches[max(groups, key=len)[0]][0].shape)
+        for group in groups:
+            padded = whole is not None and len(group) < models and tuple(batches[group[0]][0].shape) == full_shape
+            rows = bucket_rows(group, models) if padded else group
+            compute = whole if whole is not None and (padded or len(group) == models) else _group_sums
+            sums = _rows_sums(template, params, others, batches, group, rows, estimator, compute, index)
+            if len(group) == models:
                 torch._foreach_add_(list(totals.values()), [sums[name] for name in totals])
             else:
                 for name, total in totals.items():
-                    total.index_add_(0, index, sums[name])
+                    total.index_add_(0, index(group), sums[name])
             for k in group:
                 counts[k] += 1 if estimator == "published" else len(batches[k][1])
     return totals, counts
+
+
+class _IndexTensors:
+    """Index tensors on the device, each made once per list of values."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.made = device, {}
+
+    def __call__(self, values: list[int]) -> Tensor:
+        key = tuple(values)
+        if key not in self.made:
+            self.made[key] = torch.tensor(values, device=self.device)
+        return self.made[key]
+
+
+def _rows_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor],
+               batches: dict[int, tuple[Tensor, Tensor]], group: list[int], rows: list[int],
+               estimator: FisherEstimator, compute: GroupSums, index: _IndexTensors) -> dict[str, Tensor]:
+    """One step's sums for the models of ``group`` (in its order), computed over ``rows``:
+    ``group`` and models riding along on ``group[0]``'s batch, whose sums are dropped."""
+    from fedbench.cohort import vmappable
+
+    chosen = (params, others)
+    if len(rows) < len(next(iter(params.values()))):
+        chosen = ({n: p.index_select(0, index(rows)) for n, p in params.items()},
+                  {n: b.index_select(0, index(rows)) for n, b in others.items()})
+    members = set(group)
+    feed = [k if k in members else group[0] for k in rows]
+    inputs = vmappable(torch.stack([batches[k][0] for k in feed]))
+    labels = torch.stack([batches[k][1] for k in feed])
+    sums = compute(template, *chosen, inputs, labels, estimator)
+    if len(rows) == len(group):
+        return sums
+    kept = index([rows.index(k) for k in group])
+    return {name: value.index_select(0, kept) for name, value in sums.items()}
 
 
 def _whole_cohort_sums(mode: str | None) -> GroupSums | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from common import machine, table  # noqa: E402
 import torch  # noqa: E402
 
 from defenses.sdfc import SCORE, SDFC  # noqa: E402
-from fedbench import engine  # noqa: E402
+from fedbench import engine, fisher  # noqa: E402
 from fedbench.fisher import compiled_passes  # noqa: E402
 
 WAYS = {"one by one, batch by batch": (1, False), "one by one, in chunks of 16": (16, False),
@@ -48,6 +49,36 @@ def ways(compile_mode: str | None) -> dict[str, tuple[int, bool, str | None]]:
     if compile_mode is not None:
         rows[f"together, compiled ({compile_mode})"] = (16, True, compile_mode)
     return rows
+
+
+@contextmanager
+def counted_steps(counts: dict[str, int]):
+    """Counts the cohort's vmapped Fisher steps, compiled and not, while open."""
+    real_sums, real_whole = fisher._group_sums, fisher._whole_cohort_sums
+
+    def uncompiled(*args):
+        counts["uncompiled"] += 1
+        return real_sums(*args)
+
+    def whole(mode):
+        fisher._group_sums = real_sums  # what the compiled pass compiles: the real one, not the counter
+        try:
+            compiled_sums = real_whole(mode)
+        finally:
+            fisher._group_sums = uncompiled
+        if compiled_sums is None:
+            return None
+
+        def step(*args):
+            counts["compiled"] += 1
+            return compiled_sums(*args)
+        return step
+
+    fisher._group_sums, fisher._whole_cohort_sums = uncompiled, whole
+    try:
+        yield counts
+    finally:
+        fisher._group_sums, fisher._whole_cohort_sums = real_sums, real_whole
 
 
 def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int, out: Path,
@@ -74,12 +105,14 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
                 hooks()  # compiles: left out of the count and the time
             launched = kernels_of(hooks, cuda)
             seconds = best_seconds(hooks, repeat, cuda)
-            scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
+            with counted_steps({"compiled": 0, "uncompiled": 0}) as steps:
+                scores = torch.stack([uploads[SCORE] for uploads in hooks()]).double()
         finally:
             engine.HOOK_BATCH_CHUNK = chunk_of_engine
         reference = scores if reference is None else reference
         gap = float(((scores - reference).abs() / reference.abs()).max())
-        rows.append([estimator, label, launched, round(launched / batches), round(seconds, 2), f"{gap:.1e}"])
+        vmapped = f"{steps['compiled']} + {steps['uncompiled']}" if together else "-"
+        rows.append([estimator, label, launched, round(launched / batches), vmapped, round(seconds, 2), f"{gap:.1e}"])
     return rows
 
 
@@ -102,7 +135,7 @@ def main(argv=None) -> str:
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "aten ops (CPU)"
     text = (f"### SDFC's hooks after one round's training, 10 clients, one by one vs together, {machine()}\n\n"
             + table(["estimator", "hooks run", f"{kind} per round", "per client-batch",
-                     "seconds", "scores' largest relative gap"], rows))
+                     "vmapped steps, compiled + not", "seconds", "scores' largest relative gap"], rows))
     print(text, flush=True)
     return text
 
