@@ -91,7 +91,8 @@ def config_changes(earlier: dict | None, now: dict | None, also_ignored: tuple[s
     (module docstring: which fields count); none when either config is unknown (None)."""
     if earlier is None or now is None:
         return []
-    return _differences(lossless(earlier), lossless(now), "", _defaults_for(lossless(now)), also_ignored)
+    now = lossless(now)
+    return _differences(lossless(earlier), now, "", _defaults_for(now), also_ignored)
 
 
 def _differences(before: Any, after: Any, prefix: str, defaults: dict[str, Any],
