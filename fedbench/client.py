@@ -68,8 +68,9 @@ class LocalTrainConfig:
             memory), or ``triton`` (one Triton kernel launch for every client's convolution,
             forward and backward, ``fedbench.client_conv``: full float32 sums in a fixed
             order; a CUDA device, or on a CPU Triton's interpreter under TRITON_INTERPRET=1,
-            for checking only). Used where a cohort trains; not measured faster anywhere
-            yet, see ``benchmarks/perf/kernels.py``.
+            for checking only). Used where a cohort trains, and in the Fisher passes of a
+            cohort's SDFC and FDCR hooks (``fedbench.fisher.cohort_passes``); not measured
+            faster anywhere yet, see ``benchmarks/perf/kernels.py``.
     """
 
     lr: float = 0.01

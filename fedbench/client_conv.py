@@ -103,7 +103,7 @@ def forward(x: Tensor, w: Tensor, b: Tensor | None, geometry: Geometry) -> Tenso
     y = x.new_empty(output_shape(x, w, geometry))
     K, N, C, H, W = x.shape
     O, OH, OW = y.shape[2:]
-    block_p = kernels.positions_per_program(x.device.type, O)
+    block_p = kernels.positions_per_program(x.device.type, O, N * OH * OW)
     if y.numel():
         launch(kernels.client_conv_forward, (-(-N * OH * OW // block_p), K),
                x, w, x if b is None else b.contiguous(), y, N, C, H, W, O, OH, OW, *geometry,
@@ -120,7 +120,7 @@ def input_grad(dy: Tensor, w: Tensor, image_size: list[int], geometry: Geometry)
     K, N, O, OH, OW = dy.shape
     C, (H, W) = w.shape[2], image_size
     dx = dy.new_empty((K, N, C, H, W))
-    block_p = kernels.positions_per_program(dy.device.type, C)
+    block_p = kernels.positions_per_program(dy.device.type, C, N * H * W)
     if dx.numel():
         launch(kernels.client_conv_input_grad, (-(-N * H * W // block_p), K),
                dy, w, dx, N, C, H, W, O, OH, OW, *geometry, KH=w.shape[3], KW=w.shape[4],

@@ -34,15 +34,17 @@ import triton.language as tl
 WARPS = 4
 
 
-def positions_per_program(device_type: str, channels: int) -> int:
+def positions_per_program(device_type: str, channels: int, positions: int = 16384) -> int:
     """Positions (output positions; input positions for dx) a program computes for
-    ``channels`` output channels (input channels, for dx). On a GPU the accumulator stays in
-    registers (at most 4,096 sums, 32 a thread) and each thread reuses a tap's weights for
-    several positions: 512 positions for up to 8 channels, down to 128 (64 channels). In the
-    interpreter, which runs programs one after another in Python, large blocks (fewer
-    programs and loop turns)."""
+    ``channels`` output channels (input channels, for dx), of a client's ``positions``. On a
+    GPU the accumulator stays in registers (at most 4,096 sums, 32 a thread) and each thread
+    reuses a tap's weights for several positions: 512 positions for up to 8 channels, down
+    to 128 (64 channels). In the interpreter, which runs programs one after another in
+    Python over whole blocks, masked positions included, a block of all the client's
+    positions, at most 16,384 (fewer programs and loop turns). A position's sum is the same
+    whatever the block."""
     if device_type != "cuda":
-        return 16384
+        return min(16384, block(positions))
     return min(512, max(128, 4096 // block(channels)))
 
 
@@ -179,10 +181,11 @@ def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int
     GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, a share
     at least 32 such blocks, at most 16 shares (from the client's positions alone, so a
     client's sums do not depend on how many clients train with it); in the interpreter
-    every tap in one program, 1024 positions at a time, one share."""
+    every tap in one program, all the client's positions at a time (at most 16,384: fewer
+    loop turns, each an interpreted step), one share."""
     if device_type == "cuda":
         return 32, 64, min(16, max(1, positions // (64 * 32)))
-    return block(taps, least=16), 1024, 1
+    return block(taps, least=16), min(16384, block(positions, least=16)), 1
 
 
 def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,

@@ -55,10 +55,10 @@ def compiled(fn: Callable[..., Result], mode: str | None, trace_autograd: bool =
 
 
 @functools.cache
-def compiled_once(fn: Callable[..., Result], mode: str) -> Callable[..., Result]:
+def compiled_once(fn: Callable[..., Result], mode: str, trace_autograd: bool = False) -> Callable[..., Result]:
     """:func:`compiled` made once per function and mode for the whole process, so that the
     graphs torch.compile keeps for it (per model, shape, ...) serve every later call."""
-    return compiled(fn, mode)
+    return compiled(fn, mode, trace_autograd)
 
 
 def mark_static(tree: object) -> None:

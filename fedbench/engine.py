@@ -50,7 +50,7 @@ from fedbench.detection import detection_metrics, summarise_detection
 from fedbench.errors import ConfigError
 from fedbench.evaluation import evaluate, predict_labels
 from fedbench.experiment import Experiment, defense_setup, expected_malicious, validate
-from fedbench.fisher import compiled_passes
+from fedbench.fisher import cohort_passes
 from fedbench.metrics import final_numbers, flat_metrics
 from fedbench.models import build_model
 from fedbench.params import ParameterLayout
@@ -403,7 +403,7 @@ class FederatedRun:
         jobs = [self.client_job(client, model) for client, model in zip(clients, models)]
         started = time.perf_counter()
         defense_terms: list = [None] * len(jobs)
-        with compiled_passes(self.exp.train.compile):
+        with cohort_passes(self.exp.train.compile, self.exp.train.cohort_convolution):
             for protocol, members, calls in by_protocol(jobs):
                 for position, term in zip(members, protocol.before_training_together(calls)):
                     defense_terms[position] = term
@@ -435,7 +435,7 @@ class FederatedRun:
         for job in jobs:
             if job.client.attacking:
                 self.exp.attack.after_training(job.client, job.model)
-        with compiled_passes(self.exp.train.compile):
+        with cohort_passes(self.exp.train.compile, self.exp.train.cohort_convolution):
             uploads = protocol_uploads(jobs)
         share = (time.perf_counter() - started) / max(len(jobs), 1)
         return [self.client_result(job, result, sent, seconds, job.time_hook + share)

@@ -37,21 +37,26 @@ from fedbench.params import trainable_parameters
 
 FisherEstimator = Literal["empirical", "published"]
 
-# train.compile's mode for cohort_fishers' whole-cohort passes, set by the engine around a
-# cohort's hooks (they are the defense's code: the mode reaches them without passing through it)
+# train.compile's mode and train.cohort_convolution for cohort_fishers' passes, set by the
+# engine around a cohort's hooks (they are the defense's code: the settings reach them
+# without passing through it)
 _COMPILE_MODE: ContextVar[str | None] = ContextVar("fisher_compile_mode", default=None)
+_CONVOLUTION: ContextVar[str] = ContextVar("fisher_convolution", default="grouped")
 GroupSums = Callable[..., dict[str, Tensor]]
 
 
 @contextmanager
-def compiled_passes(mode: str | None) -> Iterator[None]:
+def cohort_passes(mode: str | None, convolution: str = "grouped") -> Iterator[None]:
     """While open, :func:`cohort_fishers` compiles its passes over the whole cohort with
-    ``torch.compile`` in ``mode`` (``train.compile``; None: not compiled)."""
-    token = _COMPILE_MODE.set(mode)
+    ``torch.compile`` in ``mode`` (``train.compile``; None: not compiled) and computes their
+    convolutions as the cohort's training does (``train.cohort_convolution``: ``grouped``,
+    ``matmul`` or ``triton``; :func:`cohort_fishers` says where ``triton`` stays grouped)."""
+    tokens = _COMPILE_MODE.set(mode), _CONVOLUTION.set(convolution)
     try:
         yield
     finally:
-        _COMPILE_MODE.reset(token)
+        _COMPILE_MODE.reset(tokens[0])
+        _CONVOLUTION.reset(tokens[1])
 
 
 def _named_trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -203,12 +208,19 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
     rounding). The models, buffers and modes included, are left as they were. Go one by
     one: models the cohort cannot vmap (random layers, BatchNorm(momentum=None)) and, for
     the published estimator, which keeps each model's modes, models whose modes differ.
-    Inside :func:`compiled_passes` the steps are compiled (a graph per batch shape and
+    Inside :func:`cohort_passes` the steps are compiled (a graph per batch shape and
     number of rows; steps over fewer models, once some models' batches are done, in rows
-    of K, ceil(K/2) or ceil(K/4): :func:`_cohort_sums`).
+    of K, ceil(K/2) or ceil(K/4): :func:`_cohort_sums`), and the convolutions are the
+    cohort's: ``matmul`` for both estimators; ``triton`` (one launch for every model's
+    convolution) for the published estimator, whose batch gradients then come from
+    autograd of the models' summed objectives (row k's part is model k's own: the models
+    share nothing), as the Triton cohort's training step gets its gradients; the empirical
+    estimator's per-sample gradients need ``torch.func``, which cannot differentiate the
+    Triton operator, so its convolutions stay grouped.
     ``explicit_batch_norm`` (default: on CUDA, where cuDNN's refuses vmap) computes
     BatchNorm in tensor operations."""
-    from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train, vmappable  # cohort imports defenses
+    from fedbench.cohort import batch_norm_as_tensor_ops, cohort_cannot_train, convolutions_as_matmul, \
+        convolutions_per_client, vmappable  # cohort imports defenses
 
     template = models[0]
     modes = [[module.training for module in model.modules()] for model in models]
@@ -229,9 +241,12 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
     if estimator == "empirical":
         template.eval()
     cuda = params[trainable[0]].device.type == "cuda"
+    convolution = _CONVOLUTION.get()
+    by_autograd = convolution == "triton" and estimator == "published"
     try:
-        with batch_norm_as_tensor_ops(cuda if explicit_batch_norm is None else explicit_batch_norm):
-            totals, counts = _cohort_sums(template, params, others, streams, estimator)
+        with (batch_norm_as_tensor_ops(cuda if explicit_batch_norm is None else explicit_batch_norm),
+              convolutions_as_matmul(convolution == "matmul"), convolutions_per_client(by_autograd)):
+            totals, counts = _cohort_sums(template, params, others, streams, estimator, by_autograd)
     finally:
         for module, training in zip(template.modules(), modes[0]):
             module.training = training
@@ -244,21 +259,22 @@ def cohort_fishers(models: list[nn.Module], streams: list[Iterable[tuple[Tensor,
 
 
 def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor],
-                 streams: list[Iterable[tuple[Tensor, Tensor]]],
-                 estimator: FisherEstimator) -> tuple[dict[str, Tensor], list[int]]:
+                 streams: list[Iterable[tuple[Tensor, Tensor]]], estimator: FisherEstimator,
+                 by_autograd: bool = False) -> tuple[dict[str, Tensor], list[int]]:
     """Per model, the sum over its batches of the batch-mean gradient (published; counts:
     batches) or of the squared per-sample gradients (empirical; counts: samples).
 
-    Compiled (:func:`compiled_passes`), every step over all models runs compiled, and so
+    Compiled (:func:`cohort_passes`), every step over all models runs compiled, and so
     does a step of the first step's batch shape over fewer models, once some models'
     batches are done: it computes the rows the training cohort would
     (``fedbench.cohort.bucket_rows``: K, ceil(K/2) or ceil(K/4)), the done models riding
     along on a live model's batch, their sums dropped; at most three graphs a shape. A
     step over fewer models in another shape (a stream's short last batch) runs uncompiled
-    over its models alone."""
+    over its models alone. ``by_autograd``: :func:`_group_sums_by_autograd` (published only)."""
     from fedbench.cohort import bucket_rows, next_batches, same_shape_groups  # cohort imports defenses
 
-    whole = _whole_cohort_sums(_COMPILE_MODE.get())
+    whole = _whole_cohort_sums(_COMPILE_MODE.get(), by_autograd)
+    single = _group_sums_by_autograd if by_autograd else _group_sums
     totals = {name: torch.zeros_like(p) for name, p in params.items()}
     models = len(streams)
     counts = [0] * models
@@ -275,7 +291,7 @@ def _cohort_sums(template: nn.Module, params: dict[str, Tensor], others: dict[st
         for group in groups:
             padded = whole is not None and len(group) < models and tuple(batches[group[0]][0].shape) == full_shape
             rows = bucket_rows(group, models) if padded else group
-            compute = whole if whole is not None and (padded or len(group) == models) else _group_sums
+            compute = whole if whole is not None and (padded or len(group) == models) else single
             sums = _rows_sums(template, params, others, batches, group, rows, estimator, compute, index)
             if len(group) == models:
                 torch._foreach_add_(list(totals.values()), [sums[name] for name in totals])
@@ -322,15 +338,17 @@ def _rows_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str,
     return {name: value.index_select(0, kept) for name, value in sums.items()}
 
 
-def _whole_cohort_sums(mode: str | None) -> GroupSums | None:
-    """:func:`_group_sums` compiled in ``mode`` (a graph for each model, estimator and batch
-    shape it meets, kept for the next rounds), under ``reduce-overhead`` marking each step's
-    start; None when ``mode`` is None."""
-    if mode is None:
-        return None
-    from fedbench.compiling import compiled_once, step_begins
+def _whole_cohort_sums(mode: str | None, by_autograd: bool = False) -> GroupSums | None:
+    """:func:`_group_sums` (``by_autograd``: :func:`_group_sums_by_autograd`) compiled in
+    ``mode`` (a graph for each model, estimator and batch shape it meets, kept for the next
+    rounds), under ``reduce-overhead`` marking each step's start; None when ``mode`` is None,
+    or ``by_autograd`` where this torch's compiler cannot trace autograd."""
+    from fedbench.compiling import compiled_once, step_begins, traces_autograd
 
-    compiled_sums = compiled_once(_group_sums, mode)  # a graph per model, estimator and shape, kept
+    if mode is None or by_autograd and not traces_autograd():
+        return None
+    fn = _group_sums_by_autograd if by_autograd else _group_sums
+    compiled_sums = compiled_once(fn, mode, by_autograd)  # a graph per model, estimator and shape, kept
 
     def sums(*args: object) -> dict[str, Tensor]:
         step_begins(mode)  # the sums are added to the totals before the next step
@@ -343,11 +361,7 @@ def _group_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str
                 labels: Tensor, estimator: FisherEstimator) -> dict[str, Tensor]:
     """One batch of each of G models: ``[G, ...]`` per trainable parameter."""
     if estimator == "published":
-        def batch_objective(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            log_probs = torch.log_softmax(functional_call(template, (p, o), (x,)), dim=1)
-            return log_probs[:, y].mean()  # [B, B]: every (sample, label) pair, as published
-
-        return vmap(grad(batch_objective))(params, others, inputs, labels)
+        return vmap(grad(_published_objective(template)))(params, others, inputs, labels)
 
     def log_likelihood(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(template, (p, o), (x.unsqueeze(0),))
@@ -363,3 +377,26 @@ def _group_sums(template: nn.Module, params: dict[str, Tensor], others: dict[str
     parts = [vmap(squared_sum)(*({n: t[r:r + step] for n, t in d.items()} for d in (params, others)),
                                inputs[r:r + step], labels[r:r + step]) for r in range(0, rows, step)]
     return parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def _published_objective(template: nn.Module) -> Callable[..., Tensor]:
+    """One model's ``L_b`` on one batch, as published (see the module's docstring)."""
+    def batch_objective(p: dict[str, Tensor], o: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        log_probs = torch.log_softmax(functional_call(template, (p, o), (x,)), dim=1)
+        return log_probs[:, y].mean()  # [B, B]: every (sample, label) pair, as published
+
+    return batch_objective
+
+
+def _group_sums_by_autograd(template: nn.Module, params: dict[str, Tensor], others: dict[str, Tensor],
+                            inputs: Tensor, labels: Tensor, estimator: FisherEstimator) -> dict[str, Tensor]:
+    """:func:`_group_sums` of the published estimator by autograd: the gradient of the G
+    models' summed ``L_b`` in their stacked parameters, whose row k is model k's own."""
+    if estimator != "published":
+        raise ValueError("by autograd, only the published estimator's batch gradients (no per-sample ones)")
+    with torch.enable_grad():
+        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+        objectives = vmap(_published_objective(template))(leaves, others, inputs, labels)
+        # a parameter the objective does not reach gets 0, as torch.func.grad gives it
+        grads = torch.autograd.grad(objectives.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True)
+    return dict(zip(leaves, grads))

@@ -101,7 +101,7 @@ def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
     gpu_sizes = [kernels.positions_per_program("cuda", c) for c in (5, 16, 64)], kernels.weight_grad_blocks(
         "cuda", 50, 300)
     assert gpu_sizes == ([512, 256, 128], (32, 64, 1)), "the sizes this test stands in for"
-    monkeypatch.setattr(kernels, "positions_per_program", lambda device_type, channels: 128)
+    monkeypatch.setattr(kernels, "positions_per_program", lambda device_type, channels, positions=0: 128)
     monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions: (32, 64, 3))
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
@@ -295,11 +295,15 @@ def test_an_interpreter_that_cannot_run_the_kernels_loops_gets_one_message_namin
 def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_root, tmp_path, monkeypatch,
                                                                         compile_mode):
     """5 clients, 2 steps each, pixel-pattern poisoning, SDFC's calibration term in every
-    step; uncompiled, and compiled: the fused step, differentiating by autograd (torch.func
-    cannot differentiate the operator), traced into the step's graph where this torch can
-    (2.11 and later), else the autograd step."""
+    step and its Fisher passes before and after training through the Triton kernels too
+    (the sequential run's through torch's; a small server split and clients' pool: the
+    passes run over all of a client's data in the interpreter); uncompiled, and compiled:
+    the fused step, differentiating by autograd (torch.func cannot differentiate the
+    operator), traced into the step's graph where this torch can (2.11 and later), else the
+    autograd step."""
     from attacks.pixel_pattern import PixelPattern
     from defenses.sdfc import SDFC
+    from fedbench.data import DataConfig
     from fedbench.experiment import FabricConfig
     from fedbench.models import ModelConfig
     from test_cohort import MODEL_TOLERANCE, UPDATE_TOLERANCE, both_ways, relative_gap
@@ -310,7 +314,7 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     torch._dynamo.reset()
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
-        defense=SDFC(),
+        defense=SDFC(), data=DataConfig(root=str(tiny_root), download=False, server_size=8, train_subset=100),
         model=ModelConfig(name="test_client_conv.two_convolutions"), fabric=FabricConfig(tf32="none"),
         train=LocalTrainConfig(local_steps=2, batch_size=8, compile=compile_mode, cohort_convolution="triton"))
     assert coh.exp.train.cohort_convolution == "triton" and seq.exp.train.cohort_convolution == "grouped"
@@ -320,6 +324,8 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     assert fused == (compile_mode is not None and traces_autograd()), "fused where compiled and traceable"
     # each step: two forward launches, the second convolution's input gradient, two weight gradients
     assert len(launched) >= 2 * 5
+    # training's 2 steps launch 2 x 2 forward kernels; SDFC's Fisher passes launch the rest
+    assert launched.count("client_conv_forward") > 2 * 2, "the Fisher passes' convolutions are the Triton kernels"
     assert set(launched) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}
     assert coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
     for client in seq_sent:

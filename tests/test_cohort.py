@@ -323,14 +323,14 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
             return run(*args)
         return call
 
-    fisher_modes = []  # the compile mode of each cohort Fisher pass (sequential training computes none)
+    fisher_modes = []  # the compile mode of each cohort Fisher pass, by autograd or not (sequential: none)
     real_whole_cohort_sums = fedbench.fisher._whole_cohort_sums
 
     fisher_shapes = set()  # each shape of rows x batch the compiled Fisher pass met: a graph each
 
-    def fisher_pass(mode):
-        fisher_modes.append(mode)
-        compiled_sums = real_whole_cohort_sums(mode)
+    def fisher_pass(mode, by_autograd):
+        fisher_modes.append((mode, by_autograd))
+        compiled_sums = real_whole_cohort_sums(mode, by_autograd)
 
         def sums(template, params, others, inputs, labels, estimator):
             fisher_shapes.add((tuple(inputs.shape), estimator))
@@ -347,7 +347,7 @@ def test_a_compiled_cohort_with_sdfc_pulls_and_poisoning_equals_sequential(tiny_
             train=LocalTrainConfig(local_steps=3, batch_size=32, compile="reduce-overhead"))
     assert coh.exp.train.compile == "reduce-overhead" and seq.exp.train.compile is None
     # two Fishers (local data, validation split) before round 0's training, two after each round's
-    assert fisher_modes == ["reduce-overhead"] * 6, "both hook calls compile their passes"
+    assert fisher_modes == [("reduce-overhead", False)] * 6, "both hook calls compile their passes (grouped: not by autograd)"
     assert len(fisher_shapes) >= 2, "steps over every client and over fewer run compiled"
     assert counters["stats"]["unique_graphs"] - graphs_before == 3 + len(fisher_shapes), \
         "the batches' gather, the whole step (pulls included), the evaluation, SDFC's Fisher pass in each shape"

@@ -100,7 +100,7 @@ def test_cohort_fishers_of_the_papers_cnn_equal_explicit_loops_in_float32(estima
 
 @pytest.mark.parametrize("estimator, explicit_batch_norm", [("published", False), ("empirical", True)])
 def test_compiled_cohort_fishers_equal_explicit_loops_and_compile_once(estimator, explicit_batch_norm):
-    """Inside ``compiled_passes`` (a compiled cohort's hooks) the steps of full batches run
+    """Inside ``cohort_passes`` (a compiled cohort's hooks) the steps of full batches run
     compiled, those over fewer models too: float64 BatchNorm nets as in the uncompiled
     test, to 1e-10. By hand, with 3 models of 3, 1 (after a short one) and 2 batches of 6:
     step 1 computes models 0 and 2 (2 rows: a bucket of ceil(3/2)) and model 1's short
@@ -118,7 +118,7 @@ def test_compiled_cohort_fishers_equal_explicit_loops_and_compile_once(estimator
     for round_index in range(2):
         streams = uneven_streams([3, 1, 2], classes=3, dtype=torch.float64, seed=1 + round_index)
         want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
-        with fisher.compiled_passes("default"):
+        with fisher.cohort_passes("default"):
             got = cohort_fishers(models, streams, estimator, explicit_batch_norm=explicit_batch_norm)
         assert relative_gaps(got, want) < 1e-10, round_index
         assert counters["stats"]["unique_graphs"] - graphs_before == 3, "rows 2, 3 and 1, compiled in the first round"
@@ -146,7 +146,7 @@ def test_compiled_steps_over_fewer_models_carry_riders_whose_sums_are_dropped():
     streams = uneven_streams([4, 1, 3, 2, 2], classes=3, dtype=torch.float64, seed=4)
     want = [by_explicit_loops(model, stream, "published") for model, stream in zip(models, streams)]
     graphs_before = counters["stats"]["unique_graphs"]
-    with fisher.compiled_passes("default"):
+    with fisher.cohort_passes("default"):
         got = cohort_fishers(models, streams, "published")
     assert counters["stats"]["unique_graphs"] - graphs_before == 2, "rows 5 and 2"
     assert relative_gaps(got, want) < 1e-10
@@ -243,3 +243,34 @@ def test_fdcr_uploads_of_a_cohort_round_equal_sequential_trainings(tiny_root, tm
     assert together == [1] * 5 + [5], "one by one sequentially, together in the cohort"
     assert sequential.shape[0] == 5 and bool((sequential.sum(dim=1) > 0).all())
     assert float((sequential - cohort).abs().max() / sequential.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("estimator", ["published", "empirical"])
+def test_fisher_passes_compute_convolutions_as_the_cohorts_training_does(estimator, monkeypatch):
+    """Inside ``cohort_passes(None, "triton")`` the published estimator's convolutions are the
+    Triton kernels, one launch per vmapped pass for every model; by hand, with 3 models of
+    2, 1 (after a short one) and 2 batches: step 1 has two groups (models 0 and 2; model 1's
+    short batch), step 2 one, so 3 passes x 2 convolutions = 6 forward launches (10 model
+    by model). The empirical estimator's per-sample gradients stay torch's (0 launches).
+    ``matmul``: each pass's convolutions through ``conv2d_as_matmul``, both estimators. All
+    equal to the explicit loops."""
+    from conftest import triton_launches, triton_unavailable
+    from fedbench import matmul_conv
+
+    models = perturbed_copies(papers_cnn(), 3)
+    streams = uneven_streams([2, 1, 2], classes=10, dtype=torch.float32, side=32)
+    want = [by_explicit_loops(model, stream, estimator) for model, stream in zip(models, streams)]
+    as_matmul = []
+    real = matmul_conv.conv2d_as_matmul
+    monkeypatch.setattr(matmul_conv, "conv2d_as_matmul", lambda *a, **k: as_matmul.append(1) or real(*a, **k))
+    with fisher.cohort_passes(None, "matmul"):
+        assert relative_gaps(cohort_fishers(models, streams, estimator), want) < 1e-5
+    assert len(as_matmul) == 6
+    if triton_unavailable() is not None:
+        pytest.skip(f"THE TRITON CONVOLUTION IS UNTESTED HERE: {triton_unavailable()}")
+    launched = triton_launches(monkeypatch)
+    with fisher.cohort_passes(None, "triton"):
+        assert relative_gaps(cohort_fishers(models, streams, estimator), want) < 1e-5
+    forward = launched.count("client_conv_forward")
+    assert forward == (6 if estimator == "published" else 0), launched
+    assert set(launched) <= {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}

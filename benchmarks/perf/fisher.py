@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from defenses.sdfc import SCORE, SDFC  # noqa: E402
 from fedbench import engine, fisher  # noqa: E402
-from fedbench.fisher import compiled_passes  # noqa: E402
+from fedbench.fisher import cohort_passes  # noqa: E402
 
 WAYS = {"one by one, batch by batch": (1, False), "one by one, in chunks of 16": (16, False),
         "together (cohort)": (16, True)}
@@ -54,18 +54,21 @@ def ways(compile_mode: str | None) -> dict[str, tuple[int, bool, str | None]]:
 @contextmanager
 def counted_steps(counts: dict[str, int]):
     """Counts the cohort's vmapped Fisher steps, compiled and not, while open."""
-    real_sums, real_whole = fisher._group_sums, fisher._whole_cohort_sums
+    real_sums, real_autograd, real_whole = fisher._group_sums, fisher._group_sums_by_autograd, fisher._whole_cohort_sums
 
-    def uncompiled(*args):
-        counts["uncompiled"] += 1
-        return real_sums(*args)
+    def counted(real):
+        def uncompiled(*args):
+            counts["uncompiled"] += 1
+            return real(*args)
+        return uncompiled
 
-    def whole(mode):
-        fisher._group_sums = real_sums  # what the compiled pass compiles: the real one, not the counter
+    def whole(mode, by_autograd=False):
+        # what the compiled pass compiles: the real ones, not the counters
+        fisher._group_sums, fisher._group_sums_by_autograd = real_sums, real_autograd
         try:
-            compiled_sums = real_whole(mode)
+            compiled_sums = real_whole(mode, by_autograd)
         finally:
-            fisher._group_sums = uncompiled
+            fisher._group_sums, fisher._group_sums_by_autograd = counted(real_sums), counted(real_autograd)
         if compiled_sums is None:
             return None
 
@@ -74,15 +77,17 @@ def counted_steps(counts: dict[str, int]):
             return compiled_sums(*args)
         return step
 
-    fisher._group_sums, fisher._whole_cohort_sums = uncompiled, whole
+    fisher._group_sums, fisher._group_sums_by_autograd = counted(real_sums), counted(real_autograd)
+    fisher._whole_cohort_sums = whole
     try:
         yield counts
     finally:
-        fisher._group_sums, fisher._whole_cohort_sums = real_sums, real_whole
+        fisher._group_sums, fisher._group_sums_by_autograd = real_sums, real_autograd
+        fisher._whole_cohort_sums = real_whole
 
 
 def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int, out: Path,
-              compile_mode: str | None = None) -> list[list]:
+              compile_mode: str | None = None, convolution: str = "grouped") -> list[list]:
     """One row per way of running the hooks of one round's 10 clients."""
     run = make_run("simple_cnn", True, 1, "32-true", device, out, Workload("sdfc", train_subset, None, "pixel_pattern"))
     run.exp.defense.estimator = estimator
@@ -96,7 +101,7 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
 
         def hooks():
             if together:
-                with compiled_passes(mode):
+                with cohort_passes(mode, convolution):
                     return engine.protocol_uploads(jobs)
             return [job.protocol.after_training(job.client, job.model, *job.batches) for job in jobs]
 
@@ -112,6 +117,7 @@ def hook_rows(estimator: str, train_subset: int | None, device: str, repeat: int
         reference = scores if reference is None else reference
         gap = float(((scores - reference).abs() / reference.abs()).max())
         vmapped = f"{steps['compiled']} + {steps['uncompiled']}" if together else "-"
+        label += f", {convolution}" if together and convolution != "grouped" else ""
         rows.append([estimator, label, launched, round(launched / batches), vmapped, round(seconds, 2), f"{gap:.1e}"])
     return rows
 
@@ -123,6 +129,9 @@ def main(argv=None) -> str:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", default=None, help="adds the compiled passes' row, e.g. default")
+    parser.add_argument("--convolution", default="grouped", choices=["grouped", "matmul", "triton"],
+                        help="the together rows' convolutions (train.cohort_convolution; triton: a GPU's, or "
+                             "Triton's interpreter with TRITON_INTERPRET=1, slow)")
     args = parser.parse_args(argv)
     if args.compile:
         import torch._inductor.config as inductor_config
@@ -131,7 +140,8 @@ def main(argv=None) -> str:
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for estimator in args.estimators:
-            rows += hook_rows(estimator, args.train_subset or None, args.device, args.repeat, Path(out), args.compile)
+            rows += hook_rows(estimator, args.train_subset or None, args.device, args.repeat, Path(out), args.compile,
+                              args.convolution)
     kind = "CUDA kernels" if torch.cuda.is_available() and args.device != "cpu" else "aten ops (CPU)"
     text = (f"### SDFC's hooks after one round's training, 10 clients, one by one vs together, {machine()}\n\n"
             + table(["estimator", "hooks run", f"{kind} per round", "per client-batch",
