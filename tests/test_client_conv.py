@@ -6,6 +6,7 @@ shapes. The CUDA-only tests at the end run the compiled kernels."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 
@@ -410,3 +411,27 @@ def test_on_cuda_a_cuda_graph_replays_the_kernels_as_eager_computes_them():
         want_grad, = torch.autograd.grad(want.sum(), [weights])
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: CUDA graphs need a GPU")
+def test_on_cuda_sdfcs_fisher_passes_through_the_kernels_under_cuda_graphs_equal_explicit_loops():
+    """The path an SDFC cell of a triton grid takes after training: 3 clients' published
+    Fishers under ``reduce-overhead`` (batch gradients by autograd traced into CUDA graphs),
+    two rounds (the second replays the graphs with other models), against the explicit
+    per-batch loop on the CPU."""
+    from fedbench import fisher
+    from test_cohort_fisher import by_explicit_loops, papers_cnn, perturbed_copies, relative_gaps, uneven_streams
+
+    models = perturbed_copies(papers_cnn(), 3)
+    torch._dynamo.reset()
+    for round_index in range(2):
+        streams = uneven_streams([2, 1, 2], classes=10, dtype=torch.float32, side=32, seed=1 + round_index)
+        want = [by_explicit_loops(model, stream, "published") for model, stream in zip(models, streams)]
+        on_gpu = [copy.deepcopy(model).cuda() for model in models]
+        with fisher.cohort_passes("reduce-overhead", "triton"):
+            got = fisher.cohort_fishers(on_gpu, [[(x.cuda(), y.cuda()) for x, y in s] for s in streams], "published")
+        assert relative_gaps([[g.cpu() for g in gs] for gs in got], want) < 1e-4, round_index
+        with torch.no_grad():
+            for model in models:
+                for tensor in model.parameters():
+                    tensor.mul_(1.01)
