@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 WARPS = 4
+MAX_BLOCK = 2**20  # Triton's largest block, in values (triton._utils.TRITON_MAX_TENSOR_NUMEL in 3.8.0)
 
 
 def positions_per_program(device_type: str, channels: int, positions: int = 16384) -> int:
@@ -181,11 +182,13 @@ def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int
     GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, a share
     at least 32 such blocks, at most 16 shares (from the client's positions alone, so a
     client's sums do not depend on how many clients train with it); in the interpreter
-    every tap in one program, all the client's positions at a time (at most 16,384: fewer
-    loop turns, each an interpreted step), one share."""
+    every tap in one program, all the client's positions at a time (fewer loop turns, each
+    an interpreted step) up to Triton's largest block, ``MAX_BLOCK`` values (positions x
+    taps), one share."""
     if device_type == "cuda":
         return 32, 64, min(16, max(1, positions // (64 * 32)))
-    return block(taps, least=16), min(16384, block(positions, least=16)), 1
+    block_t = block(taps, least=16)
+    return block_t, max(16, min(block(positions, least=16), MAX_BLOCK // block_t)), 1
 
 
 def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,

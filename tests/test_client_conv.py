@@ -93,6 +93,29 @@ def test_each_client_s_convolution_and_gradients_equal_the_sums_written_out_by_h
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_in, channels_out, side", [(3, 6, 32), (6, 16, 14)])
+def test_the_papers_layers_at_a_batch_of_64_equal_torchs_convolution_in_float64(channels_in, channels_out, side):
+    """simple_cnn's two convolutions (5x5) at the papers' batch of 64, 2 clients: blocks as
+    large as a real cell's (in the interpreter a block of every position of a client, up to
+    Triton's largest tensor); forward and gradients against torch's convolution and
+    autograd, client by client, in float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, channels_in, side, side, generator=gen)
+    w = torch.randn(2, channels_out, channels_in, 5, 5, generator=gen) / (channels_in * 25) ** 0.5
+    b = torch.randn(2, channels_out, generator=gen)
+    xs, ws, bs = leaves(x, w, b)
+    out = client_conv2d_of(xs, ws, bs, (1, 1), (0, 0), (1, 1))
+    dy = torch.randn(out.shape, generator=gen)
+    (out * dy.to(DEVICE)).sum().backward()
+    for k in range(2):
+        xk, wk, bk = (t[k].double().requires_grad_() for t in (x, w, b))
+        want = F.conv2d(xk, wk, bk)
+        (want * dy[k].double()).sum().backward()
+        for got, expected in [(out[k], want), (xs.grad[k], xk.grad), (ws.grad[k], wk.grad), (bs.grad[k], bk.grad)]:
+            gap = (got.detach().cpu().double() - expected.detach()).abs().max() / expected.abs().max()
+            assert gap < 1e-5, (k, tuple(expected.shape), float(gap))
+
+
 def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
     """On a GPU the kernels take 128 to 512 positions a program and the weight gradient 32
     taps, 64 positions at a time, in shares summed afterwards: in the interpreter with 128
