@@ -136,7 +136,7 @@ def weight_grad(dy: Tensor, x: Tensor, kernel_size: list[int], geometry: Geometr
     K, N, O, OH, OW = dy.shape
     C, H, W = x.shape[2:]
     taps = C * kernel_size[0] * kernel_size[1]
-    block_t, block_r, splits = kernels.weight_grad_blocks(dy.device.type, taps, N * OH * OW)
+    block_t, block_r, splits = kernels.weight_grad_blocks(dy.device.type, taps, N * OH * OW, O)
     partial = dy.new_empty((K, splits, O, taps), dtype=torch.float32)  # every program stores its whole tile
     if partial.numel():
         launch(kernels.client_conv_weight_grad, (K, -(-taps // block_t), splits),

@@ -176,7 +176,7 @@ def block(size: int, least: int = 2) -> int:
     return max(least, triton.next_power_of_2(size))
 
 
-def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int, int, int]:
+def weight_grad_blocks(device_type: str, taps: int, positions: int, channels_out: int = 1) -> tuple[int, int, int]:
     """The weight gradient's taps and positions per program, and the shares of a client's
     positions summed apart (more programs at once; summed afterwards in a fixed order). On a
     GPU: 32 taps (one block of dy serves 32 taps' products), 64 positions at a time, a share
@@ -184,11 +184,12 @@ def weight_grad_blocks(device_type: str, taps: int, positions: int) -> tuple[int
     client's sums do not depend on how many clients train with it); in the interpreter
     every tap in one program, all the client's positions at a time (fewer loop turns, each
     an interpreted step) up to Triton's largest block, ``MAX_BLOCK`` values (positions x
-    taps), one share."""
+    taps in the patch block, positions x ``channels_out`` in dy's), one share."""
     if device_type == "cuda":
         return 32, 64, min(16, max(1, positions // (64 * 32)))
     block_t = block(taps, least=16)
-    return block_t, max(16, min(block(positions, least=16), MAX_BLOCK // block_t)), 1
+    widest = max(block_t, block(channels_out, least=16))
+    return block_t, max(16, min(block(positions, least=16), MAX_BLOCK // widest)), 1
 
 
 def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,

@@ -93,23 +93,27 @@ def test_each_client_s_convolution_and_gradients_equal_the_sums_written_out_by_h
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("channels_in, channels_out, side", [(3, 6, 32), (6, 16, 14)])
-def test_the_papers_layers_at_a_batch_of_64_equal_torchs_convolution_in_float64(channels_in, channels_out, side):
-    """simple_cnn's two convolutions (5x5) at the papers' batch of 64, 2 clients: blocks as
-    large as a real cell's (in the interpreter a block of every position of a client, up to
-    Triton's largest tensor); forward and gradients against torch's convolution and
-    autograd, client by client, in float64."""
+@pytest.mark.parametrize("channels_in, channels_out, side, kernel, padding", [
+    (3, 6, 32, 5, 0), (6, 16, 14, 5, 0),  # simple_cnn's two convolutions
+    (3, 64, 32, 3, 1),  # ResNet-18's first: 64 output channels over 65,536 positions a client
+])
+def test_the_models_layers_at_a_batch_of_64_equal_torchs_convolution_in_float64(channels_in, channels_out, side,
+                                                                                kernel, padding):
+    """The models' convolutions at the papers' batch of 64, 2 clients: blocks as large as a
+    real cell's (in the interpreter a block of every position of a client, up to Triton's
+    largest tensor); forward and gradients against torch's convolution and autograd, client
+    by client, in float64."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, channels_in, side, side, generator=gen)
-    w = torch.randn(2, channels_out, channels_in, 5, 5, generator=gen) / (channels_in * 25) ** 0.5
+    w = torch.randn(2, channels_out, channels_in, kernel, kernel, generator=gen) / (channels_in * kernel ** 2) ** 0.5
     b = torch.randn(2, channels_out, generator=gen)
     xs, ws, bs = leaves(x, w, b)
-    out = client_conv2d_of(xs, ws, bs, (1, 1), (0, 0), (1, 1))
+    out = client_conv2d_of(xs, ws, bs, (1, 1), (padding, padding), (1, 1))
     dy = torch.randn(out.shape, generator=gen)
     (out * dy.to(DEVICE)).sum().backward()
     for k in range(2):
         xk, wk, bk = (t[k].double().requires_grad_() for t in (x, w, b))
-        want = F.conv2d(xk, wk, bk)
+        want = F.conv2d(xk, wk, bk, padding=padding)
         (want * dy[k].double()).sum().backward()
         for got, expected in [(out[k], want), (xs.grad[k], xk.grad), (ws.grad[k], wk.grad), (bs.grad[k], bk.grad)]:
             gap = (got.detach().cpu().double() - expected.detach()).abs().max() / expected.abs().max()
@@ -126,7 +130,7 @@ def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
         "cuda", 50, 300)
     assert gpu_sizes == ([512, 256, 128], (32, 64, 1)), "the sizes this test stands in for"
     monkeypatch.setattr(kernels, "positions_per_program", lambda device_type, channels, positions=0: 128)
-    monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions: (32, 64, 3))
+    monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions, channels_out=1: (32, 64, 3))
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
     xs, ws = leaves(x, w)
@@ -334,7 +338,19 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
 
     if compile_mode and shutil.which("g++") is None and shutil.which("cc") is None:
         pytest.skip("NO C++ COMPILER: torch.compile on CPU needs one, so the compiled Triton cohort is untested here")
+    import fedbench.fisher
+
     launched = counting_launches(monkeypatch)
+    in_fisher_passes = []  # forward launches within each cohort Fisher pass (sequential training runs none)
+    real_sums = fedbench.fisher._cohort_sums
+
+    def counting_sums(*args, **kwargs):
+        before = launched.count("client_conv_forward")
+        sums = real_sums(*args, **kwargs)
+        in_fisher_passes.append(launched.count("client_conv_forward") - before)
+        return sums
+
+    monkeypatch.setattr(fedbench.fisher, "_cohort_sums", counting_sums)
     torch._dynamo.reset()
     (seq, seq_sent, seq_rec), (coh, coh_sent, coh_rec) = both_ways(
         tiny_root, tmp_path, attack=PixelPattern(malicious_fraction=0.4),
@@ -348,8 +364,9 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     assert fused == (compile_mode is not None and traces_autograd()), "fused where compiled and traceable"
     # each step: two forward launches, the second convolution's input gradient, two weight gradients
     assert len(launched) >= 2 * 5
-    # training's 2 steps launch 2 x 2 forward kernels; SDFC's Fisher passes launch the rest
-    assert launched.count("client_conv_forward") > 2 * 2, "the Fisher passes' convolutions are the Triton kernels"
+    # SDFC's passes on the clients' data and the server's, before training (first round) and after
+    assert len(in_fisher_passes) == 4 and min(in_fisher_passes) > 0, (
+        "the Fisher passes' convolutions are the Triton kernels", in_fisher_passes)
     assert set(launched) == {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"}
     assert coh_rec[0]["local_steps"] == seq_rec[0]["local_steps"]
     for client in seq_sent:
