@@ -113,10 +113,13 @@ fi
 
 # the tests that need a GPU, first: the Triton convolution's (every test of it runs on the
 # GPU there: values against sums by hand, a cohort against sequential training, CUDA graph
-# replays, bit-for-bit repeats) and fabric.tf32's; CUDA_TESTS=0 skips, CUDA_TESTS_SECONDS
+# replays, SDFC's Fisher passes under CUDA graphs, bit-for-bit repeats) and fabric.tf32's;
+# the CUDA-only ones (on_cuda in their names) before the others, so a limit cuts the others
+# first; CUDA_TESTS=0 skips, CUDA_TESTS_SECONDS limits both
 if [ "${CUDA_TESTS:-1}" = 1 ] && [ "$DEVICE" != cpu ]; then
-  timeout "${CUDA_TESTS_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_client_conv.py \
-    tests/test_tf32.py 2>&1 | tail -40 | tee "$OUT/cuda_tests.log"
+  timeout "${CUDA_TESTS_SECONDS:-150}" bash -c "$PY -m pytest -q -p no:cacheprovider -k on_cuda \
+    tests/test_client_conv.py; $PY -m pytest -q -p no:cacheprovider -k 'not on_cuda' tests/test_client_conv.py \
+    tests/test_tf32.py" 2>&1 | tail -40 | tee "$OUT/cuda_tests.log"
 fi
 
 if [ "${PERF_SECONDS:-240}" != 0 ]; then  # 0: skip (a second call that only resumes the grid)
