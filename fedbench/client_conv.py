@@ -42,8 +42,8 @@ from torch import Tensor
 from fedbench.matmul_conv import both_sides, conv2d_in_autocast_dtype, in_autocast_dtype, output_size
 
 Geometry = list[int]  # [stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w]
-# A kernel's program holds every channel of its positions (registers, shared memory): wider
-# layers (ResNet-18's 128 to 512) stay torch's. And offsets inside a client are 32-bit.
+# The gradients' programs hold every channel of their positions (registers, shared memory):
+# wider layers (ResNet-18's 128 to 512) stay torch's. And offsets inside a client are 32-bit.
 MAX_CHANNELS = 64
 MAX_CLIENT_VALUES = 2**31 - 1
 
@@ -103,12 +103,12 @@ def forward(x: Tensor, w: Tensor, b: Tensor | None, geometry: Geometry) -> Tenso
     y = x.new_empty(output_shape(x, w, geometry))
     K, N, C, H, W = x.shape
     O, OH, OW = y.shape[2:]
-    block_p = kernels.positions_per_program(x.device.type, O, N * OH * OW)
+    block_o = kernels.output_channels_per_program(x.device.type, O)
+    block_p = kernels.positions_per_program(x.device.type, block_o, N * OH * OW)
     if y.numel():
-        launch(kernels.client_conv_forward, (-(-N * OH * OW // block_p), K),
+        launch(kernels.client_conv_forward, (-(-N * OH * OW // block_p), K, -(-O // block_o)),
                x, w, x if b is None else b.contiguous(), y, N, C, H, W, O, OH, OW, *geometry,
-               KH=w.shape[3], KW=w.shape[4], HAS_BIAS=b is not None, BLOCK_O=kernels.block(O),
-               BLOCK_P=block_p)
+               KH=w.shape[3], KW=w.shape[4], HAS_BIAS=b is not None, BLOCK_O=block_o, BLOCK_P=block_p)
     return y
 
 

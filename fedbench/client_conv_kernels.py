@@ -17,7 +17,7 @@ Each kernel is one launch for all K clients (cuDNN's grouped convolution, which 
 makes of such a convolution, launches once per client on an H100: ``benchmarks/perf/
 kernels.py``). Every product is in float32 (no TF32: fused multiply-adds, and the
 weight gradient's matrix products with ``input_precision="ieee"``), summed in an order
-fixed by the block sizes (forward: channels, then kernel rows, then columns; input
+fixed by the block sizes (forward: kernel rows, columns, then input channels; input
 gradient: kernel rows, columns, then output channels; weight gradient: blocks of
 positions, then its shares): the same inputs on the same device give the same bits.
 Inputs may be float32, bfloat16 or float16; sums are float32, stored in the output's dtype.
@@ -28,6 +28,8 @@ interpreter, on CPU tensors (numpy, slow: for checking only).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
@@ -35,15 +37,30 @@ WARPS = 4
 MAX_BLOCK = 2**20  # Triton's largest block, in values (triton._utils.TRITON_MAX_TENSOR_NUMEL in 3.8.0)
 
 
+CHANNELS_PER_PROGRAM = 8  # the forward pass's output channels a program computes on a GPU
+
+
+def output_channels_per_program(device_type: str, channels: int) -> int:
+    """The forward pass's output channels a program computes, of a layer's ``channels``: on
+    a GPU at most ``CHANNELS_PER_PROGRAM``, in the interpreter all of them (fewer programs).
+    On a GPU a thread loads, for each tap and input channel, every weight of its program's
+    output channels and an input value for each of its positions: at 8 channels and 512
+    positions 12 loads feed its 32 multiply-adds, 141 registers a thread (ptxas for an
+    H100); a program of 64 channels and 128 positions made ptxas spill its sums to local
+    memory (18,784 bytes a thread), one of 16 channels and 256 positions needs 18 loads
+    and 245 registers. Wider layers take several programs, each reading the same inputs."""
+    return min(block(channels), CHANNELS_PER_PROGRAM) if device_type == "cuda" else block(channels)
+
+
 def positions_per_program(device_type: str, channels: int, positions: int = 16384) -> int:
     """Positions (output positions; input positions for dx) a program computes for
-    ``channels`` output channels (input channels, for dx), of a client's ``positions``. On a
-    GPU the accumulator stays in registers (at most 4,096 sums, 32 a thread) and each thread
-    reuses a tap's weights for several positions: 512 positions for up to 8 channels, down
-    to 128 (64 channels). In the interpreter, which runs programs one after another in
-    Python over whole blocks, masked positions included, a block of all the client's
-    positions, at most 16,384 (fewer programs and loop turns). A position's sum is the same
-    whatever the block."""
+    ``channels`` channels a program (the forward pass's output channels, dx's input
+    channels), of a client's ``positions``. On a GPU the accumulator stays in registers (at
+    most 4,096 sums, 32 a thread) and each thread reuses a tap's weights for several
+    positions: 512 positions for up to 8 channels, down to 128 (64 channels). In the
+    interpreter, which runs programs one after another in Python over whole blocks, masked
+    positions included, a block of all the client's positions, at most 16,384 (fewer
+    programs and loop turns). A position's sum is the same whatever the block."""
     if device_type != "cuda":
         return min(16384, block(positions))
     return min(512, max(128, 4096 // block(channels)))
@@ -64,25 +81,31 @@ def client_conv_forward(x, w, b, y, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh, d
                         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr):
     """One program: BLOCK_P of one client's output positions, its images' positions in a
-    row (program 0), of client k (program 1), every output channel. Offsets inside a
-    client are 32-bit (its tensors hold under 2**31 values: the operator checks)."""
+    row (program 0), of client k (program 1), BLOCK_O of its output channels (program 2).
+    Offsets inside a client are 32-bit (its tensors hold under 2**31 values: the operator
+    checks)."""
     k = tl.program_id(1).to(tl.int64)
     x_client, y_client = x + k * N * C * H * W, y + k * N * O * OH * OW
     r_ok, n, p, oh, ow = block_positions(BLOCK_P, N, OH, OW)
-    o = tl.arange(0, BLOCK_O)
+    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < O
     w_client = w + k * O * C * KH * KW + o * (C * KH * KW)
+    x_image = x_client + n * C * H * W
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=tl.float32)
-    for c in range(C):
-        x_channel = x_client + (n * C + c) * H * W
-        for i in tl.static_range(KH):
-            ih = oh * sh - ph + i * dh
-            row_ok = r_ok & (ih >= 0) & (ih < H)
-            for j in tl.static_range(KW):
-                iw = ow * sw - pw + j * dw
-                ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_channel + ih * W + iw, mask=ok, other=0.0).to(tl.float32)
-                wv = tl.load(w_client + c * KH * KW + i * KW + j, mask=o_ok, other=0.0).to(tl.float32)
+    # taps outside, channels inside: a tap's offsets and mask serve every channel; the taps
+    # in a loop, not unrolled, so the compiler does not keep every tap's offsets in registers
+    # (ptxas for an H100: 141 registers a thread; channels outside, taps unrolled: 255 and
+    # spills to local memory)
+    for i in range(KH):
+        ih = oh * sh - ph + i * dh
+        row_ok = r_ok & (ih >= 0) & (ih < H)
+        for j in range(KW):
+            iw = ow * sw - pw + j * dw
+            ok = row_ok & (iw >= 0) & (iw < W)
+            x_tap, w_tap = x_image + ih * W + iw, w_client + i * KW + j
+            for c in range(C):
+                xv = tl.load(x_tap + c * H * W, mask=ok, other=0.0).to(tl.float32)
+                wv = tl.load(w_tap + c * KH * KW, mask=o_ok, other=0.0).to(tl.float32)
                 acc += wv[:, None] * xv[None, :]
     if HAS_BIAS:
         acc += tl.load(b + k * O + o, mask=o_ok, other=0.0).to(tl.float32)[:, None]
@@ -103,14 +126,15 @@ def client_conv_input_grad(dy, w, dx, N, C, H, W, O, OH, OW, sh, sw, ph, pw, dh,
     w_client = w + k * O * C * KH * KW + c * (KH * KW)
     dy_image = dy_client + n * O * OH * OW
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    # taps outside, channels inside: each tap's output position (integer divisions) once
-    for i in tl.static_range(KH):
+    # taps outside, channels inside: each tap's output position (integer divisions) once; the
+    # taps in a loop, not unrolled (ptxas for an H100: 120 registers a thread, 203 unrolled)
+    for i in range(KH):
         th = ih + ph - i * dh  # = oh * sh where output row oh reads this input row
         th_ok = th >= 0
         th = tl.where(th_ok, th, 0)  # no negative division: those rows are masked
         oh = th // sh
         row_ok = r_ok & th_ok & (th % sh == 0) & (oh < OH)
-        for j in tl.static_range(KW):
+        for j in range(KW):
             tw = iw + pw - j * dw
             tw_ok = tw >= 0
             tw = tl.where(tw_ok, tw, 0)
@@ -192,13 +216,23 @@ def weight_grad_blocks(device_type: str, taps: int, positions: int, channels_out
     return block_t, max(16, min(block(positions, least=16), MAX_BLOCK // widest)), 1
 
 
+@dataclass(frozen=True)
+class CompiledKernel:
+    """A kernel as a GPU would run it: its PTX, and what ptxas gave each program."""
+
+    ptx: str
+    shared_bytes: int  # shared memory a program needs
+    registers: int  # per thread
+    spilled_bytes: int  # per thread, stored to local memory because the registers ran out
+
+
 def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,
-                     names: tuple[str, ...] | None = None) -> dict[str, tuple[str, int]]:
+                     names: tuple[str, ...] | None = None) -> dict[str, CompiledKernel]:
     """Each kernel compiled ahead of time by Triton's own compiler (ptxas included) for a
     CUDA GPU of ``capability`` (90: H100), with tensors of ``dtype`` (``fp32``, ``bf16``),
-    5x5 kernels and the block sizes of a layer of ``channels`` channels (6: simple_cnn's
-    first; the operator takes up to 64): its PTX and the shared memory it needs, by kernel
-    name (of ``names``, default all three).
+    5x5 kernels and the GPU's block sizes for a layer of ``channels`` channels in and out
+    (6: simple_cnn's first; the operator takes up to 64), by kernel name (of ``names``,
+    default all three); registers and spills as ``ptxas -v`` reports them.
     Needs no GPU, but Triton's interpreter off (TRITON_INTERPRET unset before Triton is
     imported)."""
     import inspect
@@ -209,12 +243,13 @@ def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 
     pointers = {client_conv_forward: dict.fromkeys(("x", "w", "b", "y"), f"*{dtype}"),
                 client_conv_input_grad: dict.fromkeys(("dy", "w", "dx"), f"*{dtype}"),
                 client_conv_weight_grad: {"dy": f"*{dtype}", "x": f"*{dtype}", "partial": "*fp32"}}
-    constants = {client_conv_forward: dict(KH=5, KW=5, HAS_BIAS=True, BLOCK_O=block(channels),
-                                           BLOCK_P=positions_per_program("cuda", channels)),
+    block_o = output_channels_per_program("cuda", channels)
+    constants = {client_conv_forward: dict(KH=5, KW=5, HAS_BIAS=True, BLOCK_O=block_o,
+                                           BLOCK_P=positions_per_program("cuda", block_o)),
                  client_conv_input_grad: dict(KH=5, KW=5, BLOCK_C=block(channels),
                                               BLOCK_P=positions_per_program("cuda", channels)),
                  client_conv_weight_grad: dict(KH=5, KW=5, BLOCK_O=block(channels, least=16), BLOCK_T=32, BLOCK_R=64)}
-    ptx = {}
+    compiled_kernels = {}
     for kernel, fixed in constants.items():
         if names is not None and kernel.fn.__name__ not in names:
             continue
@@ -222,5 +257,30 @@ def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 
                      for name in inspect.signature(kernel.fn).parameters}
         source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": WARPS})
-        ptx[kernel.fn.__name__] = compiled.asm["ptx"], compiled.metadata.shared
-    return ptx
+        ptx = compiled.asm["ptx"]
+        registers, spilled = ptxas_usage(ptx, capability)
+        compiled_kernels[kernel.fn.__name__] = CompiledKernel(ptx, compiled.metadata.shared, registers, spilled)
+    return compiled_kernels
+
+
+def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """Registers a thread and bytes a thread spilled, as ``ptxas -v`` (Triton's own) reports
+    compiling ``ptx`` for its target."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, flags=re.M).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        source = f"{folder}/kernel.ptx"
+        with open(source, "w") as file:
+            file.write(ptx)
+        report = subprocess.run([get_ptxas(capability).path, "-v", f"-arch={arch}", source, "-o", f"{folder}/kernel.o"],
+                                capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spilled = re.search(r"(\d+) bytes spill stores", report)
+    if registers is None or spilled is None:
+        raise RuntimeError(f"ptxas -v reported no registers or spills: {report[-500:]}")
+    return int(registers.group(1)), int(spilled.group(1))

@@ -121,22 +121,33 @@ def test_the_models_layers_at_a_batch_of_64_equal_torchs_convolution_in_float64(
 
 
 def test_the_gpu_s_block_sizes_give_the_same_sums(monkeypatch):
-    """On a GPU the kernels take 128 to 512 positions a program and the weight gradient 32
-    taps, 64 positions at a time, in shares summed afterwards: in the interpreter with 128
-    positions and 3 shares, several programs and shares per client, against sums by loops."""
+    """On a GPU the kernels take 128 to 512 positions a program, the forward pass 8 output
+    channels a program, and the weight gradient 32 taps, 64 positions at a time, in shares
+    summed afterwards: in the interpreter with 128 positions, 2 output channels (5 in 3
+    programs, the last one's second masked) and 3 shares, several programs and shares per
+    client, against sums by loops. A position's sums do not depend on the blocks: the
+    forward pass and the input gradient equal, bit for bit, those of the interpreter's own
+    blocks (one program of every position and channel per client)."""
     import fedbench.client_conv_kernels as kernels
 
-    gpu_sizes = [kernels.positions_per_program("cuda", c) for c in (5, 16, 64)], kernels.weight_grad_blocks(
-        "cuda", 50, 300)
-    assert gpu_sizes == ([512, 256, 128], (32, 64, 1)), "the sizes this test stands in for"
+    gpu_sizes = ([kernels.positions_per_program("cuda", c) for c in (5, 16, 64)],
+                 [kernels.output_channels_per_program("cuda", c) for c in (5, 16, 64)],
+                 kernels.weight_grad_blocks("cuda", 50, 300))
+    assert gpu_sizes == ([512, 256, 128], [8, 8, 8], (32, 64, 1)), "the sizes this test stands in for"
     monkeypatch.setattr(kernels, "positions_per_program", lambda device_type, channels, positions=0: 128)
+    monkeypatch.setattr(kernels, "output_channels_per_program", lambda device_type, channels: 2)  # 5 in 3 programs
     monkeypatch.setattr(kernels, "weight_grad_blocks", lambda device_type, taps, positions, channels_out=1: (32, 64, 3))
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 3, 2, 11, 10, generator=gen), torch.randn(2, 5, 2, 5, 5, generator=gen)
+    dy = torch.randn(2, 3, 5, 11, 8, generator=gen)
     xs, ws = leaves(x, w)
     out = client_conv2d_of(xs, ws, None, (1, 1), (2, 1), (1, 1))  # 3 x 11 x 8 = 264 positions a client
-    dy = torch.randn(out.shape, generator=gen)
     (out * dy.to(DEVICE)).sum().backward()
+    monkeypatch.undo()
+    own_x, own_w = leaves(x, w)
+    own_out = client_conv2d_of(own_x, own_w, None, (1, 1), (2, 1), (1, 1))
+    (own_out * dy.to(DEVICE)).sum().backward()
+    assert torch.equal(out, own_out) and torch.equal(xs.grad, own_x.grad), "a position's sums whatever the blocks"
     for k in range(2):
         zero = np.zeros(5)
         expected = convolution_by_loops(x[k].double().numpy(), w[k].double().numpy(), zero, (1, 1), (2, 1), (1, 1))
@@ -375,14 +386,16 @@ def test_a_cohort_with_the_triton_convolution_equals_sequential_training(tiny_ro
     assert coh_rec[0]["train_loss"] == pytest.approx(seq_rec[0]["train_loss"], rel=1e-4)
 
 
-def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
+def test_the_kernels_compile_for_an_h100_without_one_in_full_float32_and_without_spills():
     """Triton's interpreter accepts code its compiler may not: here each kernel goes through
     Triton's whole compiler (to PTX and ptxas's binary) for an H100 (sm_90), with float32
     and with bf16 tensors, in a process with the interpreter off; no product may run on
-    tensor cores (no ``mma``: full float32 fused multiply-adds, as the docstring says), and
-    the weight gradient, whose matrix products stage tiles in shared memory, must fit an
-    H100 block's at the widest layer the operator takes (64 channels; the other two keep
-    their sums in registers, and compiling them that wide takes 20 s more)."""
+    tensor cores (no ``mma``: full float32 fused multiply-adds, as the docstring says); no
+    program may spill registers to local memory (``ptxas -v``: the forward pass spilled 96
+    bytes a thread at simple_cnn's widths and 18,784 at 64 channels before its channel
+    blocks); and the weight gradient, whose matrix products stage tiles in shared memory,
+    must fit an H100 block's at the widest layer the operator takes (64 channels; the input
+    gradient keeps its sums in registers, and compiling it that wide takes 12 s more)."""
     import importlib.util
     import subprocess
     import sys
@@ -391,10 +404,11 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("TRITON HAS NO CUDA BACKEND HERE: the kernels' compilation for a GPU is untested")
     code = ("import json\nfrom fedbench.client_conv_kernels import compiled_for_gpu\n"
-            "print(json.dumps({f'{dtype} {channels}': {name: [ptx.count('mma.sync') + ptx.count('wgmma'),"
-            " ptx.count('fma.rn.f32'), shared] for name, (ptx, shared) in compiled_for_gpu(90, dtype, channels, names)"
-            ".items()} for dtype, channels, names in (('fp32', 6, None), ('bf16', 6, None),"
-            " ('fp32', 64, ('client_conv_weight_grad',)))}))")
+            "print(json.dumps({f'{dtype} {channels}': {name: [k.ptx.count('mma.sync') + k.ptx.count('wgmma'),"
+            " k.ptx.count('fma.rn.f32'), k.shared_bytes, k.spilled_bytes, k.registers]"
+            " for name, k in compiled_for_gpu(90, dtype, channels, names).items()}"
+            " for dtype, channels, names in (('fp32', 6, None), ('bf16', 6, None),"
+            " ('fp32', 64, ('client_conv_forward', 'client_conv_weight_grad')))}))")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
@@ -404,11 +418,30 @@ def test_the_kernels_compile_for_an_h100_without_one_in_full_float32():
     counts = json.loads(done.stdout.splitlines()[-1])
     assert set(counts) == {"fp32 6", "bf16 6", "fp32 64"}, "simple_cnn's layers, and the widest the operator takes"
     for setting, kernels in counts.items():
-        assert set(kernels) == ({"client_conv_weight_grad"} if setting == "fp32 64" else
+        assert set(kernels) == ({"client_conv_forward", "client_conv_weight_grad"} if setting == "fp32 64" else
                                 {"client_conv_forward", "client_conv_input_grad", "client_conv_weight_grad"})
-        for name, (tensor_core_products, fmas, shared) in kernels.items():
+        for name, (tensor_core_products, fmas, shared, spilled, registers) in kernels.items():
             assert tensor_core_products == 0 and fmas > 0, (setting, name, tensor_core_products, fmas)
             assert shared <= 227 * 1024, (setting, name, shared, "an H100 block's shared memory: 227 KB")
+            assert spilled == 0 and 0 < registers <= 255, (setting, name, spilled, registers)
+
+
+def test_the_programs_an_sm_holds_by_hand():
+    """benchmarks/perf/triton_resources.py's arithmetic, worked by hand for an H100 SM
+    (65,536 registers in units of 8 a thread, at most 32 programs and 64 warps, 228 KB of
+    shared memory and 1 KB reserved a program), 4 warps a program."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "perf"))
+    from triton_resources import programs_per_sm
+
+    assert programs_per_sm(141, 0, 4) == 3  # 144 x 128 = 18,432 registers a program; 65,536 / 18,432 = 3.6
+    assert programs_per_sm(255, 0, 4) == 2  # 256 x 128 = 32,768
+    assert programs_per_sm(120, 0, 4) == 4  # 120 x 128 = 15,360: 4.3
+    assert programs_per_sm(32, 0, 4) == 16  # 4,096 a program would allow 16; 64 warps allow 16 programs of 4
+    assert programs_per_sm(16, 0, 1) == 32  # 512 a program would allow 128; at most 32 programs
+    assert programs_per_sm(64, 49152, 4) == 4  # registers allow 8; 233,472 / 50,176 = 4.7
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA ONLY: the compiled Triton kernels need a GPU")

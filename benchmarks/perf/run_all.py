@@ -18,6 +18,7 @@ import server_update  # noqa: E402
 import stacked_clients  # noqa: E402
 import throughput  # noqa: E402
 import together  # noqa: E402
+import triton_resources  # noqa: E402
 import torch  # noqa: E402
 
 # On a GPU the cohort table gets its GPU rows: both models, fp32 and bf16.
@@ -29,7 +30,8 @@ if __name__ == "__main__":
     cohort_args = COHORT_GPU if torch.cuda.is_available() else []
     sections = [throughput.main([]), stacked_clients.main([]), cohort.main(cohort_args),
                 together.main(TOGETHER + (["--steps", "20"] if torch.cuda.is_available() else [])), aggregation.main([]),
-                round_breakdown.main([]), fisher.main([]), server_update.main([]), evaluation.main([])]
+                round_breakdown.main([]), fisher.main([]), server_update.main([]), evaluation.main([]),
+                triton_resources.main([])]
     if torch.cuda.is_available():  # on CPU the ops' own times say nothing of a GPU's kernels
         sections += [grouped_conv.main([]), kernels.main([])]
     print("\n\n".join(sections))
