@@ -147,3 +147,26 @@ def test_every_bench_target_passes_grid_flags_to_each_of_its_grids():
                              capture_output=True, text=True, timeout=60)
         grids = [line for line in dry.stdout.splitlines() if " grid benchmarks/" in line]
         assert grids and all(line.endswith(" --jobs 3 --cells-per-process 2") for line in grids), (target, dry.stdout)
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped but
+    hyphens, spaces made hyphens ("## Speed and scale" -> "speed-and-scale")."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("document", ["README.md", "benchmarks/perf/README.md"])
+def test_every_relative_link_reaches_a_file_and_heading(document):
+    """A link into the repository (the README's results and measurement log, the log's way
+    back) names a file that exists and, after ``#``, one of that file's headings."""
+    path = REPO / document
+    links = [target for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+             if not re.match(r"[a-z]+://", target)]
+    assert links, f"{document} links nowhere: the pattern no longer finds its links"
+    for link in links:
+        file_part, _, anchor = link.partition("#")
+        target = (path.parent / file_part).resolve() if file_part else path
+        assert target.is_file() and REPO in target.parents, f"{document}: {link} names no file of the repository"
+        if anchor:
+            assert anchor in heading_anchors(target.read_text()), f"{document}: {link} names no heading of {target.name}"

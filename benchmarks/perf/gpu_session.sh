@@ -14,7 +14,7 @@
 # epoch-start draws of 2026-11-26 drew another CUDA stream; start those afresh), unpack its
 # runs.tgz in the repository root and carry runs/ to the machine: every cell resumes from
 # its last checkpoint (same device kind:
-# GPU and CPU runs of one seed differ, see the README's GPU section).
+# GPU and CPU runs of one seed differ, see benchmarks/perf/README.md).
 # PERF_SECONDS=0 skips stage 1, whose first table is benchmarks/perf/grouped_conv.py (the
 # cohort's convolutions alone; PERF_CONV=0 skips it, PERF_CONV_SECONDS, default 120), then
 # benchmarks/perf/kernels.py (PERF_KERNELS=0

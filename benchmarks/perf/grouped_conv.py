@@ -4,7 +4,7 @@ client's own weights, forward and backward, under each cuDNN setting.
 On an H100 (2026-11-27) a compiled cohort step of 160 clients was at least 2,570 kernels,
 most of them cuDNN's: its grouped convolution (what ``vmap`` makes of a convolution whose
 weights differ per client) ran one TF32 kernel per client, with layout conversions of each
-client's slice around it (README, "Speed and scale"). ``kernels.py`` times whole steps,
+client's slice around it (`benchmarks/perf/README.md`). ``kernels.py`` times whole steps,
 a compile per variant; this times the convolution alone, uncompiled, so one short call
 can try each cuDNN setting that might give one launch for all clients: ``vmap(F.conv2d)``,
 cuDNN's grouped convolution as the cohort runs it (``train.cohort_convolution=grouped``),

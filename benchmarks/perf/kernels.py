@@ -3,7 +3,7 @@ change it do.
 
 On an H100 the full grid's cells, 16 per process and compiled (``reduce-overhead``), kept
 nvidia-smi's "busy" at 89-100% while training about 2.1 TFLOPS, 3% of its FP32 peak
-(README, "Speed and scale"): what the GPU spends that time on is not measured there. This
+(`benchmarks/perf/README.md`): what the GPU spends that time on is not measured there. This
 builds N cells (``--cells``, default 16) of the paper's setting (simple_cnn, 10 clients
 each, batch 64, ``--attack``: its clients poison), trains their round-0 clients as one
 cohort (``fedbench.together``), compiled in ``--compile``, and for each variant
