@@ -16,10 +16,11 @@ read the other way round:
 Each kernel is one launch for all K clients (cuDNN's grouped convolution, which ``vmap``
 makes of such a convolution, launches once per client on an H100: ``benchmarks/perf/
 kernels.py``). Every product is in float32 (no TF32: fused multiply-adds, and the
-weight gradient's matrix products with ``input_precision="ieee"``), summed in an order
-fixed by the block sizes (forward: kernel rows, columns, then input channels; input
-gradient: kernel rows, columns, then output channels; weight gradient: blocks of
-positions, then its shares): the same inputs on the same device give the same bits.
+weight gradient's matrix products with ``input_precision="ieee"``), summed in a fixed
+order (forward: kernel rows, columns, then input channels; input gradient: kernel rows,
+columns, then output channels, whatever the blocks; weight gradient: blocks of positions,
+then its shares, fixed by its block sizes): the same inputs on the same device give the
+same bits.
 Inputs may be float32, bfloat16 or float16; sums are float32, stored in the output's dtype.
 
 Under ``TRITON_INTERPRET=1`` (set before Triton is imported) they run in Triton's
@@ -55,9 +56,10 @@ def output_channels_per_program(device_type: str, channels: int) -> int:
 def positions_per_program(device_type: str, channels: int, positions: int = 16384) -> int:
     """Positions (output positions; input positions for dx) a program computes for
     ``channels`` channels a program (the forward pass's output channels, dx's input
-    channels), of a client's ``positions``. On a GPU the accumulator stays in registers (at
-    most 4,096 sums, 32 a thread) and each thread reuses a tap's weights for several
-    positions: 512 positions for up to 8 channels, down to 128 (64 channels). In the
+    channels), of a client's ``positions``. On a GPU the accumulator stays in registers
+    (4,096 sums a program, 32 a thread, up to 32 channels; 8,192 at dx's widest, 64) and each
+    thread reuses a tap's weights for several positions: 512 positions for up to 8
+    channels, down to 128 (64 channels). In the
     interpreter, which runs programs one after another in Python over whole blocks, masked
     positions included, a block of all the client's positions, at most 16,384 (fewer
     programs and loop turns). A position's sum is the same whatever the block."""
@@ -277,10 +279,11 @@ def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
         source = f"{folder}/kernel.ptx"
         with open(source, "w") as file:
             file.write(ptx)
-        report = subprocess.run([get_ptxas(capability).path, "-v", f"-arch={arch}", source, "-o", f"{folder}/kernel.o"],
-                                capture_output=True, text=True, check=True).stderr
-    registers = re.search(r"Used (\d+) registers", report)
-    spilled = re.search(r"(\d+) bytes spill stores", report)
-    if registers is None or spilled is None:
-        raise RuntimeError(f"ptxas -v reported no registers or spills: {report[-500:]}")
-    return int(registers.group(1)), int(spilled.group(1))
+        done = subprocess.run([get_ptxas(capability).path, "-v", f"-arch={arch}", source, "-o", f"{folder}/kernel.o"],
+                              capture_output=True, text=True)
+    registers = re.findall(r"Used (\d+) registers", done.stderr)
+    spilled = re.findall(r"(\d+) bytes spill stores", done.stderr)
+    if done.returncode or len(registers) != 1 or len(spilled) != 1:  # one kernel, one function
+        raise RuntimeError(f"ptxas -v (exit {done.returncode}) did not report one function's registers and "
+                           f"spills: {done.stderr[-1000:]}")
+    return int(registers[0]), int(spilled[0])

@@ -34,7 +34,11 @@ SETTINGS = [("fp32", 6, None), ("bf16", 6, None), ("fp32", 64, None)]
 
 
 def programs_per_sm(registers: int, shared_bytes: int, warps: int, sm: dict[str, int] = H100) -> int:
-    """Programs of ``warps`` warps an SM holds at once, by registers and by shared memory."""
+    """Programs of ``warps`` warps an SM holds at once, by registers and by shared memory.
+    For programs of a multiple of 4 warps (the kernels use 4): an H100 SM splits its
+    registers in four, one part per warp scheduler, which the formula ignores."""
+    if warps % 4:
+        raise ValueError(f"warps={warps}: the formula holds for a multiple of 4 warps")
     by_registers = sm["registers"] // (math.ceil(registers / 8) * 8 * 32 * warps)
     by_shared = sm["shared"] // (shared_bytes + sm["reserved"]) if shared_bytes else sm["programs"]
     return min(sm["programs"], sm["warps"] // warps, by_registers, by_shared)
