@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FEDBENCH_DATA ?= $(if $(wildcard ../shared/data/FashionMNIST),$(abspath ../shared/data),$(CURDIR)/data)
 export FEDBENCH_DATA
 # Extra options for every `fedbench grid` of the bench targets, e.g. on one GPU:
-#   make bench GRID_FLAGS="--jobs auto --cells-per-process 6"
+#   make bench GRID_FLAGS="--jobs 2 --cells-per-process 16 --set train.compile=reduce-overhead"
 GRID_FLAGS ?=
 
 .PHONY: install run test bench bench-quick bench-ablation bench-adaptive bench-byzantine bench-fmnist-paper perf clean
@@ -46,7 +46,7 @@ bench-adaptive: install
 	$(BIN)/fedbench grid benchmarks/sdfc_adaptive.yaml $(GRID_FLAGS)
 	$(BIN)/fedbench report runs/sdfc_adaptive --out results/sdfc_adaptive
 
-# The untargeted attacks x every defense but Bulyan, 336 cells (about 5 CPU-hours; resumable).
+# The untargeted attacks x every defense but Bulyan, 336 cells (about 7 CPU-hours of cell time; resumable).
 bench-byzantine: install
 	$(BIN)/fedbench grid benchmarks/byzantine.yaml $(GRID_FLAGS)
 	$(BIN)/fedbench report runs/byzantine --out results/byzantine --reference runs/quick

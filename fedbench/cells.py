@@ -45,6 +45,7 @@ class Grid:
     cells: list[Cell] = field(default_factory=list)
     file: str | None = None
     jobs: int = 1
+    settings: list[str] = field(default_factory=list)  # --set KEY=VALUE, applied over the file
 
 
 def cell_status(cell_dir: Path) -> str:

@@ -237,7 +237,7 @@ def load_grid(path: str | Path, output: str | None = None, settings: Sequence[st
     name = spec.get("name") or path.stem
     out = Path(output or spec.get("output") or Path("runs") / name)
     grid = Grid(name, base, spec["axes"], out, bool(spec.get("isolate", True)), int(spec.get("checkpoint_every", 5)),
-                file=str(path), jobs=spec.get("jobs", 1))
+                file=str(path), jobs=spec.get("jobs", 1), settings=list(settings))
     check_jobs(grid.jobs, "grid.jobs")
     overrides = spec.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -329,12 +329,7 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | st
     tasks (``launcher="ray"``, see fedbench.ray_launcher)."""
     isolate = grid.isolate if isolate is None else isolate
     jobs = grid.jobs if jobs is None else jobs
-    check_jobs(jobs, "jobs")
-    if launcher not in LAUNCHERS:
-        raise ConfigError([("launcher", launcher, f"one of: {', '.join(LAUNCHERS)}")])
-    check_cells_per_process(cells_per_process, launcher)
-    validate_cells(grid)
-    check_packable(grid, cells_per_process)
+    check_grid_options(grid, jobs, launcher, cells_per_process)
     if jobs == "auto":
         if not gpu_memory_per_cell > 0:
             raise ConfigError([("gpu_memory_per_cell", gpu_memory_per_cell, "a number of GB > 0")])
@@ -346,8 +341,8 @@ def run_grid(grid: Grid, isolate: bool | None = None, echo=print, jobs: int | st
     try:
         with GridLock(grid.output):
             write_json_atomic(grid.output / "grid.json", {
-                "name": grid.name, "file": grid.file, "axes": grid.axes, "base": grid.base, "jobs": jobs,
-                "launcher": launcher, "cells": [c.cell_id for c in grid.cells]})
+                "name": grid.name, "file": grid.file, "settings": grid.settings, "axes": grid.axes,
+                "base": grid.base, "jobs": jobs, "launcher": launcher, "cells": [c.cell_id for c in grid.cells]})
             positions = [f"[{index}/{len(grid.cells)}]" for index in range(1, len(grid.cells) + 1)]
             if launcher == "ray":
                 from fedbench.ray_launcher import RayOptions, run_on_ray
@@ -400,6 +395,17 @@ def in_pool(jobs: int, running: RunningCells, calls: list[Callable[[], None]]) -
         running.stop_all()
         raise
     pool.shutdown()
+
+
+def check_grid_options(grid: Grid, jobs: int | str, launcher: str, cells_per_process: int) -> None:
+    """The grid command's options and every cell's config, before any cell runs (a dry run
+    checks them too): one message naming each field."""
+    check_jobs(jobs, "jobs")
+    if launcher not in LAUNCHERS:
+        raise ConfigError([("launcher", launcher, f"one of: {', '.join(LAUNCHERS)}")])
+    check_cells_per_process(cells_per_process, launcher)
+    validate_cells(grid)
+    check_packable(grid, cells_per_process)
 
 
 def check_cells_per_process(value: Any, launcher: str) -> None:
@@ -471,7 +477,8 @@ def grid_command(argv: Sequence[str]) -> int:
         grid = load_grid(args.grid_file, args.out, args.settings)
         select_cells(grid, args.cells)
         if args.dry_run:
-            validate_cells(grid)
+            jobs = jobs_option(args.jobs)
+            check_grid_options(grid, grid.jobs if jobs is None else jobs, args.launcher, args.cells_per_process)
             for cell in grid.cells:
                 print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
             print(f"{len(grid.cells)} cells -> {grid.output}")

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import shlex
 from collections import defaultdict
 import dataclasses
 from dataclasses import dataclass
@@ -433,13 +434,14 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
     seeds = sorted({r.seed for r in results})
     title = grid_info.get("name", grid_dir.name)
     if command and grid_info.get("file"):
-        command = f"fedbench grid {grid_info['file']}` then `{command}"
+        settings = "".join(f" --set {shlex.quote(setting)}" for setting in grid_info.get("settings", []))
+        command = f"fedbench grid {grid_info['file']}{settings}` then `{command}"
     text = [f"# Results: {title}\n",
             f"{len(own)} finished cells; seeds {seeds}. A = clean accuracy; ASR non-target = attack "
             "success rate over test images whose true label is not the target (the headline); ASR all = the "
             "same over every test image (how the published SDFC/FDCR code counts; R in their tables is "
-            "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of the last rounds (mean±std over "
-            "seeds). A defense label without arguments runs its defaults (sdfc: the published Fisher "
+            "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of a cell's last federation.final_rounds "
+            "rounds (mean±std over seeds, std the population's). A defense label without arguments runs its defaults (sdfc: the published Fisher "
             "estimator; Krum, Multi-Krum, trimmed mean: f = the expected number of attackers, which is 0 in "
             "attack-free cells, where Multi-Krum and trimmed mean then average every update).\n"]
     if command:

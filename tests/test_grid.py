@@ -121,7 +121,7 @@ def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
     path = write_grid(tmp_path, tiny_root, {**AXES, "seed": [0, 1]})
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "fedbench.cli", "grid", str(path), "--out", str(out), "--isolate",
-                    "false"], check=True, capture_output=True, timeout=600)
+                    "false", "--set", "attack.poison_ratio=0.4"], check=True, capture_output=True, timeout=600)
     result = subprocess.run([sys.executable, "-m", "fedbench.cli", "report", str(out), "--out",
                              str(tmp_path / "report")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -140,7 +140,9 @@ def test_report_writes_the_table_csv_and_plots(tiny_root, tmp_path):
         assert float(fedavg[f"{key}_mean"]) == pytest.approx(expected, abs=1e-3), key
     assert table.count("| fedavg |") == 1 and table.count("| median |") == 1
     assert "- `fedavg`: no arguments" in table
-    assert f"Made by: `fedbench grid {path}` then `fedbench report {out} --out {tmp_path / 'report'}`" in table
+    # the command as run: a --set changes what the cells computed
+    made_by = f"fedbench grid {path} --set attack.poison_ratio=0.4` then `fedbench report {out} --out {tmp_path / 'report'}"
+    assert f"Made by: `{made_by}`" in table
     summaries = [json.loads(p.read_text()) for p in (out / "cells").glob("*/summary.json")]
     assert f"Run time: {sum(s['wall_time_s'] for s in summaries) / 60:.1f} min for 8 cells" in table
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))

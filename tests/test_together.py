@@ -105,7 +105,7 @@ def test_a_grid_packed_in_one_process_equals_the_same_grid_unpacked(tiny_root, t
     assert sum("finished earlier, skipped" in line for line in again) == 2
 
 
-def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
+def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path, capsys):
     import yaml
 
     from fedbench.errors import ConfigError
@@ -125,6 +125,12 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path):
     with pytest.raises(ConfigError, match="with --launcher ray"):
         run_grid(load_grid(path, str(tmp_path / "out")), echo=lambda *_: None, cells_per_process=2, launcher="ray")
     assert not (tmp_path / "out" / "cells").exists(), "refused before any cell ran"
+    from fedbench.grid import grid_command
+
+    for flags in (["--launcher", "ray", "--cells-per-process", "2"], ["--cells-per-process", "0"]):
+        assert grid_command([str(path), "--out", str(tmp_path / "out"), "--dry-run", *flags]) == 2, flags
+    err = capsys.readouterr().err
+    assert "with --launcher ray" in err and "an integer >= 1" in err, "a dry run refuses them as a run does"
 
 
 def test_a_failing_pack_is_recorded_and_the_other_packs_go_on(tiny_root, tmp_path):
