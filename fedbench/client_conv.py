@@ -88,10 +88,12 @@ def output_shape(x: Tensor, w: Tensor, geometry: Geometry) -> tuple[int, ...]:
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
-    """One launch of a Triton kernel over ``grid``, on torch's current stream."""
+    """One launch of a Triton kernel over ``grid``, on torch's current stream, with the
+    kernel's warps a program."""
     from fedbench import client_conv_kernels as kernels  # Triton only where this operator runs
 
-    kernel[grid](*args, **constants, num_warps=kernels.WARPS)
+    warps = kernels.WEIGHT_GRAD_WARPS if kernel is kernels.client_conv_weight_grad else kernels.WARPS
+    kernel[grid](*args, **constants, num_warps=warps)
 
 
 def forward(x: Tensor, w: Tensor, b: Tensor | None, geometry: Geometry) -> Tensor:

@@ -34,7 +34,12 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-WARPS = 4
+WARPS = 4  # a program's warps on a GPU (the interpreter has none)
+# The weight gradient's programs: with 8 warps ptxas gives a thread 105 registers (189 with
+# 4), so an SM holds twice the warps. The warps should not change a sum: Triton's float32
+# dot without tensor cores adds each product of a block in the positions' order in one
+# thread (not checked on a GPU: its test repeats one setting)
+WEIGHT_GRAD_WARPS = 8
 MAX_BLOCK = 2**20  # Triton's largest block, in values (triton._utils.TRITON_MAX_TENSOR_NUMEL in 3.8.0)
 
 
@@ -226,6 +231,7 @@ class CompiledKernel:
     shared_bytes: int  # shared memory a program needs
     registers: int  # per thread
     spilled_bytes: int  # per thread, stored to local memory because the registers ran out
+    warps: int  # a program's
 
 
 def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 6,
@@ -258,10 +264,11 @@ def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 
         signature = {name: "constexpr" if name in fixed else pointers[kernel].get(name, "i32")
                      for name in inspect.signature(kernel.fn).parameters}
         source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": WARPS})
+        warps = WEIGHT_GRAD_WARPS if kernel is client_conv_weight_grad else WARPS
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
         ptx = compiled.asm["ptx"]
         registers, spilled = ptxas_usage(ptx, capability)
-        compiled_kernels[kernel.fn.__name__] = CompiledKernel(ptx, compiled.metadata.shared, registers, spilled)
+        compiled_kernels[kernel.fn.__name__] = CompiledKernel(ptx, compiled.metadata.shared, registers, spilled, warps)
     return compiled_kernels
 
 

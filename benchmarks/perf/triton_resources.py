@@ -4,7 +4,7 @@ shared memory, and so how many programs an SM holds at once.
 ``train.cohort_convolution=triton`` (``fedbench.client_conv_kernels``) has not run on a GPU
 yet; its kernels are latency-bound gathers (a few multiply-adds per load), whose speed
 depends on how many programs an SM keeps in flight to hide the loads' latency. Each kernel
-is compiled here by Triton's own compiler for an H100 (sm_90) at the GPU's block sizes,
+is compiled here by Triton's own compiler for an H100 (sm_90) at the GPU's block sizes and warps,
 and ``ptxas -v`` (Triton's) reports its registers a thread and the bytes a thread spills
 to local memory. Programs an SM holds, by registers: an H100 SM has 65,536 registers, given
 out per warp in units of 256 (8 a thread), at most 32 programs and 64 warps:
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for dtype, channels, names in SETTINGS:
         for name, kernel in kernels.compiled_for_gpu(args.capability, dtype, channels, names).items():
-            rows.append([name.removeprefix("client_conv_"), dtype, channels, kernel.registers, kernel.spilled_bytes,
-                         kernel.shared_bytes, programs_per_sm(kernel.registers, kernel.shared_bytes, kernels.WARPS)])
+            programs = programs_per_sm(kernel.registers, kernel.shared_bytes, kernel.warps)
+            rows.append([name.removeprefix("client_conv_"), dtype, channels, kernel.warps, kernel.registers,
+                         kernel.spilled_bytes, kernel.shared_bytes, programs, programs * kernel.warps])
     text = (f"### The Triton convolution's programs compiled for sm_{args.capability} without a GPU "
-            f"(Triton {triton.__version__}, {kernels.WARPS} warps a program)\n\n"
-            + table(["kernel", "dtype", "channels", "registers a thread", "bytes spilled a thread",
-                     "shared bytes", "programs an SM holds"], rows) + "\n")
+            f"(Triton {triton.__version__})\n\n"
+            + table(["kernel", "dtype", "channels", "warps a program", "registers a thread", "bytes spilled a thread",
+                     "shared bytes", "programs an SM holds", "warps an SM holds"], rows) + "\n")
     print(text, flush=True)
     return text
 
