@@ -463,6 +463,18 @@ def grid_parser():
     return parser
 
 
+def print_dry_run(grid: Grid, cells_per_process: int) -> None:
+    """Each cell's status and id, and with ``cells_per_process`` > 1 the process (pack) it
+    would train in."""
+    packs = pack_cells(grid, [""] * len(grid.cells), cells_per_process) if cells_per_process > 1 else []
+    pack_of = {cell.cell_id: index for index, pack in enumerate(packs, 1) for _, cell in pack}
+    for cell in grid.cells:
+        pack = f"  process {pack_of[cell.cell_id]}" if pack_of else ""
+        print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}{pack}")
+    processes = f" in {len(packs)} processes of up to {cells_per_process}" if packs else ""
+    print(f"{len(grid.cells)} cells{processes} -> {grid.output}")
+
+
 def grid_command(argv: Sequence[str]) -> int:
     from jsonargparse import ArgumentError
 
@@ -479,9 +491,7 @@ def grid_command(argv: Sequence[str]) -> int:
         if args.dry_run:
             jobs = jobs_option(args.jobs)
             check_grid_options(grid, grid.jobs if jobs is None else jobs, args.launcher, args.cells_per_process)
-            for cell in grid.cells:
-                print(f"{cell_status(cell.directory(grid.output)):11s} {cell.cell_id}")
-            print(f"{len(grid.cells)} cells -> {grid.output}")
+            print_dry_run(grid, args.cells_per_process)
             return 0
         summary = run_grid(grid, args.isolate, jobs=jobs_option(args.jobs), launcher=args.launcher,
                            ray_options=ray_options_from(args), gpu_memory_per_cell=args.gpu_memory_per_cell,

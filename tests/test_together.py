@@ -131,6 +131,12 @@ def test_packing_refuses_cells_that_cannot_share_a_process(tiny_root, tmp_path, 
         assert grid_command([str(path), "--out", str(tmp_path / "out"), "--dry-run", *flags]) == 2, flags
     err = capsys.readouterr().err
     assert "with --launcher ray" in err and "an integer >= 1" in err, "a dry run refuses them as a run does"
+    path.write_text(yaml.safe_dump(grid))  # packable again: a dry run says which process takes each cell
+    assert grid_command([str(path), "--out", str(tmp_path / "out"), "--dry-run", "--cells-per-process", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    cell_ids = [cell.cell_id for cell in load_grid(path, str(tmp_path / "out")).cells]
+    assert lines[:-1] == [f"pending     {cell_id}  process {1 + index // 3}" for index, cell_id in enumerate(cell_ids)]
+    assert lines[-1] == f"4 cells in 2 processes of up to 3 -> {tmp_path / 'out'}"
 
 
 def test_a_failing_pack_is_recorded_and_the_other_packs_go_on(tiny_root, tmp_path):
