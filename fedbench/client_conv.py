@@ -92,8 +92,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **constants) -> None:
     kernel's warps a program."""
     from fedbench import client_conv_kernels as kernels  # Triton only where this operator runs
 
-    warps = kernels.WEIGHT_GRAD_WARPS if kernel is kernels.client_conv_weight_grad else kernels.WARPS
-    kernel[grid](*args, **constants, num_warps=warps)
+    kernel[grid](*args, **constants, num_warps=kernels.warps_of(kernel))
 
 
 def forward(x: Tensor, w: Tensor, b: Tensor | None, geometry: Geometry) -> Tensor:

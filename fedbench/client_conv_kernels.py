@@ -41,8 +41,6 @@ WARPS = 4  # a program's warps on a GPU (the interpreter has none)
 # thread (not checked on a GPU: its test repeats one setting)
 WEIGHT_GRAD_WARPS = 8
 MAX_BLOCK = 2**20  # Triton's largest block, in values (triton._utils.TRITON_MAX_TENSOR_NUMEL in 3.8.0)
-
-
 CHANNELS_PER_PROGRAM = 8  # the forward pass's output channels a program computes on a GPU
 
 
@@ -64,13 +62,18 @@ def positions_per_program(device_type: str, channels: int, positions: int = 1638
     channels), of a client's ``positions``. On a GPU the accumulator stays in registers
     (4,096 sums a program, 32 a thread, up to 32 channels; 8,192 at dx's widest, 64) and each
     thread reuses a tap's weights for several positions: 512 positions for up to 8
-    channels, down to 128 (64 channels). In the
-    interpreter, which runs programs one after another in Python over whole blocks, masked
-    positions included, a block of all the client's positions, at most 16,384 (fewer
-    programs and loop turns). A position's sum is the same whatever the block."""
+    channels, down to 128 (64 channels). In the interpreter, which runs programs one after
+    another in Python over whole blocks, masked positions included, a block of all the
+    client's positions, at most 16,384 (fewer programs and loop turns). A position's sum is
+    the same whatever the block."""
     if device_type != "cuda":
         return min(16384, block(positions))
     return min(512, max(128, 4096 // block(channels)))
+
+
+def warps_of(kernel) -> int:
+    """A program's warps on a GPU for one of the three kernels."""
+    return WEIGHT_GRAD_WARPS if kernel is client_conv_weight_grad else WARPS
 
 
 @triton.jit
@@ -264,7 +267,7 @@ def compiled_for_gpu(capability: int = 90, dtype: str = "fp32", channels: int = 
         signature = {name: "constexpr" if name in fixed else pointers[kernel].get(name, "i32")
                      for name in inspect.signature(kernel.fn).parameters}
         source = ASTSource(fn=kernel, signature=signature, constexprs=fixed)
-        warps = WEIGHT_GRAD_WARPS if kernel is client_conv_weight_grad else WARPS
+        warps = warps_of(kernel)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
         ptx = compiled.asm["ptx"]
         registers, spilled = ptxas_usage(ptx, capability)

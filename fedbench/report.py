@@ -440,10 +440,11 @@ def make_report(grid_dir: Path, out_dir: Path, command: str | None = None, wandb
             f"{len(own)} finished cells; seeds {seeds}. A = clean accuracy; ASR non-target = attack "
             "success rate over test images whose true label is not the target (the headline); ASR all = the "
             "same over every test image (how the published SDFC/FDCR code counts; R in their tables is "
-            "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of a cell's last federation.final_rounds "
-            "rounds (mean±std over seeds, std the population's). A defense label without arguments runs its defaults (sdfc: the published Fisher "
-            "estimator; Krum, Multi-Krum, trimmed mean: f = the expected number of attackers, which is 0 in "
-            "attack-free cells, where Multi-Krum and trimmed mean then average every update).\n"]
+            "100 - this); V = (A + 100 - ASR non-target) / 2; each the mean of a cell's last "
+            "federation.final_rounds rounds (mean±std over seeds, std the population's). A defense label "
+            "without arguments runs its defaults (sdfc: the published Fisher estimator; Krum, Multi-Krum, "
+            "trimmed mean: f = the expected number of attackers, which is 0 in attack-free cells, where "
+            "Multi-Krum and trimmed mean then average every update).\n"]
     if command:
         text.append(f"Made by: `{command}`\n")
     if reference is not None:
